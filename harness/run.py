@@ -1,0 +1,376 @@
+"""harness-run: the Hydra entry point. Orchestration only: plan a job, skip or run it, record it.
+
+One job = one arm (method) of a paired comparison:
+load base model -> apply method -> train (measured) -> evaluate -> write the run record.
+Each job runs in a fresh Python process by default (``isolate=true``) so one run's
+allocations, caches and compiled kernels never leak into the next run's figures, and a crash
+(or the OOM killer) in one run still leaves a record and lets the sweep go on.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import hydra
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from harness import records
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# Keys that steer the harness but do not change a result: left out of every hash.
+NON_RESULT_KEYS = ("results_dir", "reports_dir", "force", "isolate", "report", "projected_tokens")
+GROUPS = ("model", "method", "data", "train", "eval", "hardware", "experiment")
+
+
+class UsageError(ValueError):
+    """Bad input from the user: one line, exit code 2, nothing written."""
+
+
+def usage_exit(message: str) -> None:
+    print(f"harness-run: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ---------------------------------------------------------------- planning (no heavy imports)
+
+
+def plan(cfg: dict) -> dict:
+    """Resolved config -> job: normalized config, hashes, run ids. Raises UsageError on bad input."""
+    from harness.methods import MethodError, normalize, rank_of, validate
+
+    cfg = {k: v for k, v in cfg.items() if k != "hydra"}
+    cfg["method"] = normalize(cfg["method"])
+    try:
+        validate(cfg["method"])
+    except MethodError as exc:
+        raise UsageError(str(exc)) from exc
+    result_cfg = {k: v for k, v in cfg.items() if k not in NON_RESULT_KEYS}
+    config_hash = records.stable_hash(result_cfg)
+    pair_key = records.stable_hash({k: v for k, v in result_cfg.items() if k != "method"})
+    # the base model's accuracy depends on the model, the eval settings and the held-out data
+    eval_cfg = {k: v for k, v in cfg["eval"].items() if k != "latency"}
+    eval_key = records.stable_hash({"model": cfg["model"], "eval": eval_cfg, "data": cfg["data"]})
+    method = cfg["method"]["name"]
+    rank = rank_of(cfg["method"])
+    return {
+        "config": cfg,
+        "config_hash": config_hash,
+        "pair_key": pair_key,
+        "eval_key": eval_key,
+        "method": method,
+        "rank": rank,
+        "run_id": records.run_id_for(method, rank, config_hash),
+        "base_run_id": records.run_id_for("base", None, eval_key),
+    }
+
+
+def check_inputs(cfg: dict) -> None:
+    """Fail fast, before any record is written, on paths that do not exist."""
+    from harness.data import DataError, load_examples
+    from harness.evaluate import EvalDataError, mmlu_tasks
+    from harness.models import ModelSourceError, resolve_gguf
+
+    try:
+        model = cfg["model"]
+        if model["source"] == "gguf":
+            resolve_gguf(model.get("gguf") or {})
+        elif model["source"] == "config":
+            from harness.models import ARCH_DIR, available_architectures
+
+            if not (ARCH_DIR / f"{model['arch']}.json").exists():
+                raise ModelSourceError(
+                    f"model.arch={model['arch']!r} is unknown; valid: {', '.join(available_architectures())}"
+                )
+        elif model["source"] == "hub":
+            from harness.models import model_folder
+
+            model_folder(model)
+        if cfg["data"]["kind"] != "hub":
+            load_examples(cfg["data"])
+        if cfg["eval"]["mmlu"]["enabled"] and cfg["eval"]["mmlu"].get("dir"):
+            mmlu_tasks(cfg["eval"]["mmlu"])
+    except (ModelSourceError, DataError, EvalDataError) as exc:
+        raise UsageError(str(exc)) from exc
+
+
+# ---------------------------------------------------------------- executing one job
+
+
+def environment() -> dict:
+    import importlib.metadata as md
+
+    import torch
+
+    versions = {}
+    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "lm_eval", "datasets", "hydra-core"):
+        try:
+            versions[pkg.replace("-", "_")] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg.replace("-", "_")] = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=CONF_DIR.parent,
+                                timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    cuda = torch.cuda.is_available()
+    return {
+        "versions": versions,
+        "git_commit": commit,
+        "python": platform.python_version(),
+        "device": "cuda" if cuda else "cpu",
+        "device_name": torch.cuda.get_device_name(0) if cuda else (platform.processor() or platform.machine()),
+        "device_count": torch.cuda.device_count() if cuda else 1,
+        "cpu_threads": torch.get_num_threads(),
+        "host": platform.node(),
+    }
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def empty_metrics() -> dict:
+    return {name: None for name in records.REQUIRED_METRICS}
+
+
+def should_evaluate(cfg: dict, random_weights: bool) -> bool:
+    return not random_weights or bool(cfg["eval"].get("on_random_weights"))
+
+
+def evaluate_all(model, tokenizer, cfg: dict, heldout: list[dict]) -> tuple[dict, list[dict]]:
+    """MMLU and in-domain accuracy of ``model`` as configured; (metrics, per-question items)."""
+    from harness.evaluate import evaluate_indomain, evaluate_mmlu
+
+    metrics: dict = {"mmlu_acc": None, "mmlu_stderr": None, "mmlu_n": None, "indomain_acc": None,
+                     "indomain_stderr": None, "indomain_n": None}
+    items: list[dict] = []
+    was_training = model.training
+    model.eval()
+    if cfg["eval"]["mmlu"]["enabled"]:
+        m, it = evaluate_mmlu(model, tokenizer, cfg["eval"]["mmlu"])
+        metrics.update(m)
+        items += it
+    if cfg["eval"]["indomain"]["enabled"] and heldout:
+        with tempfile.TemporaryDirectory() as tmp:
+            m, it = evaluate_indomain(model, tokenizer, heldout, cfg["eval"]["indomain"], tmp)
+        metrics.update(m)
+        items += it
+    model.train(was_training)
+    return metrics, items
+
+
+def base_record(job: dict, cfg: dict, heldout: list[dict], env: dict) -> dict:
+    """Evaluate the base model without fine-tuning once per (model, eval settings, data)."""
+    from harness.models import load_model
+
+    started = now_iso()
+    t0 = time.perf_counter()
+    loaded = load_model(cfg["model"])
+    metrics = empty_metrics()
+    metrics["total_params"] = loaded.total_params
+    metrics["trainable_params"] = 0
+    acc, items = evaluate_all(loaded.model, loaded.tokenizer, cfg, heldout)
+    metrics.update(acc)
+    metrics["run_wall_s"] = time.perf_counter() - t0
+    run_id = job["base_run_id"]
+    rec = {
+        "schema": records.SCHEMA, "run_id": run_id, "config_hash": job["eval_key"], "pair_key": None,
+        "eval_key": job["eval_key"], "status": "ok", "error": None, "method": "base", "rank": None,
+        "model": {"name": loaded.name, "source": loaded.source, "total_params": loaded.total_params,
+                  "random_weights": loaded.random_weights},
+        "config": {**cfg, "method": {"name": "base"}},
+        "env": {**env, "started_at": started, "ended_at": now_iso()},
+        "items_file": records.write_items(cfg["results_dir"], run_id, items),
+        "base_run_id": None, "metrics": metrics,
+    }
+    records.write_record(cfg["results_dir"], rec)
+    print(f"[base] {run_id}: mmlu_acc={metrics['mmlu_acc']} indomain_acc={metrics['indomain_acc']}", flush=True)
+    return rec
+
+
+def execute(job: dict) -> dict:
+    """Run one planned job end to end and write its record, whatever happens."""
+    import torch
+    from transformers import set_seed
+
+    from harness import measure
+    from harness.data import load_examples
+    from harness.methods import apply_method, quantization_config, trainable_counts
+    from harness.models import load_model
+    from harness.train import build_trainer, token_budget
+
+    cfg = job["config"]
+    results_dir = cfg["results_dir"]
+    label = job["run_id"]
+    env = environment()
+    started = now_iso()
+    t_run = time.perf_counter()
+    metrics = empty_metrics()
+    record = {
+        "schema": records.SCHEMA, "run_id": job["run_id"], "config_hash": job["config_hash"],
+        "pair_key": job["pair_key"], "eval_key": job["eval_key"], "status": "ok", "error": None,
+        "method": job["method"], "rank": job["rank"],
+        "model": {"name": cfg["model"]["name"], "source": cfg["model"]["source"], "total_params": None,
+                  "random_weights": cfg["model"]["source"] == "config"},
+        "config": cfg, "env": env, "items_file": None, "base_run_id": None, "metrics": metrics,
+    }
+    try:
+        set_seed(int(cfg["seed"]))
+        examples, heldout = load_examples(cfg["data"])
+        evaluate = should_evaluate(cfg, record["model"]["random_weights"])
+        base = None
+        if evaluate:
+            base = records.find_ok(results_dir, job["base_run_id"]) or base_record(job, cfg, heldout, env)
+            record["base_run_id"] = base["run_id"]
+        set_seed(int(cfg["seed"]))  # the same initial RNG state for every arm, base eval or not
+        loaded = load_model(cfg["model"], quantization_config=quantization_config(cfg["method"]))
+        record["model"]["total_params"] = loaded.total_params
+        model = apply_method(loaded.model, cfg["method"], bool(cfg["train"]["gradient_checkpointing"]))
+        trainable, total = trainable_counts(model)
+        metrics.update(trainable_params=trainable, total_params=total, trainable_share=trainable / total)
+        print(f"[{label}] trainable params: {trainable:,} || all params: {total:,} || "
+              f"trainable%: {100 * trainable / total:.4f}", flush=True)
+
+        probe = measure.TrainingProbe(cfg["train"])
+        trainer = build_trainer(model, loaded.tokenizer, examples, cfg["train"], float(cfg["method"]["learning_rate"]),
+                                int(cfg["seed"]), callbacks=[probe], label=label)
+        trainer.train()
+        metrics.update(probe.metrics(trainer))
+        metrics["token_budget"] = token_budget(cfg["train"])
+        metrics["train_tokens"] = metrics["token_budget"]
+
+        if evaluate:
+            with measure.EvalPeak() as eval_peak:
+                acc, items = evaluate_all(model, loaded.tokenizer, cfg, heldout)
+            metrics.update(acc)
+            metrics["eval_peak_memory_bytes"] = eval_peak.peak_bytes
+            for task in ("mmlu", "indomain"):
+                if metrics.get(f"{task}_acc") is not None and base["metrics"].get(f"{task}_acc") is not None:
+                    metrics[f"{task}_gain_vs_base"] = metrics[f"{task}_acc"] - base["metrics"][f"{task}_acc"]
+            record["items_file"] = records.write_items(results_dir, job["run_id"], items)
+        metrics.update(measure.serving_metrics(model, loaded.tokenizer, cfg, job["method"]))
+    except Exception as exc:  # record every failure; the sweep goes on
+        traceback.print_exc()
+        oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+        record["status"] = "oom" if oom else "failed"
+        record["error"] = f"{type(exc).__name__}: {exc}".strip()[:2000]
+    metrics["run_wall_s"] = time.perf_counter() - t_run
+    metrics.update(measure.cost_metrics(metrics, cfg))
+    env.update(started_at=started, ended_at=now_iso())
+    records.write_record(results_dir, record)
+    print(f"[{label}] {record['status']}: record {records.record_path(results_dir, job['run_id'])}", flush=True)
+    return record
+
+
+def execute_file(path: str) -> None:
+    """Entry of the isolated child process: run the job planned in ``path``."""
+    execute(json.loads(Path(path).read_text()))
+
+
+def run_isolated(job: dict) -> None:
+    """Run the job in a fresh interpreter; if the child dies without a record, write one."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        json.dump(job, fh)
+    try:
+        proc = subprocess.run([sys.executable, "-c", f"from harness.run import execute_file; execute_file({fh.name!r})"],
+                              cwd=os.getcwd())
+    finally:
+        os.unlink(fh.name)
+    path = records.record_path(job["config"]["results_dir"], job["run_id"])
+    if proc.returncode != 0 and not path.exists():
+        # killed (e.g. by the kernel's OOM killer: -9) before it could write its record
+        status = "oom" if proc.returncode in (-9, 137) else "failed"
+        rec = {
+            "schema": records.SCHEMA, "run_id": job["run_id"], "config_hash": job["config_hash"],
+            "pair_key": job["pair_key"], "eval_key": job["eval_key"], "status": status,
+            "error": f"job process exited with code {proc.returncode}", "method": job["method"], "rank": job["rank"],
+            "model": {"name": job["config"]["model"]["name"], "source": job["config"]["model"]["source"],
+                      "total_params": None, "random_weights": job["config"]["model"]["source"] == "config"},
+            "config": job["config"], "env": {}, "items_file": None, "base_run_id": None, "metrics": empty_metrics(),
+        }
+        records.write_record(job["config"]["results_dir"], rec)
+
+
+# ---------------------------------------------------------------- Hydra app
+
+
+class ReportCallback(Callback):
+    """Rebuild the report when a run or a sweep ends (report=true)."""
+
+    def _report(self, config: DictConfig) -> None:
+        if not config.get("report", True):
+            return
+        from harness.report import build_report
+
+        try:
+            written = build_report(config.results_dir, config.reports_dir)
+        except Exception as exc:  # the runs are safe in results/; a report problem must not hide that
+            print(f"harness-run: report not rebuilt: {exc}", file=sys.stderr)
+            return
+        at_a_glance = written.get("at_a_glance") if isinstance(written, dict) else None
+        print(f"At-a-glance table: {at_a_glance or Path(config.reports_dir) / 'at-a-glance.md'}", flush=True)
+
+    def on_run_end(self, config: DictConfig, **kwargs) -> None:
+        self._report(config)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        self._report(config)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> None:
+    resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    try:
+        job = plan(resolved)
+        check_inputs(job["config"])
+    except UsageError as exc:
+        usage_exit(str(exc))
+    existing = records.find_ok(job["config"]["results_dir"], job["run_id"])
+    if existing and not job["config"]["force"]:
+        print(f"[{job['run_id']}] skipped: an ok record exists (force=true reruns it)", flush=True)
+        return
+    rank_text = "" if job["rank"] is None else f" r={job['rank']}"
+    print(f"[{job['run_id']}] {job['method']}{rank_text} model={job['config']['model']['name']} "
+          f"seed={job['config']['seed']}", flush=True)
+    if job["config"]["isolate"]:
+        run_isolated(job)
+    else:
+        execute(job)
+
+
+def _precheck_argv(argv: list[str]) -> None:
+    """Names of config-group options and r values, checked before Hydra prints a stack of text."""
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, _, value = arg.partition("=")
+        key = key.lstrip("+~")
+        values = [v.strip() for v in value.split(",")]
+        if key in GROUPS:
+            options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
+            bad = [v for v in values if v and v not in options and v != "null"]
+            if bad:
+                usage_exit(f"{key}={bad[0]!r} is unknown; valid: {', '.join(options)}")
+        if key == "method.r":
+            for v in values:
+                if v != "null" and (not v.lstrip("-").isdigit() or int(v) <= 0):
+                    usage_exit(f"method.r={v!r} is invalid; give a positive integer (for example 8, 16, 64)")
+
+
+def main() -> None:
+    _precheck_argv(sys.argv[1:])
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

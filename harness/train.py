@@ -1,0 +1,99 @@
+"""Training through transformers' Trainer: a fixed token budget, seeded, same order for all arms.
+
+The token budget is ``max_steps × batch_size × grad_accum × seq_len``: every sequence is padded
+to ``seq_len`` so every arm of a pair processes exactly the same positions, and the Trainer's
+sampler is seeded by ``seed`` (and ``data_seed``) so every arm sees the same examples in the
+same order.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+
+import torch
+from datasets import Dataset
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+from harness.data import tokenize_examples
+
+
+def use_bf16(precision: str) -> bool:
+    """bf16 autocast where the device supports it (precision auto), or when asked."""
+    if precision == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return precision == "bf16"
+
+
+def token_budget(train_cfg: dict) -> int:
+    return int(train_cfg["max_steps"]) * int(train_cfg["batch_size"]) * int(train_cfg["grad_accum"]) * int(
+        train_cfg["seq_len"]
+    )
+
+
+class ProgressPrinter(TrainerCallback):
+    """One line per logging step: step, loss, ETA (readable in logs where tqdm is not)."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.start = None
+
+    def on_train_begin(self, args, state, control, **kw):
+        import time
+
+        self.start = time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        import time
+
+        if not logs or "loss" not in logs or not state.max_steps:
+            return
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / max(state.global_step, 1) * (state.max_steps - state.global_step)
+        print(
+            f"[{self.label}] step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
+            f"elapsed {elapsed:.0f}s eta {eta:.0f}s",
+            flush=True,
+        )
+
+
+def build_trainer(model, tokenizer, examples: list[dict], train_cfg: dict, learning_rate: float, seed: int,
+                  callbacks: list | None = None, label: str = "train", output_dir: str | None = None) -> Trainer:
+    seq_len = int(train_cfg["seq_len"])
+    features = tokenize_examples(examples, tokenizer, seq_len)
+    dataset = Dataset.from_list(features)
+    n_needed = int(train_cfg["max_steps"]) * int(train_cfg["batch_size"]) * int(train_cfg["grad_accum"])
+    if len(dataset) < n_needed:
+        # repeat the data (in order) rather than end early: the budget is in steps
+        dataset = Dataset.from_list(features * math.ceil(n_needed / len(dataset)))
+    args = TrainingArguments(
+        output_dir=output_dir or tempfile.mkdtemp(prefix="harness-train-"),
+        max_steps=int(train_cfg["max_steps"]),
+        per_device_train_batch_size=int(train_cfg["batch_size"]),
+        gradient_accumulation_steps=int(train_cfg["grad_accum"]),
+        learning_rate=learning_rate,
+        lr_scheduler_type=str(train_cfg["lr_scheduler"]),
+        warmup_steps=int(train_cfg["warmup_steps"]),
+        weight_decay=float(train_cfg["weight_decay"]),
+        optim=str(train_cfg["optim"]),
+        bf16=use_bf16(str(train_cfg["precision"])),
+        gradient_checkpointing=bool(train_cfg["gradient_checkpointing"]),
+        seed=seed,
+        data_seed=seed,
+        logging_steps=int(train_cfg["logging_steps"]),
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=not bool(train_cfg.get("tqdm", False)),
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+    collator = DataCollatorForSeq2Seq(
+        tokenizer, padding="max_length", max_length=seq_len, label_pad_token_id=-100, return_tensors="pt"
+    )
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        callbacks=[ProgressPrinter(label), *(callbacks or [])],
+    )

@@ -1,0 +1,359 @@
+"""Measurement probes on a tiny random Llama (no downloads): memory, breakdown, time, FLOPs, cost,
+footprint, latency."""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+from harness import measure
+from harness.measure import (
+    CATEGORIES,
+    MeasureCallback,
+    MemoryBreakdown,
+    PriceTableError,
+    compare_latency,
+    cost_metrics,
+    cost_usd,
+    detect_hardware,
+    eval_peak_memory,
+    flops_metrics,
+    flops_per_token,
+    footprint_metrics,
+    load_price_table,
+    measure_peak_flops,
+    param_counts,
+    projected_cost,
+    resolve_hardware,
+)
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+SEQ = 32
+MiB = 1 << 20
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny ops gain nothing from intra-op threads, and on a shared, busy machine spinning
+    # OpenMP threads make timings (latency, step times) swing by 10x
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=300,
+        max_position_embeddings=128,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def lora(model, init_random: bool = False):
+    # init_lora_weights=False makes B random, so the adapter changes the output (merge is not a no-op)
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=not init_random)
+    return get_peft_model(model, cfg)
+
+
+def random_tokens(n: int = 64) -> Dataset:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 300, (n, SEQ), generator=g).tolist()
+    return Dataset.from_list([{"input_ids": x, "labels": x} for x in ids])
+
+
+class HoldTensor(TrainerCallback):
+    """Allocates (and touches) ``nbytes`` at train begin and keeps it alive until train end."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes, self.t = nbytes, None
+
+    def on_train_begin(self, *args, **kwargs):
+        self.t = torch.ones(self.nbytes // 4)  # ones, not empty: the pages must be resident
+
+    def on_train_end(self, *args, **kwargs):
+        self.t = None
+
+
+def train(model, steps: int = 5, batch: int = 4, extra: list | None = None, **cb_kwargs) -> dict:
+    cb = MeasureCallback(**cb_kwargs)
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="test-measure-"),
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+    )
+    Trainer(model=model, args=args, train_dataset=random_tokens(), callbacks=[cb, *(extra or [])]).train()
+    return cb.metrics(train_tokens=steps * batch * SEQ)
+
+
+def param_bytes(model, trainable_only: bool = False) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+# -- memory --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_trainer_run_records_time_memory_and_breakdown_that_adds_up(method):
+    model = tiny_model() if method == "full" else lora(tiny_model())
+    steps = 5
+    m = train(model, steps=steps, warmup_steps=2)
+
+    assert m["memory_device"] == "cpu"
+    assert m["peak_memory_bytes"] is not None and m["peak_memory_bytes"] >= 0
+    assert m["peak_memory_reserved_bytes"] is None  # CUDA only
+
+    parts, peak = m["memory_breakdown_bytes"], m["memory_breakdown_peak_bytes"]
+    assert set(parts) == set(CATEGORIES)
+    assert abs(sum(parts.values()) - peak) <= 0.05 * peak
+    # independent checks of the categories (step 2: the optimizer state exists since step 0)
+    assert parts["parameters"] == param_bytes(model)
+    trainable = param_bytes(model, trainable_only=True)
+    n_trainable = sum(1 for p in model.parameters() if p.requires_grad)
+    assert 2 * trainable <= parts["optimizer_state"] <= 2 * trainable + 8 * n_trainable  # AdamW: 2 moments + step
+    assert parts["activations"] > 0
+    assert m["memory_breakdown_step"] == 2
+
+    # the probe step is left out of the step times; the median skips the warm-up steps
+    assert len(m["step_times_s"]) == steps - 1
+    assert all(t > 0 for t in m["step_times_s"])
+    # steps 0, 1 are warm-up and step 2 the probe: the median is over steps 3 and 4
+    assert m["step_time_median_s"] == pytest.approx(statistics.median(m["step_times_s"][2:]))
+    assert 0 < m["train_wall_excl_probe_s"] <= m["train_wall_s"]
+    assert sum(m["step_times_s"]) < m["train_wall_s"]
+    assert m["tokens_per_s"] == pytest.approx(m["train_tokens"] / m["train_wall_excl_probe_s"])
+    assert [s for s, _ in m["loss_curve"]] == list(range(1, steps + 1))
+    assert all(4.0 < loss < 8.0 for _, loss in m["loss_curve"])  # ~ln(300) = 5.7 on random tokens
+
+
+def test_breakdown_labels_gradients_and_optimizer_state_in_a_manual_step():
+    model = lora(tiny_model())
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.randint(0, 300, (2, SEQ))
+    model(input_ids=ids, labels=ids).loss.backward()  # warm step: creates grads and optimizer state
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+    tracker = MemoryBreakdown(model, opt).start()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads_after_backward = tracker.totals["gradients"]
+    opt.step()
+    out = tracker.stop()
+
+    trainable = param_bytes(model, trainable_only=True)
+    assert grads_after_backward == trainable  # every trainable param's .grad, counted once
+    parts = out["memory_breakdown_bytes"]
+    assert parts["parameters"] == param_bytes(model)
+    assert 2 * trainable <= parts["optimizer_state"] <= 2 * trainable + 64 * 8
+    assert sum(parts.values()) == out["memory_breakdown_peak_bytes"]
+    # tracking is over: later ops are not counted
+    before = dict(tracker.totals)
+    model(input_ids=ids)
+    assert tracker.totals == before
+
+
+def test_cpu_peak_shows_a_tensor_held_during_training():
+    held = 64 * MiB
+    train(tiny_model(), steps=3, breakdown_step=None)  # warm-up run: lazy init happens once per process
+    without = train(tiny_model(), steps=3, breakdown_step=None)["peak_memory_bytes"]
+    with_extra = train(tiny_model(), steps=3, breakdown_step=None, extra=[HoldTensor(held)])["peak_memory_bytes"]
+    assert 0.75 * held <= with_extra - without <= 1.5 * held
+
+
+def test_eval_peak_memory_on_cpu_sees_an_allocation_inside_the_block():
+    with eval_peak_memory("cpu") as out:
+        t = torch.ones(32 * MiB // 4)
+        del t
+    assert 24 * MiB <= out["eval_peak_memory_bytes"] <= 64 * MiB
+
+
+# -- params, FLOPs -------------------------------------------------------------------------------
+
+
+def test_param_counts_full_and_lora():
+    full = param_counts(tiny_model())
+    assert full["trainable_params"] == full["total_params"] > 0
+    assert full["trainable_share"] == 1.0
+    peft_model = lora(tiny_model())
+    counts = param_counts(peft_model)
+    # q_proj and v_proj (64x64) in 2 layers get A (8x64) and B (64x8)
+    assert counts["trainable_params"] == 2 * 2 * (8 * 64 + 64 * 8)
+    assert counts["total_params"] == full["total_params"] + counts["trainable_params"]
+    assert counts["trainable_share"] == pytest.approx(counts["trainable_params"] / counts["total_params"])
+
+
+def test_flops_per_token_formulas():
+    n, n_adapter = 1_000_000, 10_000
+    assert flops_per_token("full", n, n) == 6 * n
+    assert flops_per_token("lora", n, n_adapter) == 4 * n + 2 * n_adapter
+    assert flops_per_token("qlora", n, n_adapter) == 4 * n + 2 * n_adapter
+    # an embedding lookup costs nothing: its parameters leave N (and N_t for full FT)
+    assert flops_per_token("full", n, n, embedding_params=200_000) == 6 * 800_000
+    # attention scores add 12 * layers * seq * hidden for every method
+    assert flops_per_token("lora", n, n_adapter, n_layers=2, seq_len=32, hidden_size=64) == (
+        4 * n + 2 * n_adapter + 12 * 2 * 32 * 64
+    )
+    with pytest.raises(ValueError, match="base"):
+        flops_per_token("base", n, 0)
+    with pytest.raises(ValueError, match="trainable_params"):
+        flops_per_token("lora", n, n + 1)
+
+
+def test_embedding_params_untied_and_tied():
+    model = tiny_model()
+    assert measure.embedding_params(model) == 300 * 64
+    tied = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            vocab_size=300,
+            tie_word_embeddings=True,
+        )
+    )
+    assert measure.embedding_params(tied) == 0
+
+
+def test_measure_peak_flops_and_mfu():
+    peak = measure_peak_flops("cpu", torch.float32, size=256, reps=3)
+    assert 1e7 < peak < 1e14  # a CPU does somewhere between 10 MFLOP/s and 100 TFLOP/s
+    m = flops_metrics(6e6, tokens_per_s=1000.0, peak_flops_per_s=1e10, device_count=2)
+    assert m["achieved_flops_per_s"] == 6e9
+    assert m["mfu"] == pytest.approx(6e9 / 2e10)
+    assert flops_metrics(6e6, None, 1e10)["mfu"] is None
+
+
+# -- cost ----------------------------------------------------------------------------------------
+
+
+def test_cost_arithmetic():
+    assert cost_usd(3600, 2.0, 1) == 2.0
+    assert cost_usd(1800, 4.0, 8) == pytest.approx(16.0)
+    p = projected_cost(tokens=1_000_000, epochs=3, tokens_per_s=1000.0, price=2.0, device_count=2)
+    assert p["projected_tokens"] == 3_000_000
+    assert p["projected_wall_h"] == pytest.approx(3000 / 3600)
+    assert p["projected_cost_usd"] == pytest.approx(3000 / 3600 * 2.0 * 2)
+    entry = {"name": "x", "price_per_device_hour_usd": 3.0, "price_source": "s", "price_date": "d"}
+    c = cost_metrics(entry, 7200, device_count=1, dataset_tokens=3600, epochs=1, tokens_per_s=1.0)
+    assert c["cost_usd"] == 6.0 and c["projected_cost_usd"] == pytest.approx(3.0)
+    assert cost_metrics(None, 7200)["cost_usd"] is None
+
+
+def test_price_table_in_conf_is_valid_and_detects_devices():
+    table = load_price_table(CONF)
+    assert {"a100-80gb", "h100-80gb", "h200", "l40s", "rtx-4090", "cpu"} <= set(table)
+    assert "auto" not in table
+    for name, entry in table.items():
+        assert (CONF / "hardware" / f"{name}.yaml").exists()
+        assert entry["price_per_device_hour_usd"] > 0 and entry["price_source"] and entry["price_date"]
+    cases = {
+        "NVIDIA H100 80GB HBM3": "h100-80gb",
+        "NVIDIA H200": "h200",
+        "NVIDIA A100-SXM4-80GB": "a100-80gb",
+        "NVIDIA L40S": "l40s",
+        "NVIDIA GeForce RTX 4090": "rtx-4090",
+        "cpu": "cpu",
+    }
+    for device, expected in cases.items():
+        assert detect_hardware(table, device)["name"] == expected
+    assert detect_hardware(table, "NVIDIA Tesla T4") is None
+    if not torch.cuda.is_available():
+        assert resolve_hardware({"name": "auto"}, table)["name"] == "cpu"
+    # a shell override of the price wins over the file
+    assert (
+        resolve_hardware({"name": "h200", "price_per_device_hour_usd": 9.5}, table)["price_per_device_hour_usd"] == 9.5
+    )
+    with pytest.raises(PriceTableError, match="'tpu-v9' is not in the price table"):
+        resolve_hardware({"name": "tpu-v9"}, table)
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("name: x\nprice_source: s\nprice_date: '2026-01-01'\n", "price_per_device_hour_usd is missing"),
+        ("name: x\nprice_per_device_hour_usd: 0\nprice_source: s\nprice_date: d\n", "is not a positive number"),
+        ("name: x\nprice_per_device_hour_usd: -1.5\nprice_source: s\nprice_date: d\n", "is not a positive number"),
+        ("name: x\nprice_per_device_hour_usd: cheap\nprice_source: s\nprice_date: d\n", "is not a positive number"),
+        ("name: x\nprice_per_device_hour_usd: 1.0\nprice_date: d\n", "price_source is missing"),
+    ],
+)
+def test_price_table_validation_names_the_file(tmp_path, body, message):
+    (tmp_path / "hardware").mkdir()
+    (tmp_path / "hardware" / "auto.yaml").write_text("name: auto\n")
+    bad = tmp_path / "hardware" / "bad-gpu.yaml"
+    bad.write_text(body)
+    with pytest.raises(PriceTableError) as exc:
+        load_price_table(tmp_path)
+    text = str(exc.value)
+    assert "bad-gpu.yaml" in text and message in text and "\n" not in text
+
+
+# -- footprint and latency -----------------------------------------------------------------------
+
+
+def test_adapter_bytes_is_small_next_to_the_full_checkpoint():
+    model = lora(tiny_model())
+    m = footprint_metrics(model, torch.float32)
+    trainable = param_counts(model)["trainable_params"]
+    assert m["adapter_bytes"] >= trainable * 4  # the adapter tensors themselves, plus a header
+    assert m["full_checkpoint_bytes"] == param_counts(tiny_model())["total_params"] * 4
+    assert m["full_checkpoint_bytes_estimated"] is True
+    assert m["adapter_bytes"] < 0.1 * m["full_checkpoint_bytes"]
+    full = footprint_metrics(tiny_model(), torch.bfloat16, saved_full_bytes=123)
+    assert full["adapter_bytes"] is None
+    assert full["full_checkpoint_bytes"] == 123 and full["full_checkpoint_bytes_estimated"] is False
+
+
+def test_merged_adapter_latency_matches_base_and_model_is_restored():
+    model = lora(tiny_model(), init_random=True)
+    prompts = [list(range(1, 9)), list(range(50, 62))]
+    ids = torch.tensor([prompts[0]])
+    model.train()
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits
+    m = compare_latency(model, None, prompts, n_warmup=3, n_reps=30, gen_tokens=0, rounds=3)
+    with torch.inference_mode():
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(after, before)  # unmerge restored the adapter weights
+    assert model.training  # train mode restored after the eval-mode probe
+    for key in ("latency_base_ms", "latency_dynamic_ms", "latency_merged_ms"):
+        assert m[key] > 0
+    assert m["gen_tokens_per_s_merged"] is None  # gen_tokens=0: no generation timed
+    base, merged = m["latency_base_ms"], m["latency_merged_ms"]
+    # merged weights run the same kernels as the base model: equal within noise
+    assert abs(merged - base) <= max(0.25 * base, 2.0)
+    assert m["latency_merged_overhead"] == pytest.approx(merged / base - 1)
+
+
+def test_full_model_latency_is_its_own_base_and_generation_is_timed():
+    m = compare_latency(tiny_model(), None, [list(range(1, 9))], n_warmup=1, n_reps=3, gen_tokens=3)
+    assert m["latency_base_ms"] == m["latency_merged_ms"] == m["latency_dynamic_ms"] > 0
+    assert m["latency_merged_overhead"] == 0.0 and m["latency_dynamic_overhead"] == 0.0
+    assert m["gen_tokens_per_s_base"] > 0
+
+
+def test_latency_probe_counts_generated_tokens():
+    model = lora(tiny_model())
+    r = measure.latency_probe(model, None, [[5, 6, 7]], n_warmup=0, n_reps=2, gen_tokens=3)
+    assert r["forward_ms"] > 0 and r["gen_tokens_per_s"] > 0

@@ -1,0 +1,343 @@
+"""harness-report on constructed run records: no training, no model, fast."""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.records import run_id_for, stable_hash, write_items, write_record
+from harness.report import AT_A_GLANCE, ROWS, build_report, main, pareto_front
+
+GiB = 2**30
+MiB = 2**20
+CHROMIUM = Path("/usr/bin/chromium")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_record(
+    results: Path,
+    method: str,
+    rank: int | None = None,
+    seed: int = 0,
+    model: str = "tiny-model",
+    status: str = "ok",
+    error: str | None = None,
+    mmlu_correct: list[bool] | None = None,
+    indomain_correct: list[bool] | None = None,
+    total_params: int = 1_000_000,
+    **metrics,
+) -> dict:
+    """Write a schema-1 record (and its per-question answers) into ``results``; return it."""
+    config = {
+        "model": {"name": model},
+        "data": {"name": "demo"},
+        "seed": seed,
+        "eval": {"mmlu_limit": 100},
+        "hardware": {"name": "h200"},
+        "method": {"name": method, "r": rank},
+    }
+    config_hash = stable_hash(config)
+    run_id = run_id_for(method, rank, config_hash)
+    base = {
+        "trainable_params": None,
+        "total_params": total_params,
+        "peak_memory_bytes": None,
+        "train_wall_s": None,
+        "tokens_per_s": None,
+        "train_tokens": None,
+        "cost_usd": None,
+        "mmlu_acc": None,
+        "mmlu_stderr": None,
+        "mmlu_n": None,
+    }
+    items = []
+    for task, correct in (("mmlu", mmlu_correct), ("indomain", indomain_correct)):
+        if correct is None:
+            continue
+        acc = sum(correct) / len(correct)
+        base[f"{task}_acc"] = acc
+        base[f"{task}_stderr"] = (acc * (1 - acc) / (len(correct) - 1)) ** 0.5
+        base[f"{task}_n"] = len(correct)
+        items += [
+            {"task": task, "id": f"{task}-{i}", "subject": "s", "category": None, "pred": int(c), "target": 1, "correct": c}
+            for i, c in enumerate(correct)
+        ]
+    if mmlu_correct is not None:
+        base |= {"mmlu_subset": True, "mmlu_num_fewshot": 0}
+    record = {
+        "schema": 1,
+        "run_id": run_id,
+        "config_hash": config_hash,
+        "pair_key": stable_hash({"model": model, "data": "demo", "seed": seed}),
+        "eval_key": stable_hash({"model": model, "eval": config["eval"]}),
+        "status": status,
+        "error": error,
+        "method": method,
+        "rank": rank,
+        "model": {"name": model, "source": "config", "total_params": base["total_params"], "random_weights": False},
+        "config": config,
+        "env": {
+            "versions": {"torch": "2.13", "peft": "0.1"},
+            "git_commit": "abc",
+            "device": "cuda",
+            "device_name": "NVIDIA H200",
+            "device_count": 1,
+            "host": "h",
+            "started_at": f"2025-03-0{seed + 1}T10:00:00+00:00",
+            "ended_at": f"2025-03-0{seed + 1}T10:05:00+00:00",
+        },
+        "items_file": write_items(results, run_id, items) if items else None,
+        "base_run_id": None,
+        "metrics": base | metrics,
+    }
+    write_record(results, record)
+    return record
+
+
+def _answers(n_correct: int, n: int = 100) -> list[bool]:
+    return [i < n_correct for i in range(n)]
+
+
+def make_results(results: Path) -> dict[str, dict]:
+    """A small sweep: base, full, LoRA r=8 x 3 seeds, QLoRA r=8 (failed), LoRA r=64 (oom)."""
+    recs = {}
+    recs["base"] = make_record(results, "base", mmlu_correct=_answers(50), indomain_correct=_answers(20))
+    for seed in range(3):
+        recs[f"full{seed}"] = make_record(
+            results, "full", seed=seed,
+            mmlu_correct=_answers(80), indomain_correct=_answers(60),
+            trainable_params=1_000_000, trainable_share=1.0, peak_memory_bytes=4 * GiB,
+            run_wall_s=300.0, cost_usd=0.5, full_checkpoint_bytes=4 * GiB, full_checkpoint_bytes_estimated=False,
+            loss_curve=[[1, 2.0], [2, 1.5]],
+        )
+        # LoRA answers a subset of what full gets right on MMLU (gap -10, -10, -10 pp for seed 0..2
+        # with 70, 70, 70 right) and more on in-domain (gap +5/+10/+15 pp: mean +10, sd 5)
+        recs[f"lora{seed}"] = make_record(
+            results, "lora", rank=8, seed=seed,
+            mmlu_correct=_answers(70), indomain_correct=_answers(65 + 5 * seed),
+            trainable_params=10_000, trainable_share=0.01, peak_memory_bytes=(1 + seed) * GiB,
+            run_wall_s=90.0, cost_usd=0.0123, projected_cost_usd=12.5, projected_tokens=1_000_000_000,
+            adapter_bytes=40 * MiB, full_checkpoint_bytes=4 * GiB, full_checkpoint_bytes_estimated=True,
+            latency_merged_overhead=0.0, latency_dynamic_overhead=0.25,
+            memory_breakdown_bytes={"parameters": GiB, "gradients": 0, "optimizer_state": 0, "activations": GiB, "other": 0},
+            loss_curve=[[1, 2.1], [2, 1.7]],
+        )
+    recs["qlora"] = make_record(results, "qlora", rank=8, status="failed", error="RuntimeError: bitsandbytes | broke\nat line 3")
+    recs["oom"] = make_record(results, "lora", rank=64, status="oom", error="CUDA out of memory")
+    return recs
+
+
+def _table(md: str) -> dict[str, dict[str, str]]:
+    """The first at-a-glance table as {row label: {column header: cell}}."""
+    lines = [ln for ln in md.splitlines() if ln.startswith("|")]
+    split = lambda ln: [c.strip() for c in re.split(r"(?<!\\)\|", ln.strip())[1:-1]]  # noqa: E731
+    header = split(lines[0])
+    return {cells[0]: dict(zip(header[1:], cells[1:])) for cells in map(split, lines[2:])}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> tuple[Path, Path, dict]:
+    results = tmp_path_factory.mktemp("results")
+    reports = tmp_path_factory.mktemp("reports")
+    make_results(results)
+    written = build_report(results, reports)
+    return results, reports, written
+
+
+def test_six_rows_and_their_values(report):
+    _, reports, written = report
+    md = written[AT_A_GLANCE].read_text()
+    table = _table(md)
+    assert list(table) == list(ROWS)
+    columns = list(next(iter(table.values())))
+    assert columns == ["base model", "full FT (3 seeds)", "LoRA r=8 (3 seeds)", "LoRA r=64", "QLoRA r=8"]
+    lora = {row: cells["LoRA r=8 (3 seeds)"] for row, cells in table.items()}
+    assert lora[ROWS[0]] == "10.0K (1%)"
+    assert lora[ROWS[1]] == "2.00 ± 1.00 GiB"  # 1, 2, 3 GiB over the seeds
+    assert lora[ROWS[2]] == "90.0 s; $0.0123; projected $12.50 for 1.00B tokens"
+    assert lora[ROWS[5]] == "adapter 40.0 MiB (0.977%) vs full ~4.00 GiB (estimated)"
+    assert lora[ROWS[6]] == "merged +0.0%, dynamic +25.0%"
+    full = {row: cells["full FT (3 seeds)"] for row, cells in table.items()}
+    assert full[ROWS[0]] == "1.00M (100%)"
+    assert full[ROWS[1]] == "4.00 GiB"
+    assert full[ROWS[3]] == "reference: acc 80.0%"
+    assert full[ROWS[5]] == "full 4.00 GiB"
+    assert table[ROWS[3]]["base model"] == "acc 50.0%"
+
+
+def test_gap_sign_interval_and_seed_aggregation(report):
+    _, _, written = report
+    table = _table(written[AT_A_GLANCE].read_text())
+    # MMLU: 10 of 100 questions flip from right to wrong, every seed: gap -10 pp, sd 0,
+    # per-seed se = sqrt((10 * 0.9^2 + 90 * 0.1^2) / 99 / 100) = 0.030151, mean of 3: se / sqrt(3)
+    se = (9 / 99 / 100) ** 0.5 / 3**0.5
+    lo, hi = -10 - 196 * se, -10 + 196 * se
+    assert table[ROWS[3]]["LoRA r=8 (3 seeds)"] == f"-10.00 pp [{lo:+.2f}, {hi:+.2f}]"  # identical seeds: no ± 0
+    # in-domain: PEFT is better by 5, 10, 15 pp: positive sign, mean 10, sd 5
+    assert table[ROWS[4]]["LoRA r=8 (3 seeds)"].startswith("+10.00 ± 5.00 pp [+")
+
+
+def test_failed_and_oom_runs_are_shown(report):
+    _, _, written = report
+    md = written[AT_A_GLANCE].read_text()
+    table = _table(md)
+    assert all(cells["LoRA r=64"].startswith("did not fit on 1x NVIDIA H200") for cells in table.values())
+    assert table[ROWS[0]]["QLoRA r=8"] == "failed: RuntimeError: bitsandbytes \\| broke at line 3"
+    assert all(table[row]["QLoRA r=8"] == "failed" for row in ROWS[1:])
+    assert "5 runs" not in md and "9 runs (7 ok, 1 failed, 1 oom)" in md
+    runs_csv = written["runs.csv"].read_text()
+    assert runs_csv.count(",oom,") == 1 and runs_csv.count(",failed,") == 1
+
+
+def test_partly_failed_arm_lists_the_failed_seed(tmp_path):
+    results = tmp_path / "results"
+    make_record(results, "full", mmlu_correct=_answers(80), peak_memory_bytes=GiB)
+    make_record(results, "lora", rank=8, seed=0, mmlu_correct=_answers(70), peak_memory_bytes=GiB)
+    make_record(results, "lora", rank=8, seed=1, status="oom")
+    md = build_report(results, tmp_path / "reports")[AT_A_GLANCE].read_text()
+    assert "LoRA r=8 (1 of 2 ok; 1 oom)" in md
+    assert re.search(r"- LoRA r=8, seed 1 \(lora-r8-\w+\): did not fit on 1x NVIDIA H200", md)
+
+
+def test_provenance_line(report):
+    _, _, written = report
+    md = written[AT_A_GLANCE].read_text()
+    assert (
+        "Provenance: 1x NVIDIA H200; runs 2025-03-01 to 2025-03-03; MMLU subset (100 questions, 0-shot); "
+        "9 runs (7 ok, 1 failed, 1 oom)." in md
+    )
+
+
+def test_csv_tables(report):
+    import pandas as pd
+
+    _, _, written = report
+    runs = pd.read_csv(written["runs.csv"])
+    assert len(runs) == 9
+    assert {"run_id", "status", "peak_memory_bytes", "memory_breakdown_bytes.activations", "version_torch"} <= set(runs.columns)
+    arms = pd.read_csv(written["arms.csv"])
+    lora = arms[(arms.method == "lora") & (arms["rank"] == 8)].iloc[0]
+    assert lora.n_runs == 3 and lora.n_ok == 3
+    assert lora.peak_memory_bytes_mean == 2 * GiB and lora.peak_memory_bytes_sd == GiB
+    assert lora.gap_mmlu_mean == pytest.approx(-0.1) and lora.gap_indomain_sd == pytest.approx(0.05)
+    assert arms[arms["rank"] == 64].iloc[0].n_oom == 1
+
+
+def test_plots_written_and_skipped(report, tmp_path):
+    _, reports, written = report
+    for name in ("peak_memory.png", "mmlu_by_rank.png", "cost_vs_accuracy.png", "memory_breakdown.png", "loss_curves.png"):
+        assert written[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "scaling.png" not in written  # one model size only
+    # no memory breakdown, loss curves or costs: those plots are skipped, the report still builds
+    results = tmp_path / "results"
+    make_record(results, "full", mmlu_correct=_answers(80))
+    make_record(results, "lora", rank=8, mmlu_correct=_answers(70))
+    written = build_report(results, tmp_path / "reports")
+    assert {"memory_breakdown.png", "loss_curves.png", "cost_vs_accuracy.png", "peak_memory.png"}.isdisjoint(written)
+    assert "mmlu_by_rank.png" in written
+
+
+def test_scaling_plot_with_two_model_sizes(tmp_path):
+    results = tmp_path / "results"
+    for model, size in (("small", 1_000_000), ("large", 8_000_000)):
+        for method, rank in (("full", None), ("lora", 8)):
+            make_record(results, method, rank=rank, model=model, total_params=size, mmlu_correct=_answers(70),
+                        peak_memory_bytes=size * 16)
+    assert "scaling.png" in build_report(results, tmp_path / "reports")
+
+
+def test_pareto_front():
+    points = [(1, 50), (2, 60), (2, 55), (3, 60), (0.5, 40), (4, 70), (1, 50)]
+    # (2, 55) and (3, 60) are beaten by (2, 60); the duplicate (1, 50) is beaten by nothing
+    assert pareto_front(points) == [4, 0, 6, 1, 5]
+    assert pareto_front([]) == []
+    assert pareto_front([(5.0, 0.1)]) == [0]
+
+
+def test_broken_record_is_skipped_with_warning(tmp_path, caplog):
+    results = tmp_path / "results"
+    make_record(results, "full", mmlu_correct=_answers(80))
+    (results / "broken.json").write_text("{not json")
+    (results / "old-schema.json").write_text('{"schema": 0}')
+    with caplog.at_level(logging.WARNING):
+        written = build_report(results, tmp_path / "reports")
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "broken.json" in warned and "old-schema.json" in warned
+    md = written[AT_A_GLANCE].read_text()
+    assert "## Skipped records" in md and "- broken.json:" in md and "- old-schema.json:" in md
+    assert "full FT" in md
+
+
+def test_cli_warns_on_stderr_and_prints_where(tmp_path):
+    results = tmp_path / "results"
+    make_record(results, "full", mmlu_correct=_answers(80))
+    (results / "broken.json").write_text("{not json")
+    out = subprocess.run(
+        [sys.executable, "-m", "harness.report", "--results", str(results), "--reports", str(tmp_path / "rep")],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "broken.json" in out.stderr
+    assert f"at-a-glance table: {tmp_path / 'rep' / AT_A_GLANCE}" in out.stdout
+
+
+def test_empty_results_still_build(tmp_path):
+    (tmp_path / "results").mkdir()
+    written = build_report(tmp_path / "results", tmp_path / "reports")
+    assert "No run records found." in written[AT_A_GLANCE].read_text()
+    assert not [n for n in written if n.endswith(".png")]
+    assert "<img" not in written["index.html"].read_text()
+
+
+def test_cli_missing_results_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--results", str(tmp_path / "nope"), "--reports", str(tmp_path / "rep")])
+    assert exc.value.code == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_deterministic(tmp_path):
+    results = tmp_path / "results"
+    make_results(results)
+    first = build_report(results, tmp_path / "a")
+    second = build_report(results, tmp_path / "b")
+    for name in (AT_A_GLANCE, "runs.csv", "arms.csv", "index.html"):
+        assert first[name].read_bytes() == second[name].read_bytes(), name
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is absent (Debian package `chromium`)")
+def test_index_html_renders_in_headless_chromium(report, tmp_path):
+    _, reports, written = report
+    page = written["index.html"].read_text()
+    # a probe copy beside index.html (same relative image paths) records whether each image loaded
+    probe = reports / "_probe.html"
+    script = (
+        "<script>window.addEventListener('load',()=>{for(const i of document.images)"
+        "i.dataset.width=String(i.naturalWidth);document.body.dataset.checked='yes'})</script>"
+    )
+    probe.write_text(page.replace("</body>", script + "</body>"))
+    try:
+        dom = subprocess.run(
+            [
+                str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run",
+                f"--user-data-dir={tmp_path / 'chromium'}", "--dump-dom", probe.as_uri(),
+            ],
+            capture_output=True, text=True, timeout=90,
+        ).stdout
+    finally:
+        probe.unlink()
+    assert 'data-checked="yes"' in dom
+    assert dom.count("<table>") == 1 and "did not fit on 1x NVIDIA H200" in dom
+    images = re.findall(r"<img [^>]*>", dom)
+    plots = [n for n in written if n.endswith(".png")]
+    assert len(images) == len(plots) == 5
+    widths = [int(re.search(r'data-width="(\d+)"', img).group(1)) for img in images]
+    assert all(w > 0 for w in widths), images
+    shutil.rmtree(tmp_path / "chromium", ignore_errors=True)

@@ -1,0 +1,188 @@
+"""Gap statistics on constructed per-question answers whose results can be computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from harness.records import REQUIRED_METRICS, load_records, run_id_for, stable_hash, write_items, write_record
+from harness.stats import comparable_key, mcnemar_exact_p, pair_gaps, paired_gap, seed_summary
+
+
+def items(task: str, correct: list[bool], prefix: str = "q") -> list[dict]:
+    return [
+        {
+            "task": task,
+            "id": f"{prefix}{i}",
+            "subject": "s",
+            "category": None,
+            "pred": 0,
+            "target": 0 if ok else 1,
+            "correct": ok,
+        }
+        for i, ok in enumerate(correct)
+    ]
+
+
+def record(
+    method: str,
+    rank: int | None,
+    seed: int,
+    *,
+    status: str = "ok",
+    model: str = "tiny",
+    evals: dict | None = None,
+    **metrics,
+) -> dict:
+    evals = evals if evals is not None else {"mmlu_limit": 20}
+    config = {
+        "model": {"name": model},
+        "data": {"name": "demo"},
+        "seed": seed,
+        "eval": evals,
+        "method": {"name": method, "r": rank},
+    }
+    config_hash = stable_hash(config)
+    return {
+        "schema": 1,
+        "run_id": run_id_for(method, rank, config_hash),
+        "config_hash": config_hash,
+        "pair_key": stable_hash([model, "demo", seed, evals]),
+        "eval_key": stable_hash([model, evals]),
+        "status": status,
+        "error": None,
+        "method": method,
+        "rank": rank,
+        "model": {"name": model, "source": "test", "total_params": 1000, "random_weights": True},
+        "config": config,
+        "env": {
+            "versions": {"lm_eval": "0.4.9"},
+            "git_commit": "abc",
+            "device": "cpu",
+            "ended_at": "2025-01-01T00:00:00+00:00",
+        },
+        "items_file": None,
+        "base_run_id": None,
+        "metrics": {**{m: None for m in REQUIRED_METRICS}, **metrics},
+    }
+
+
+# 20 questions: 8 only PEFT right (b), 2 only full right (c), 6 both right, 4 both wrong
+PEFT = [True] * 8 + [False] * 2 + [True] * 6 + [False] * 4
+FULL = [False] * 8 + [True] * 2 + [True] * 6 + [False] * 4
+
+
+def test_mcnemar_exact_by_hand():
+    # b=8, c=2: 2 * (C(10,0) + C(10,1) + C(10,2)) / 2^10 = 2 * 56 / 1024
+    assert mcnemar_exact_p(8, 2) == pytest.approx(0.109375)
+    assert mcnemar_exact_p(2, 8) == pytest.approx(0.109375)
+    assert mcnemar_exact_p(0, 6) == pytest.approx(2 / 64)
+    assert mcnemar_exact_p(5, 5) == 1.0  # clipped: the doubled tail exceeds 1
+    assert mcnemar_exact_p(0, 0) == 1.0
+
+
+def test_paired_gap_by_hand():
+    g = paired_gap(items("mmlu", PEFT), items("mmlu", FULL), "mmlu")
+    assert g["paired"] is True
+    assert (g["n"], g["b"], g["c"]) == (20, 8, 2)
+    assert g["gap"] == pytest.approx(0.3)
+    assert (g["peft_acc"], g["full_acc"]) == (pytest.approx(0.7), pytest.approx(0.4))
+    # d = eight +1, two -1, ten 0; mean 0.3; sum of squared deviations 8*.49 + 2*1.69 + 10*.09 = 8.2
+    se = math.sqrt(8.2 / 19 / 20)
+    assert g["se"] == pytest.approx(se)
+    assert g["ci_low"] == pytest.approx(0.3 - 1.96 * se)
+    assert g["ci_high"] == pytest.approx(0.3 + 1.96 * se)
+    assert g["mcnemar_p"] == pytest.approx(0.109375)
+
+
+def test_paired_gap_aligns_on_id_and_task():
+    peft = list(reversed(items("mmlu", PEFT)))  # order must not matter
+    peft += items("mmlu", [True] * 5, prefix="only-peft-")  # no partner: ignored
+    peft += items("indomain", [False] * 20)  # other task: ignored
+    g = paired_gap(peft, items("mmlu", FULL), "mmlu")
+    assert (g["n"], g["b"], g["c"]) == (20, 8, 2)
+    assert g["gap"] == pytest.approx(0.3)
+
+
+def test_identical_arms_have_zero_gap_and_p_one():
+    g = paired_gap(items("mmlu", FULL), items("mmlu", FULL), "mmlu")
+    assert (g["gap"], g["se"], g["mcnemar_p"]) == (0.0, 0.0, 1.0)
+
+
+def test_unpaired_fallback_from_metrics():
+    g = paired_gap(
+        [], items("mmlu", FULL), "mmlu", {"mmlu_acc": 0.6, "mmlu_stderr": 0.03}, {"mmlu_acc": 0.5, "mmlu_stderr": 0.04}
+    )
+    assert g["paired"] is False and g["mcnemar_p"] is None
+    assert g["gap"] == pytest.approx(0.1)
+    assert g["se"] == pytest.approx(0.05)
+    assert g["ci_low"] == pytest.approx(0.1 - 1.96 * 0.05)
+    assert paired_gap([], [], "mmlu", {"mmlu_acc": None}, {"mmlu_acc": 0.5}) is None
+
+
+def test_pair_gaps_pairs_only_ok_peft_with_full(tmp_path):
+    full = record("full", None, 0, mmlu_acc=0.4)
+    full["items_file"] = write_items(tmp_path, full["run_id"], items("mmlu", FULL))
+    lora = record("lora", 8, 0, mmlu_acc=0.7, indomain_acc=0.9, indomain_stderr=0.03)
+    lora["items_file"] = write_items(tmp_path, lora["run_id"], items("mmlu", PEFT))
+    full["metrics"].update(indomain_acc=0.95, indomain_stderr=0.04)
+    others = [
+        record("base", None, 0, mmlu_acc=0.1),  # not PEFT
+        record("lora", 16, 0, status="oom"),  # not ok
+        record("lora", 8, 1, mmlu_acc=0.5),  # no full partner (seed 1)
+    ]
+    for rec in [full, lora, *others]:
+        write_record(tmp_path, rec)
+
+    gaps = pair_gaps(load_records(tmp_path), tmp_path)
+    assert [(g["task"], g["paired"]) for g in gaps] == [("mmlu", True), ("indomain", False)]
+    mmlu, indomain = gaps
+    assert mmlu["gap"] == pytest.approx(0.3) and mmlu["mcnemar_p"] == pytest.approx(0.109375)
+    assert (mmlu["peft_run_id"], mmlu["full_run_id"]) == (lora["run_id"], full["run_id"])
+    assert (mmlu["method"], mmlu["rank"], mmlu["seed"], mmlu["model"], mmlu["data"]) == ("lora", 8, 0, "tiny", "demo")
+    assert indomain["gap"] == pytest.approx(-0.05) and indomain["se"] == pytest.approx(0.05)
+    assert mmlu["key"] == comparable_key(lora)
+
+
+def _gap(seed, gap, se, method="lora"):
+    return {
+        "key": f"k-{method}",
+        "model": "m",
+        "data": "d",
+        "eval": {},
+        "method": method,
+        "rank": 8,
+        "seed": seed,
+        "task": "mmlu",
+        "gap": gap,
+        "se": se,
+        "paired": True,
+        "peft_run_id": f"p{seed}",
+        "full_run_id": f"f{seed}",
+        "lm_eval": ["0.4.9"],
+        "ended_at": None,
+    }
+
+
+def test_seed_summary_mean_sd_se():
+    rows = seed_summary(
+        [_gap(0, -0.02, 0.01), _gap(1, -0.04, 0.02), _gap(2, -0.06, 0.02), _gap(0, 0.1, 0.05, method="qlora")]
+    )
+    lora = next(r for r in rows if r["method"] == "lora")
+    assert lora["n_seeds"] == 3
+    assert lora["gap"] == pytest.approx(-0.04)
+    assert lora["sd"] == pytest.approx(0.02)  # deviations -+0.02, 0: sqrt(0.0008 / 2)
+    assert lora["se"] == pytest.approx(math.sqrt(0.01**2 + 0.02**2 + 0.02**2) / 3)
+    assert lora["seeds"] == {0: -0.02, 1: -0.04, 2: -0.06}
+    qlora = next(r for r in rows if r["method"] == "qlora")
+    assert qlora["n_seeds"] == 1 and qlora["sd"] is None and qlora["se"] == pytest.approx(0.05)
+
+
+def test_comparable_key_ignores_seed_not_settings():
+    base = record("lora", 8, 0)
+    assert comparable_key(base) == comparable_key(record("lora", 8, 1))
+    assert comparable_key(base) != comparable_key(record("lora", 16, 0))
+    assert comparable_key(base) != comparable_key(record("qlora", 8, 0))
+    assert comparable_key(base) != comparable_key(record("lora", 8, 0, evals={"mmlu_limit": 50}))
+    assert comparable_key(base) != comparable_key(record("lora", 8, 0, model="other"))
