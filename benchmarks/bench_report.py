@@ -21,9 +21,23 @@ from harness.records import run_id_for, stable_hash, write_items, write_record
 from harness.report import build_report
 
 TARGET_S = 10.0
-MODELS = (("bench-125m", 125_000_000), ("bench-360m", 360_000_000), ("bench-1.7b", 1_700_000_000), ("bench-7b", 7_000_000_000))
+MODELS = (
+    ("bench-125m", 125_000_000),
+    ("bench-360m", 360_000_000),
+    ("bench-1.7b", 1_700_000_000),
+    ("bench-7b", 7_000_000_000),
+)
 HARDWARE = (("h200", "NVIDIA H200", 3.5), ("a100-40gb", "NVIDIA A100-SXM4-40GB", 1.8))
-ARMS = (("full", None), ("lora", 8), ("lora", 16), ("lora", 64), ("qlora", 8), ("qlora", 16), ("qlora", 64), ("ia3", None))
+ARMS = (
+    ("full", None),
+    ("lora", 8),
+    ("lora", 16),
+    ("lora", 64),
+    ("qlora", 8),
+    ("qlora", 16),
+    ("qlora", 64),
+    ("ia3", None),
+)
 SEEDS = (0, 1, 2)
 N_MMLU, N_INDOMAIN = 570, 200
 
@@ -33,15 +47,32 @@ def _items(rng: random.Random, skill: float) -> list[dict]:
     for task, n in (("mmlu", N_MMLU), ("indomain", N_INDOMAIN)):
         for i in range(n):
             correct = rng.random() < skill
-            items.append({"task": task, "id": f"{task}-{i}", "subject": f"s{i % 57}", "category": "stem",
-                          "pred": 0 if correct else 1, "target": 0, "correct": correct})
+            items.append(
+                {
+                    "task": task,
+                    "id": f"{task}-{i}",
+                    "subject": f"s{i % 57}",
+                    "category": "stem",
+                    "pred": 0 if correct else 1,
+                    "target": 0,
+                    "correct": correct,
+                }
+            )
     return items
 
 
-def make_record(results: Path, rng: random.Random, model: str, size: int, hw: tuple, method: str, rank, seed: int) -> dict:
+def make_record(
+    results: Path, rng: random.Random, model: str, size: int, hw: tuple, method: str, rank, seed: int
+) -> dict:
     hw_name, device_name, price = hw
-    config = {"model": {"name": model}, "data": {"name": "demo"}, "seed": seed, "eval": {"mmlu_limit": 10},
-              "hardware": {"name": hw_name}, "method": {"name": method, "r": rank}}
+    config = {
+        "model": {"name": model},
+        "data": {"name": "demo"},
+        "seed": seed,
+        "eval": {"mmlu_limit": 10},
+        "hardware": {"name": hw_name},
+        "method": {"name": method, "r": rank},
+    }
     config_hash = stable_hash(config)
     run_id = run_id_for(method, rank, config_hash)
     trained = method != "base"
@@ -62,8 +93,15 @@ def make_record(results: Path, rng: random.Random, model: str, size: int, hw: tu
         "total_params": size,
         "trainable_share": trainable / size if trained else None,
         "peak_memory_bytes": memory * (1 + rng.random() * 0.02) if trained else None,
-        "memory_breakdown_bytes": {"parameters": 2 * size, "gradients": 2 * trainable, "optimizer_state": 8 * trainable,
-                                   "activations": memory // 3, "other": 2**28} if trained else None,
+        "memory_breakdown_bytes": {
+            "parameters": 2 * size,
+            "gradients": 2 * trainable,
+            "optimizer_state": 8 * trainable,
+            "activations": memory // 3,
+            "other": 2**28,
+        }
+        if trained
+        else None,
         "run_wall_s": wall,
         "train_wall_s": wall - 20 if trained else None,
         "tokens_per_s": 1e5 / wall if trained else None,
@@ -87,15 +125,27 @@ def make_record(results: Path, rng: random.Random, model: str, size: int, hw: tu
         "indomain_n": len(indomain) or None,
     }
     record = {
-        "schema": 1, "run_id": run_id, "config_hash": config_hash,
-        "pair_key": stable_hash([model, hw_name, seed]), "eval_key": stable_hash([model, config["eval"]]),
-        "status": status, "error": "RuntimeError: synthetic failure" if status == "failed" else None,
-        "method": method, "rank": rank,
+        "schema": 1,
+        "run_id": run_id,
+        "config_hash": config_hash,
+        "pair_key": stable_hash([model, hw_name, seed]),
+        "eval_key": stable_hash([model, config["eval"]]),
+        "status": status,
+        "error": "RuntimeError: synthetic failure" if status == "failed" else None,
+        "method": method,
+        "rank": rank,
         "model": {"name": model, "source": "config", "total_params": size, "random_weights": False},
         "config": config,
-        "env": {"versions": {"torch": "2.13"}, "git_commit": "0" * 40, "device": "cuda", "device_name": device_name,
-                "device_count": 1, "host": "bench", "started_at": f"2025-04-0{seed + 1}T08:00:00+00:00",
-                "ended_at": f"2025-04-0{seed + 1}T09:00:00+00:00"},
+        "env": {
+            "versions": {"torch": "2.13"},
+            "git_commit": "0" * 40,
+            "device": "cuda",
+            "device_name": device_name,
+            "device_count": 1,
+            "host": "bench",
+            "started_at": f"2025-04-0{seed + 1}T08:00:00+00:00",
+            "ended_at": f"2025-04-0{seed + 1}T09:00:00+00:00",
+        },
         "items_file": write_items(results, run_id, items) if items else None,
         "base_run_id": None,
         "metrics": metrics,
@@ -131,8 +181,10 @@ def main() -> None:
         start = time.perf_counter()
         written = build_report(root / "results", root / "reports")
         seconds = time.perf_counter() - start
-    print(f"build_report on {n} run records: {seconds:.2f} s "
-          f"(target {TARGET_S:.0f} s, ratio {seconds / TARGET_S:.2f}); wrote {len(written)} files")
+    print(
+        f"build_report on {n} run records: {seconds:.2f} s "
+        f"(target {TARGET_S:.0f} s, ratio {seconds / TARGET_S:.2f}); wrote {len(written)} files"
+    )
 
 
 if __name__ == "__main__":

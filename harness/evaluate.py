@@ -101,6 +101,8 @@ def _run(model, tokenizer, tasks: list, num_fewshot: int, limit, batch_size: int
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
+    # lm-eval logs a line per task (57 for MMLU); keep the run's own progress readable
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(batch_size))
     return lm_eval.simple_evaluate(
         model=lm,

@@ -305,10 +305,12 @@ class MeasureCallback(TrainerCallback):
         self._optimizer = None
         self._t_train = 0.0
         self._t_step = 0.0
+        self._open = False
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.device = torch.device(args.device)
         self._model, self._optimizer = model, optimizer
+        self._open = True
         if self.breakdown_step is None or model is None:
             self.probe_step = None
         else:
@@ -346,8 +348,22 @@ class MeasureCallback(TrainerCallback):
             self.loss_curve.append([int(state.global_step), float(logs["loss"])])
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.num_input_tokens_seen = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+        self.close()
+
+    def close(self) -> None:
+        """Stop the breakdown tracker and RSS sampler and read the peaks; idempotent.
+
+        ``on_train_end`` calls it. Call it yourself in a ``finally`` when training can raise
+        (OOM): an exception inside the tracked step would otherwise leave the dispatch mode
+        active, slowing every later op, and the partial peaks are still worth recording.
+        """
+        if not self._open:
+            return  # already closed, or training never began
+        self._open = False
         _sync(self.device)
-        self.train_wall_s = time.perf_counter() - self._t_train
+        if self.train_wall_s is None:
+            self.train_wall_s = time.perf_counter() - self._t_train
         if self.tracker is not None:  # training stopped inside the probe step
             self.breakdown = self.tracker.stop()
             self.tracker = None
@@ -357,7 +373,6 @@ class MeasureCallback(TrainerCallback):
         elif self.sampler is not None:
             self.peak_memory_bytes = int(self.sampler.stop())
             self.sampler = None
-        self.num_input_tokens_seen = int(getattr(state, "num_input_tokens_seen", 0) or 0)
         self._model = self._optimizer = None
 
     def metrics(self, train_tokens: int | None = None) -> dict:

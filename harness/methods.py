@@ -92,13 +92,3 @@ def apply_method(model: torch.nn.Module, method_cfg: dict, gradient_checkpointin
     if method_cfg.get("quantize"):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     return get_peft_model(model, peft_config(method_cfg))
-
-
-def trainable_counts(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, all) parameters as peft prints them (4-bit weights at their unpacked size)."""
-    if hasattr(model, "get_nb_trainable_parameters"):
-        return model.get_nb_trainable_parameters()
-    from harness.models import count_params
-
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, count_params(model)

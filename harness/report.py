@@ -36,7 +36,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from harness.records import iter_records
+from harness.records import RecordError, iter_records, load_record
 from harness.stats import Z95, pair_gaps, seed_summary
 
 log = logging.getLogger(__name__)
@@ -273,8 +273,10 @@ def failure_text(record: dict, short: bool = False) -> str:
 
 def _arm_header(arm: Arm) -> str:
     n, ok = len(arm.runs), len(arm.ok)
-    if ok in (0, n):  # all failed: the cells say how
-        return f"{arm.label} ({n} seed{'s' if n > 1 else ''})" if n > 1 else arm.label
+    if ok in (0, n):  # all ok, or all failed (then every cell says how)
+        # "runs", not "seeds", when a seed was run more than once (e.g. with other settings)
+        unit = "seeds" if len({str(_seed(r)) for r in arm.runs}) == n else "runs"
+        return f"{arm.label} ({n} {unit})" if n > 1 else arm.label
     counts = defaultdict(int)
     for r in arm.runs:
         counts[r["status"]] += 1
@@ -304,13 +306,20 @@ def _gap_cell(table: Table, arm: Arm, task: str) -> str:
         text += f" [{lo * 100:+.2f}, {hi * 100:+.2f}]"
     if not row["paired"]:
         text += " unpaired"
+    if row["n_seeds"] < len(arm.values(f"{task}_acc")):
+        # seeds whose full fine-tuning run is missing or failed have no gap
+        text += f" ({row['n_seeds']} of {len(arm.values(f'{task}_acc'))} seeds have a full FT pair)"
     return text
 
 
 def _footprint_cell(arm: Arm) -> str:
     full_bytes = arm.values("full_checkpoint_bytes")
     estimated = any(r["metrics"].get("full_checkpoint_bytes_estimated") for r in arm.ok)
-    full_text = (f"full {'~' if estimated else ''}{fmt_bytes(full_bytes)}" + (" (estimated)" if estimated else "")) if full_bytes else ""
+    full_text = (
+        (f"full {'~' if estimated else ''}{fmt_bytes(full_bytes)}" + (" (estimated)" if estimated else ""))
+        if full_bytes
+        else ""
+    )
     adapter = arm.values("adapter_bytes")
     if adapter and arm.method not in ("full", "base"):
         text = f"adapter {fmt_bytes(adapter)}"
@@ -476,8 +485,22 @@ def _flatten(prefix: str, value, out: dict) -> None:
         out[prefix] = value
 
 
-RUN_LEAD = ("model", "data", "hardware_name", "eval_key", "method", "rank", "seed", "run_id", "status", "error",
-            "pair_key", "base_run_id", "model_source", "random_weights")
+RUN_LEAD = (
+    "model",
+    "data",
+    "hardware_name",
+    "eval_key",
+    "method",
+    "rank",
+    "seed",
+    "run_id",
+    "status",
+    "error",
+    "pair_key",
+    "base_run_id",
+    "model_source",
+    "random_weights",
+)
 
 
 def _run_row(table: Table, rec: dict) -> dict:
@@ -547,7 +570,9 @@ def _arms_frame(tables: list[Table]) -> pd.DataFrame:
                 _flatten("", r["metrics"], m)
                 flat.append(m)
             for name in sorted({k for m in flat for k in m}):
-                values = [m[name] for m in flat if isinstance(m.get(name), (int, float)) and not isinstance(m.get(name), bool)]
+                values = [
+                    m[name] for m in flat if isinstance(m.get(name), (int, float)) and not isinstance(m.get(name), bool)
+                ]
                 if values:
                     row[f"{name}_mean"], row[f"{name}_sd"] = _mean_sd(values)
             for task in TASK_LABEL:
@@ -612,8 +637,14 @@ def _grid(n: int, cols: int = 3, ax_w: float = 4.2, ax_h: float = 2.6, gap_h: fl
     w = left + cols * ax_w + (cols - 1) * gap_w + right
     h = top + rows * ax_h + (rows - 1) * gap_h + gap_h
     fig = Figure(figsize=(w, h))
-    grid = {"left": left / w, "right": 1 - right / w, "top": 1 - top / h, "bottom": gap_h / h,
-            "wspace": gap_w / ax_w, "hspace": gap_h / ax_h}
+    grid = {
+        "left": left / w,
+        "right": 1 - right / w,
+        "top": 1 - top / h,
+        "bottom": gap_h / h,
+        "wspace": gap_w / ax_w,
+        "hspace": gap_h / ax_h,
+    }
     axes = fig.subplots(rows, cols, squeeze=False, gridspec_kw=grid).ravel().tolist()
     for ax in axes[n:]:
         ax.set_visible(False)
@@ -642,8 +673,14 @@ def _finish(fig: Figure, axes: list, title: str, path: Path) -> Path:
         grid.update(left=grid.left * w / new_w, right=1 - legend_w / new_w)
         for ax in fig.axes:  # GridSpec.update moves only pyplot-managed axes; place ours
             ax.set_position(ax.get_subplotspec().get_position(fig))
-        fig.legend(list(entries.values()), list(entries), loc="upper left",
-                   bbox_to_anchor=(grid.right + 0.1 / new_w, grid.top), fontsize=8, frameon=False)
+        fig.legend(
+            list(entries.values()),
+            list(entries),
+            loc="upper left",
+            bbox_to_anchor=(grid.right + 0.1 / new_w, grid.top),
+            fontsize=8,
+            frameon=False,
+        )
     fig.suptitle(title)
     # no Software/date metadata: the same results give the same file
     fig.savefig(path, dpi=90, metadata={"Software": None})
@@ -658,12 +695,19 @@ def plot_peak_memory(tables: list[Table], path: Path) -> Path | None:
     fig, axes = _grid(len(panels))
     for ax, t in zip(axes, panels):
         arms = [a for a in t.arms if a.method != "base"]
-        stats = [_mean_sd([v / 2**30 for v in a.values("peak_memory_bytes")]) if a.values("peak_memory_bytes") else None
-                 for a in arms]
+        stats = [
+            _mean_sd([v / 2**30 for v in a.values("peak_memory_bytes")]) if a.values("peak_memory_bytes") else None
+            for a in arms
+        ]
         top = max(s[0] for s in stats if s)
         done = [x for x, s in enumerate(stats) if s]
-        ax.bar(done, [stats[x][0] for x in done], yerr=[stats[x][1] or 0 for x in done], capsize=3,
-               color=[colors[arms[x].method] for x in done])
+        ax.bar(
+            done,
+            [stats[x][0] for x in done],
+            yerr=[stats[x][1] or 0 for x in done],
+            capsize=3,
+            color=[colors[arms[x].method] for x in done],
+        )
         for x, a in enumerate(arms):
             if stats[x] is None:
                 # nothing measured: a hatched placeholder says why instead of a silent gap
@@ -701,12 +745,21 @@ def plot_mmlu_by_rank(tables: list[Table], path: Path) -> Path | None:
             pts = [(a.rank, *_acc_interval(a)) for a in ranked if a.method == method]
             # nudge each method sideways a little so error bars at the same rank do not hide each other
             nudge = 2 ** (0.05 * (i - (len(methods) - 1) / 2))
-            ax.errorbar([p[0] * nudge for p in pts], [p[1] * 100 for p in pts], yerr=[p[2] * 100 for p in pts], marker="o",
-                        capsize=3, color=colors[method], label=METHOD_LABEL.get(method, method))
+            ax.errorbar(
+                [p[0] * nudge for p in pts],
+                [p[1] * 100 for p in pts],
+                yerr=[p[2] * 100 for p in pts],
+                marker="o",
+                capsize=3,
+                color=colors[method],
+                label=METHOD_LABEL.get(method, method),
+            )
         for a in t.arms:
             if a.method in ("full", "base") and a.values("mmlu_acc"):
                 mean, half = _acc_interval(a)
-                ax.axhline(mean * 100, color=colors[a.method], linestyle="-" if a.method == "full" else "--", label=a.label)
+                ax.axhline(
+                    mean * 100, color=colors[a.method], linestyle="-" if a.method == "full" else "--", label=a.label
+                )
                 ax.axhspan((mean - half) * 100, (mean + half) * 100, color=colors[a.method], alpha=0.12)
         ranks = sorted({a.rank for a in ranked})
         ax.set_xscale("log", base=2)
@@ -741,8 +794,14 @@ def plot_cost_vs_accuracy(tables: list[Table], path: Path) -> Path | None:
     mid = (min(xs) + max(xs)) / 2
     for i in front:  # labels point away from the nearer edge so they stay inside the axes
         left = points[i][0] > mid
-        ax.annotate(labels[i], points[i], textcoords="offset points", xytext=(-8 if left else 8, -12),
-                    ha="right" if left else "left", fontsize=7)
+        ax.annotate(
+            labels[i],
+            points[i],
+            textcoords="offset points",
+            xytext=(-8 if left else 8, -12),
+            ha="right" if left else "left",
+            fontsize=7,
+        )
     costs = [p[0] for p in points]
     if min(costs) > 0 and max(costs) / min(costs) > 100:
         ax.set_xscale("log")
@@ -790,8 +849,14 @@ def plot_loss_curves(tables: list[Table], path: Path) -> Path | None:
             for r in a.ok:  # one line per seed, one legend entry per arm
                 curve = r["metrics"].get("loss_curve") or []
                 if curve:
-                    ax.plot([p[0] for p in curve], [p[1] for p in curve], color=colors[a.label], linewidth=1,
-                            alpha=0.8, label=a.label)
+                    ax.plot(
+                        [p[0] for p in curve],
+                        [p[1] for p in curve],
+                        color=colors[a.label],
+                        linewidth=1,
+                        alpha=0.8,
+                        label=a.label,
+                    )
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("training loss (nats/token)")
         _title(ax, t.title)
@@ -828,7 +893,10 @@ def plot_scaling(tables: list[Table], path: Path) -> Path | None:
                     memory[a.label].append((size, statistics.fmean(a.values("peak_memory_bytes")) / 2**30))
                 if (g := t.gaps.get((a.method, a.rank, "mmlu"))) is not None:
                     gap[a.label].append((size, g["gap"] * 100))
-        for ax, series, ylabel in ((ax_mem, memory, "peak training memory (GiB)"), (ax_gap, gap, "MMLU gap vs full FT (pp)")):
+        for ax, series, ylabel in (
+            (ax_mem, memory, "peak training memory (GiB)"),
+            (ax_gap, gap, "MMLU gap vs full FT (pp)"),
+        ):
             for label, pts in series.items():
                 ax.plot(*zip(*pts), marker="o", color=colors[label], label=label)
             ax.set_xscale("log")
@@ -844,7 +912,11 @@ def plot_scaling(tables: list[Table], path: Path) -> Path | None:
 
 PLOTS: tuple[tuple[str, str, Callable[[list[Table], Path], Path | None]], ...] = (
     ("peak_memory.png", "Peak training memory by arm and rank", plot_peak_memory),
-    ("mmlu_by_rank.png", "MMLU accuracy by rank, with full fine-tuning and base model as references", plot_mmlu_by_rank),
+    (
+        "mmlu_by_rank.png",
+        "MMLU accuracy by rank, with full fine-tuning and base model as references",
+        plot_mmlu_by_rank,
+    ),
     ("cost_vs_accuracy.png", "Cost vs accuracy, Pareto front circled", plot_cost_vs_accuracy),
     ("memory_breakdown.png", "Training memory breakdown", plot_memory_breakdown),
     ("loss_curves.png", "Training loss curves", plot_loss_curves),
@@ -855,16 +927,21 @@ PLOTS: tuple[tuple[str, str, Callable[[list[Table], Path], Path | None]], ...] =
 # ---------------------------------------------------------------- HTML
 
 
+STYLE = (
+    "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:110em}"
+    "table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ccc;padding:.3em .6em;"
+    "text-align:left;vertical-align:top;font-size:.9em}th{background:#f3f3f3}"
+    ".prov,.note{color:#555;font-size:.9em}img{max-width:100%;border:1px solid #eee}</style>"
+)
+
+
 def _html(tables: list[RenderedTable], plots: list[tuple[str, str]], skipped: list[str]) -> str:
     e = html.escape
     out = [
         "<!doctype html>",
         '<html lang="en"><head><meta charset="utf-8">',
         "<title>PEFT vs full fine-tuning report</title>",
-        "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:110em}"
-        "table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ccc;padding:.3em .6em;"
-        "text-align:left;vertical-align:top;font-size:.9em}th{background:#f3f3f3}"
-        ".prov,.note{color:#555;font-size:.9em}img{max-width:100%;border:1px solid #eee}</style>",
+        STYLE,
         "</head><body>",
         "<h1>PEFT vs full fine-tuning: at a glance</h1>",
     ]
@@ -886,10 +963,14 @@ def _html(tables: list[RenderedTable], plots: list[tuple[str, str]], skipped: li
     if plots:
         out.append("<h2>Plots</h2>")
         for name, caption in plots:
-            out.append(f'<figure><img src="{e(name)}" alt="{e(caption)}"><figcaption>{e(caption)}</figcaption></figure>')
-    out.append('<h2>Tables</h2><p><a href="runs.csv">runs.csv</a> (one row per run), '
-               '<a href="arms.csv">arms.csv</a> (one row per arm, mean and sd over seeds), '
-               f'<a href="{AT_A_GLANCE}">{AT_A_GLANCE}</a></p>')
+            out.append(
+                f'<figure><img src="{e(name)}" alt="{e(caption)}"><figcaption>{e(caption)}</figcaption></figure>'
+            )
+    out.append(
+        '<h2>Tables</h2><p><a href="runs.csv">runs.csv</a> (one row per run), '
+        '<a href="arms.csv">arms.csv</a> (one row per arm, mean and sd over seeds), '
+        f'<a href="{AT_A_GLANCE}">{AT_A_GLANCE}</a></p>'
+    )
     if skipped:
         out.append("<h2>Skipped records</h2><ul>" + "".join(f"<li>{e(s)}</li>" for s in skipped) + "</ul>")
     out.append("</body></html>")
@@ -905,8 +986,15 @@ def _load(results_dir: Path) -> tuple[list[dict], list[str]]:
     for path, rec in iter_records(results_dir):
         records.append(rec)
         seen.add(path.name)
-    skipped = sorted(p.name for p in results_dir.glob("*.json") if p.name not in seen)
-    return records, [f"{name}: does not parse or does not follow the run-record schema" for name in skipped]
+    skipped = []
+    for path in sorted(p for p in results_dir.glob("*.json") if p.name not in seen):
+        try:
+            load_record(path)
+            reason = "unreadable"  # it changed between the two reads
+        except RecordError as exc:
+            reason = str(exc).replace(f"{path}: ", "")  # no folder in the report: it moves with the results
+        skipped.append(f"{path.name}: {reason}")
+    return records, skipped
 
 
 def build_report(results_dir: str | Path, reports_dir: str | Path) -> dict[str, Path]:

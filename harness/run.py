@@ -128,11 +128,21 @@ def environment() -> dict:
         "git_commit": commit,
         "python": platform.python_version(),
         "device": "cuda" if cuda else "cpu",
-        "device_name": torch.cuda.get_device_name(0) if cuda else (platform.processor() or platform.machine()),
+        "device_name": torch.cuda.get_device_name(0) if cuda else cpu_name(),
         "device_count": torch.cuda.device_count() if cuda else 1,
         "cpu_threads": torch.get_num_threads(),
         "host": platform.node(),
     }
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def now_iso() -> str:
@@ -205,10 +215,17 @@ def execute(job: dict) -> dict:
 
     from harness import measure
     from harness.data import load_examples
-    from harness.methods import apply_method, quantization_config, trainable_counts
+    from harness.methods import apply_method, quantization_config
     from harness.models import load_model
-    from harness.train import build_trainer, token_budget
+    from harness.train import build_trainer, token_budget, use_bf16
 
+    import datasets
+    import transformers
+
+    # progress of this harness (steps, loss, ETA) rather than a bar per file loaded
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
     cfg = job["config"]
     results_dir = cfg["results_dir"]
     label = job["run_id"]
@@ -236,36 +253,59 @@ def execute(job: dict) -> dict:
         loaded = load_model(cfg["model"], quantization_config=quantization_config(cfg["method"]))
         record["model"]["total_params"] = loaded.total_params
         model = apply_method(loaded.model, cfg["method"], bool(cfg["train"]["gradient_checkpointing"]))
-        trainable, total = trainable_counts(model)
-        metrics.update(trainable_params=trainable, total_params=total, trainable_share=trainable / total)
+        metrics.update(measure.param_counts(model))
+        trainable, total = metrics["trainable_params"], metrics["total_params"]
         print(f"[{label}] trainable params: {trainable:,} || all params: {total:,} || "
               f"trainable%: {100 * trainable / total:.4f}", flush=True)
 
-        probe = measure.TrainingProbe(cfg["train"])
+        probe = measure.MeasureCallback(warmup_steps=int(cfg["train"]["warmup_steps_excluded"]))
         trainer = build_trainer(model, loaded.tokenizer, examples, cfg["train"], float(cfg["method"]["learning_rate"]),
                                 int(cfg["seed"]), callbacks=[probe], label=label)
         trainer.train()
-        metrics.update(probe.metrics(trainer))
+        metrics.update(probe.metrics(train_tokens=token_budget(cfg["train"])))
         metrics["token_budget"] = token_budget(cfg["train"])
-        metrics["train_tokens"] = metrics["token_budget"]
+
+        # MFU: the device's peak measured now, in the training dtype, by a timed matmul
+        device = next(model.parameters()).device
+        train_dtype = torch.bfloat16 if use_bf16(str(cfg["train"]["precision"])) else torch.float32
+        arch = model.config
+        fpt = measure.flops_per_token(
+            job["method"], total, trainable, embedding_params=measure.embedding_params(model),
+            n_layers=arch.num_hidden_layers, seq_len=int(cfg["train"]["seq_len"]), hidden_size=arch.hidden_size)
+        metrics.update(measure.flops_metrics(fpt, metrics["tokens_per_s"], measure.measure_peak_flops(device, train_dtype),
+                                             env["device_count"]))
+        metrics["train_dtype"] = str(train_dtype).removeprefix("torch.")
 
         if evaluate:
-            with measure.EvalPeak() as eval_peak:
+            with measure.eval_peak_memory(device) as eval_mem:
                 acc, items = evaluate_all(model, loaded.tokenizer, cfg, heldout)
             metrics.update(acc)
-            metrics["eval_peak_memory_bytes"] = eval_peak.peak_bytes
+            metrics.update(eval_mem)
             for task in ("mmlu", "indomain"):
                 if metrics.get(f"{task}_acc") is not None and base["metrics"].get(f"{task}_acc") is not None:
                     metrics[f"{task}_gain_vs_base"] = metrics[f"{task}_acc"] - base["metrics"][f"{task}_acc"]
             record["items_file"] = records.write_items(results_dir, job["run_id"], items)
-        metrics.update(measure.serving_metrics(model, loaded.tokenizer, cfg, job["method"]))
+
+        # serving: adapter vs full checkpoint on disk (full estimated at the loaded dtype), latency
+        metrics.update(measure.footprint_metrics(model, torch.float32))
+        lat = cfg["eval"]["latency"]
+        if lat["enabled"]:
+            prompts = [ex["prompt"] for ex in examples[: int(lat["prompts"])]]
+            metrics.update(measure.compare_latency(model, loaded.tokenizer, prompts, n_reps=int(lat["reps"]),
+                                                   gen_tokens=int(lat["gen_tokens"])))
     except Exception as exc:  # record every failure; the sweep goes on
         traceback.print_exc()
         oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
         record["status"] = "oom" if oom else "failed"
         record["error"] = f"{type(exc).__name__}: {exc}".strip()[:2000]
     metrics["run_wall_s"] = time.perf_counter() - t_run
-    metrics.update(measure.cost_metrics(metrics, cfg))
+    # cost_usd: the fine-tuning itself (training phase); run_cost_usd: the whole run with evals
+    hardware = measure.resolve_hardware(cfg["hardware"], measure.load_price_table(CONF_DIR))
+    metrics.update(measure.cost_metrics(hardware, metrics.get("train_wall_excl_probe_s"), env["device_count"],
+                                        dataset_tokens=cfg.get("projected_tokens"),
+                                        tokens_per_s=metrics.get("tokens_per_s")))
+    metrics["run_cost_usd"] = (measure.cost_usd(metrics["run_wall_s"], hardware["price_per_device_hour_usd"],
+                                                env["device_count"]) if hardware else None)
     env.update(started_at=started, ended_at=now_iso())
     records.write_record(results_dir, record)
     print(f"[{label}] {record['status']}: record {records.record_path(results_dir, job['run_id'])}", flush=True)

@@ -172,6 +172,44 @@ def test_breakdown_labels_gradients_and_optimizer_state_in_a_manual_step():
     assert tracker.totals == before
 
 
+class FailAtStep(TrainerCallback):
+    """Raises inside the optimizer step ``step`` (like an OOM would)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise RuntimeError("simulated out of memory")
+
+
+def test_close_after_a_failure_in_the_probe_step_stops_tracking():
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    cb = MeasureCallback(warmup_steps=1)
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="test-measure-"),
+        max_steps=4,
+        per_device_train_batch_size=2,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+    )
+    trainer = Trainer(model=tiny_model(), args=args, train_dataset=random_tokens(), callbacks=[cb, FailAtStep(1)])
+    with pytest.raises(RuntimeError, match="simulated"):
+        try:
+            trainer.train()
+        finally:
+            assert isinstance(_get_current_dispatch_mode(), MemoryBreakdown)  # stuck without close()
+            cb.close()
+    assert _get_current_dispatch_mode() is None
+    m = cb.metrics()
+    assert m["memory_breakdown_peak_bytes"] > 0 and m["peak_memory_bytes"] is not None
+    assert m["train_wall_s"] > 0
+    cb.close()  # idempotent
+
+
 def test_cpu_peak_shows_a_tensor_held_during_training():
     held = 64 * MiB
     train(tiny_model(), steps=3, breakdown_step=None)  # warm-up run: lazy init happens once per process

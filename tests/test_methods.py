@@ -6,7 +6,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from harness.data import load_examples
-from harness.methods import apply_method, quantization_config, trainable_counts
+from harness.measure import param_counts
+from harness.methods import apply_method, quantization_config
 from harness.models import load_model
 from harness.run import CONF_DIR
 from harness.train import build_trainer
@@ -68,7 +69,8 @@ def test_trainable_count_matches_peft(name, r):
     method = method_cfg(name, f"method.r={r}")
     loaded = load_model(TINY, quantization_config=quantization_config(method))
     model = apply_method(loaded.model, method)
-    trainable, total = trainable_counts(model)
+    counts = param_counts(model)
+    trainable, total = counts["trainable_params"], counts["total_params"]
     # counted independently: the adapter tensors that require grad
     adapter = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
     assert trainable == adapter
@@ -86,7 +88,8 @@ def test_trainable_count_matches_peft(name, r):
 def test_full_counts_every_weight():
     loaded = load_model(TINY)
     model = apply_method(loaded.model, method_cfg("full"))
-    trainable, total = trainable_counts(model)
+    counts = param_counts(model)
+    trainable, total = counts["trainable_params"], counts["total_params"]
     assert trainable == total == sum(p.numel() for p in model.parameters())
 
 
@@ -94,5 +97,5 @@ def test_other_peft_type_through_the_same_group():
     method = method_cfg("ia3")
     loaded = load_model(TINY)
     model = apply_method(loaded.model, method)
-    trainable, _ = trainable_counts(model)
+    trainable = param_counts(model)["trainable_params"]
     assert trainable == sum(p.numel() for n, p in model.named_parameters() if "ia3_" in n) > 0

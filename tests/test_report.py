@@ -65,7 +65,15 @@ def make_record(
         base[f"{task}_stderr"] = (acc * (1 - acc) / (len(correct) - 1)) ** 0.5
         base[f"{task}_n"] = len(correct)
         items += [
-            {"task": task, "id": f"{task}-{i}", "subject": "s", "category": None, "pred": int(c), "target": 1, "correct": c}
+            {
+                "task": task,
+                "id": f"{task}-{i}",
+                "subject": "s",
+                "category": None,
+                "pred": int(c),
+                "target": 1,
+                "correct": c,
+            }
             for i, c in enumerate(correct)
         ]
     if mmlu_correct is not None:
@@ -110,25 +118,53 @@ def make_results(results: Path) -> dict[str, dict]:
     recs["base"] = make_record(results, "base", mmlu_correct=_answers(50), indomain_correct=_answers(20))
     for seed in range(3):
         recs[f"full{seed}"] = make_record(
-            results, "full", seed=seed,
-            mmlu_correct=_answers(80), indomain_correct=_answers(60),
-            trainable_params=1_000_000, trainable_share=1.0, peak_memory_bytes=4 * GiB,
-            run_wall_s=300.0, cost_usd=0.5, full_checkpoint_bytes=4 * GiB, full_checkpoint_bytes_estimated=False,
+            results,
+            "full",
+            seed=seed,
+            mmlu_correct=_answers(80),
+            indomain_correct=_answers(60),
+            trainable_params=1_000_000,
+            trainable_share=1.0,
+            peak_memory_bytes=4 * GiB,
+            run_wall_s=300.0,
+            cost_usd=0.5,
+            full_checkpoint_bytes=4 * GiB,
+            full_checkpoint_bytes_estimated=False,
             loss_curve=[[1, 2.0], [2, 1.5]],
         )
         # LoRA answers a subset of what full gets right on MMLU (gap -10, -10, -10 pp for seed 0..2
         # with 70, 70, 70 right) and more on in-domain (gap +5/+10/+15 pp: mean +10, sd 5)
         recs[f"lora{seed}"] = make_record(
-            results, "lora", rank=8, seed=seed,
-            mmlu_correct=_answers(70), indomain_correct=_answers(65 + 5 * seed),
-            trainable_params=10_000, trainable_share=0.01, peak_memory_bytes=(1 + seed) * GiB,
-            run_wall_s=90.0, cost_usd=0.0123, projected_cost_usd=12.5, projected_tokens=1_000_000_000,
-            adapter_bytes=40 * MiB, full_checkpoint_bytes=4 * GiB, full_checkpoint_bytes_estimated=True,
-            latency_merged_overhead=0.0, latency_dynamic_overhead=0.25,
-            memory_breakdown_bytes={"parameters": GiB, "gradients": 0, "optimizer_state": 0, "activations": GiB, "other": 0},
+            results,
+            "lora",
+            rank=8,
+            seed=seed,
+            mmlu_correct=_answers(70),
+            indomain_correct=_answers(65 + 5 * seed),
+            trainable_params=10_000,
+            trainable_share=0.01,
+            peak_memory_bytes=(1 + seed) * GiB,
+            run_wall_s=90.0,
+            cost_usd=0.0123,
+            projected_cost_usd=12.5,
+            projected_tokens=1_000_000_000,
+            adapter_bytes=40 * MiB,
+            full_checkpoint_bytes=4 * GiB,
+            full_checkpoint_bytes_estimated=True,
+            latency_merged_overhead=0.0,
+            latency_dynamic_overhead=0.25,
+            memory_breakdown_bytes={
+                "parameters": GiB,
+                "gradients": 0,
+                "optimizer_state": 0,
+                "activations": GiB,
+                "other": 0,
+            },
             loss_curve=[[1, 2.1], [2, 1.7]],
         )
-    recs["qlora"] = make_record(results, "qlora", rank=8, status="failed", error="RuntimeError: bitsandbytes | broke\nat line 3")
+    recs["qlora"] = make_record(
+        results, "qlora", rank=8, status="failed", error="RuntimeError: bitsandbytes | broke\nat line 3"
+    )
     recs["oom"] = make_record(results, "lora", rank=64, status="oom", error="CUDA out of memory")
     return recs
 
@@ -136,7 +172,7 @@ def make_results(results: Path) -> dict[str, dict]:
 def _table(md: str) -> dict[str, dict[str, str]]:
     """The first at-a-glance table as {row label: {column header: cell}}."""
     lines = [ln for ln in md.splitlines() if ln.startswith("|")]
-    split = lambda ln: [c.strip() for c in re.split(r"(?<!\\)\|", ln.strip())[1:-1]]  # noqa: E731
+    split = lambda ln: [c.strip() for c in re.split(r"(?<!\\)\|", ln.strip())[1:-1]]
     header = split(lines[0])
     return {cells[0]: dict(zip(header[1:], cells[1:])) for cells in map(split, lines[2:])}
 
@@ -151,7 +187,7 @@ def report(tmp_path_factory) -> tuple[Path, Path, dict]:
 
 
 def test_six_rows_and_their_values(report):
-    _, reports, written = report
+    _, _, written = report
     md = written[AT_A_GLANCE].read_text()
     table = _table(md)
     assert list(table) == list(ROWS)
@@ -205,6 +241,18 @@ def test_partly_failed_arm_lists_the_failed_seed(tmp_path):
     assert re.search(r"- LoRA r=8, seed 1 \(lora-r8-\w+\): did not fit on 1x NVIDIA H200", md)
 
 
+def test_gap_names_seeds_without_a_full_pair(tmp_path):
+    results = tmp_path / "results"
+    make_record(results, "full", seed=0, mmlu_correct=_answers(80))
+    make_record(results, "full", seed=1, status="failed", error="boom")
+    make_record(results, "lora", rank=8, seed=0, mmlu_correct=_answers(70))
+    make_record(results, "lora", rank=8, seed=1, mmlu_correct=_answers(75))
+    table = _table(build_report(results, tmp_path / "reports")[AT_A_GLANCE].read_text())
+    assert table[ROWS[3]]["LoRA r=8 (2 seeds)"].startswith("-10.00 pp [")
+    assert table[ROWS[3]]["LoRA r=8 (2 seeds)"].endswith("(1 of 2 seeds have a full FT pair)")
+    assert table[ROWS[4]]["LoRA r=8 (2 seeds)"] == "—"  # no in-domain eval in these records
+
+
 def test_provenance_line(report):
     _, _, written = report
     md = written[AT_A_GLANCE].read_text()
@@ -220,7 +268,9 @@ def test_csv_tables(report):
     _, _, written = report
     runs = pd.read_csv(written["runs.csv"])
     assert len(runs) == 9
-    assert {"run_id", "status", "peak_memory_bytes", "memory_breakdown_bytes.activations", "version_torch"} <= set(runs.columns)
+    assert {"run_id", "status", "peak_memory_bytes", "memory_breakdown_bytes.activations", "version_torch"} <= set(
+        runs.columns
+    )
     arms = pd.read_csv(written["arms.csv"])
     lora = arms[(arms.method == "lora") & (arms["rank"] == 8)].iloc[0]
     assert lora.n_runs == 3 and lora.n_ok == 3
@@ -230,8 +280,14 @@ def test_csv_tables(report):
 
 
 def test_plots_written_and_skipped(report, tmp_path):
-    _, reports, written = report
-    for name in ("peak_memory.png", "mmlu_by_rank.png", "cost_vs_accuracy.png", "memory_breakdown.png", "loss_curves.png"):
+    _, _, written = report
+    for name in (
+        "peak_memory.png",
+        "mmlu_by_rank.png",
+        "cost_vs_accuracy.png",
+        "memory_breakdown.png",
+        "loss_curves.png",
+    ):
         assert written[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "scaling.png" not in written  # one model size only
     # no memory breakdown, loss curves or costs: those plots are skipped, the report still builds
@@ -247,8 +303,15 @@ def test_scaling_plot_with_two_model_sizes(tmp_path):
     results = tmp_path / "results"
     for model, size in (("small", 1_000_000), ("large", 8_000_000)):
         for method, rank in (("full", None), ("lora", 8)):
-            make_record(results, method, rank=rank, model=model, total_params=size, mmlu_correct=_answers(70),
-                        peak_memory_bytes=size * 16)
+            make_record(
+                results,
+                method,
+                rank=rank,
+                model=model,
+                total_params=size,
+                mmlu_correct=_answers(70),
+                peak_memory_bytes=size * 16,
+            )
     assert "scaling.png" in build_report(results, tmp_path / "reports")
 
 
@@ -270,7 +333,8 @@ def test_broken_record_is_skipped_with_warning(tmp_path, caplog):
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "broken.json" in warned and "old-schema.json" in warned
     md = written[AT_A_GLANCE].read_text()
-    assert "## Skipped records" in md and "- broken.json:" in md and "- old-schema.json:" in md
+    assert "## Skipped records" in md and "- broken.json: Expecting property name" in md
+    assert "- old-schema.json: missing fields: run_id" in md
     assert "full FT" in md
 
 
@@ -280,7 +344,11 @@ def test_cli_warns_on_stderr_and_prints_where(tmp_path):
     (results / "broken.json").write_text("{not json")
     out = subprocess.run(
         [sys.executable, "-m", "harness.report", "--results", str(results), "--reports", str(tmp_path / "rep")],
-        capture_output=True, text=True, cwd=REPO, timeout=120,
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     assert "broken.json" in out.stderr
@@ -325,11 +393,22 @@ def test_index_html_renders_in_headless_chromium(report, tmp_path):
     try:
         dom = subprocess.run(
             [
-                str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run",
-                f"--user-data-dir={tmp_path / 'chromium'}", "--dump-dom", probe.as_uri(),
+                str(CHROMIUM),
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                f"--user-data-dir={tmp_path / 'chromium'}",
+                "--dump-dom",
+                probe.as_uri(),
             ],
-            capture_output=True, text=True, timeout=90,
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=90,
         ).stdout
     finally:
         probe.unlink()

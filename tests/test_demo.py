@@ -1,0 +1,28 @@
+"""The demo end to end on the real embedded model (slow: several minutes on 2 CPU cores)."""
+
+import pytest
+
+from conftest import harness_run
+from harness import records
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_sweep_learns_the_task_and_writes_the_report(tmp_path, mmlu_dir):
+    results, reports = tmp_path / "results", tmp_path / "reports"
+    proc = harness_run("experiment=demo", f"eval.mmlu.dir={mmlu_dir}", f"results_dir={results}",
+                       f"reports_dir={reports}", timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    recs = {r["method"]: r for r in records.load_records(results)}
+    assert sorted(recs) == ["base", "full", "lora", "qlora"]
+    assert all(r["status"] == "ok" for r in recs.values())
+    assert len({recs[m]["pair_key"] for m in ("full", "lora", "qlora")}) == 1
+    base = recs["base"]["metrics"]
+    assert base["mmlu_n"] == 57 and base["indomain_n"] == 200
+    # fine-tuning must beat the base model's held-out accuracy by more than twice its standard error
+    for method in ("full", "lora"):
+        m = recs[method]["metrics"]
+        assert m["indomain_acc"] - base["indomain_acc"] > 2 * base["indomain_stderr"], (method, m["indomain_acc"])
+    assert "At-a-glance table:" in proc.stdout
+    table = (reports / "at-a-glance.md").read_text()
+    assert "LoRA r=16" in table and "QLoRA r=16" in table and "full" in table.lower()

@@ -1,0 +1,110 @@
+"""A real tiny paired sweep through the console entry point, the skip-on-rerun rule, bad input."""
+
+import json
+
+import pytest
+
+from conftest import TINY, harness_run
+from harness import records
+
+# in-domain eval on (random-weight) tiny models, so the base-model evaluation runs too
+EVAL_TINY = ["eval.on_random_weights=true", "eval.indomain.batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    proc = harness_run("-m", "method=full,lora,qlora", *TINY, *EVAL_TINY, f"results_dir={results}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return results, proc
+
+
+def test_sweep_writes_three_valid_records_with_one_pair_key(sweep):
+    results, _ = sweep
+    arms = [r for r in records.load_records(results) if r["method"] != "base"]
+    assert sorted(r["method"] for r in arms) == ["full", "lora", "qlora"]
+    assert all(r["status"] == "ok" for r in arms)
+    assert len({r["pair_key"] for r in arms}) == 1
+    for r in arms:
+        m = r["metrics"]
+        assert m["train_tokens"] == 3 * 2 * 64  # max_steps x batch x seq_len, the same for every arm
+        assert m["peak_memory_bytes"] > 0 and m["train_wall_s"] > 0 and m["tokens_per_s"] > 0
+        assert r["model"]["random_weights"] is True
+        assert r["config"]["seed"] == 0 and r["env"]["versions"]["torch"]
+    full = next(r for r in arms if r["method"] == "full")
+    lora = next(r for r in arms if r["method"] == "lora")
+    assert full["metrics"]["trainable_params"] == full["metrics"]["total_params"]
+    assert 0 < lora["metrics"]["trainable_params"] < full["metrics"]["trainable_params"]
+
+
+def test_base_model_is_evaluated_once_for_the_sweep(sweep):
+    results, proc = sweep
+    base = [r for r in records.load_records(results) if r["method"] == "base"]
+    assert len(base) == 1
+    assert proc.stdout.count("[base] ") == 1  # one base evaluation, printed by the job that made it
+    arms = [r for r in records.load_records(results) if r["method"] != "base"]
+    assert {r["base_run_id"] for r in arms} == {base[0]["run_id"]}
+    for r in arms:
+        gain = r["metrics"]["indomain_acc"] - base[0]["metrics"]["indomain_acc"]
+        assert r["metrics"]["indomain_gain_vs_base"] == pytest.approx(gain)
+        assert len(records.read_items(results, r)) == 8
+
+
+def test_rerun_skips_ok_records_and_runs_full_once_per_rank_sweep(sweep):
+    results, _ = sweep
+    before = {p.name: p.stat().st_mtime_ns for p in results.glob("*.json")}
+    proc = harness_run("-m", "method=full,lora", "method.r=16,32", *TINY, *EVAL_TINY, f"results_dir={results}",
+                       "isolate=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # full r16, full r32 (same full arm) and lora r16 exist: skipped; lora r32 is new
+    assert proc.stdout.count("skipped: an ok record exists") == 3
+    after = {p.name: p.stat().st_mtime_ns for p in results.glob("*.json")}
+    assert {k: v for k, v in after.items() if k in before} == before
+    new = set(after) - set(before)
+    assert len(new) == 1 and next(iter(new)).startswith("lora-r32-")
+    assert sum(1 for r in records.load_records(results) if r["method"] == "full") == 1
+
+
+def test_force_reruns(sweep):
+    results, _ = sweep
+    lora = next(p for p in results.glob("lora-r16-*.json"))
+    started = json.loads(lora.read_text())["env"]["started_at"]
+    mtime = lora.stat().st_mtime_ns
+    proc = harness_run("method=lora", *TINY, *EVAL_TINY, f"results_dir={results}", "isolate=false", "force=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert lora.stat().st_mtime_ns != mtime
+    assert json.loads(lora.read_text())["env"]["started_at"] >= started
+
+
+def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path):
+    # gradient checkpointing on a model given an unknown optimizer name fails inside training
+    proc = harness_run("-m", "method=lora,full", *TINY, f"results_dir={tmp_path}", "isolate=false",
+                       "train.optim=no_such_optimizer")
+    assert proc.returncode == 0
+    recs = records.load_records(tmp_path)
+    assert sorted(r["method"] for r in recs) == ["full", "lora"]
+    assert all(r["status"] == "failed" and "no_such_optimizer" in r["error"] for r in recs)
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["model=nope"], "model='nope' is unknown; valid:"),
+        (["method=nope"], "method='nope' is unknown"),
+        (["data=nope"], "data='nope' is unknown"),
+        (["experiment=nope"], "experiment='nope' is unknown"),
+        (["method=lora", "method.r=0"], "method.r='0' is invalid"),
+        (["-m", "method=lora", "method.r=8,-1"], "method.r='-1' is invalid"),
+        (["data=file", "data.path=/nonexistent/train.jsonl"], "data.path='/nonexistent/train.jsonl' does not exist"),
+        (["eval.mmlu.dir=/nonexistent/mmlu"], "eval.mmlu.dir='/nonexistent/mmlu' is not an MMLU release folder"),
+        (["model=gguf", "model.gguf.path=/nonexistent/m.gguf"], "model.gguf.path='/nonexistent/m.gguf' does not exist"),
+        (["model=hub", "model.path=./no/such/folder"], "model.path='./no/such/folder' is not a folder"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, needle):
+    results = tmp_path / "results"
+    proc = harness_run(*args, f"results_dir={results}", "report=false")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+    assert not results.exists()
