@@ -56,7 +56,7 @@ def bare_step_times(cfg: dict, examples: list[dict]) -> list[float]:
     """The same batches (taken from the Trainer's own dataloader) through a plain loop."""
     model, tok = fresh_model(cfg)
     trainer = build_trainer(model, tok, examples, cfg["train"], float(cfg["method"]["learning_rate"]), seed=0)
-    batches = [b for _, b in zip(range(int(cfg["train"]["max_steps"])), trainer.get_train_dataloader())]
+    batches = [b for _, b in zip(range(int(cfg["train"]["max_steps"])), trainer.get_train_dataloader(), strict=False)]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=float(cfg["method"]["learning_rate"]), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.0, total_iters=len(batches))

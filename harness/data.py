@@ -20,18 +20,39 @@ class DataError(ValueError):
     """A data setting that names something that does not exist (a usage error)."""
 
 
-# The demo task: "which of these is a <category>?". Categories the base model knows of, so a
-# short fine-tune can teach the format and sharpen the skill; the held-out split asks about
-# words that are never the answer in training, so it measures learning, not memorizing.
-DEMO_CATEGORIES: dict[str, list[str]] = {
-    "fruit": "apple banana cherry grape lemon mango orange peach pear plum melon kiwi lime apricot fig papaya coconut guava".split(),
-    "animal": "dog cat horse cow sheep lion tiger bear wolf fox rabbit mouse deer goat zebra monkey camel elephant".split(),
-    "color": "red blue green yellow purple orange pink brown black white gray violet indigo crimson maroon teal beige turquoise".split(),
-    "country": "France Spain Italy Germany Japan China India Brazil Canada Mexico Egypt Kenya Norway Sweden Chile Peru Greece Turkey".split(),
-    "vehicle": "car bus truck bicycle train airplane boat ship motorcycle tram scooter helicopter van taxi subway tractor canoe rocket".split(),
-    "instrument": "piano guitar violin drum flute trumpet cello harp saxophone clarinet banjo oboe tuba trombone ukulele accordion harmonica mandolin".split(),
-    "body part": "hand foot arm leg head knee elbow shoulder finger toe ear nose mouth eye neck wrist ankle chin".split(),
-    "tool": "hammer saw wrench screwdriver drill shovel rake chisel pliers axe ladder crowbar trowel mallet sander clamp level file".split(),
+# The demo task: "which category does the word W belong to?", with the four categories of its
+# family as the choices, always in the same order. A short fine-tune can learn it (map what the
+# base model knows about a word to a letter); the base model, near chance on MMLU-style letter
+# answers at this size, is near chance here too. Held-out questions ask about words that never
+# appear in training, so the held-out split measures learning, not memorizing.
+DEMO_FAMILIES: dict[str, list[str]] = {
+    "nature and places": ["animal", "color", "country", "fruit"],
+    "things and the body": ["body part", "instrument", "tool", "vehicle"],
+}
+DEMO_CATEGORIES: dict[str, list[str]] = {  # 32 unambiguous words each (no "orange", "Turkey", "organ")
+    "fruit": """apple banana cherry grape lemon mango pear melon kiwi apricot fig papaya coconut guava pineapple
+        strawberry raspberry blueberry watermelon pomegranate tangerine nectarine cranberry grapefruit lychee
+        persimmon quince gooseberry blackberry cantaloupe passionfruit kumquat""".split(),
+    "animal": """dog cat horse cow sheep lion tiger bear wolf fox rabbit mouse deer goat zebra monkey camel elephant
+        giraffe kangaroo squirrel leopard cheetah hippopotamus rhinoceros donkey otter beaver raccoon hedgehog
+        moose badger""".split(),
+    "color": """red blue green yellow purple pink brown black white gray violet indigo crimson maroon teal beige
+        turquoise magenta scarlet lavender navy cyan amber ivory burgundy chartreuse fuchsia ochre vermilion
+        cerulean mauve taupe""".split(),
+    "country": """France Spain Italy Germany Japan India Brazil Canada Mexico Egypt Kenya Norway Sweden Peru Greece
+        Argentina Australia Vietnam Thailand Nigeria Poland Portugal Ireland Finland Denmark Austria Belgium
+        Colombia Morocco Pakistan Indonesia Switzerland""".split(),
+    "vehicle": """car bus truck bicycle train airplane boat motorcycle tram scooter helicopter van taxi subway tractor
+        canoe rocket sailboat yacht ambulance limousine minivan jeep bulldozer forklift trolley kayak glider
+        snowmobile submarine skateboard hovercraft""".split(),
+    "instrument": """piano guitar violin drum flute trumpet cello harp saxophone clarinet banjo oboe tuba trombone
+        ukulele accordion harmonica mandolin bassoon xylophone tambourine viola piccolo bagpipes sitar
+        harpsichord marimba cymbal bugle lute zither glockenspiel""".split(),
+    "body part": """hand foot arm leg head knee elbow shoulder finger toe ear nose mouth eye neck wrist ankle chin
+        thumb forehead eyebrow cheek lip tongue tooth heel hip thigh stomach lung kidney liver""".split(),
+    "tool": """hammer wrench screwdriver drill shovel rake chisel pliers axe ladder crowbar trowel mallet sander
+        clamp hacksaw pickaxe wheelbarrow sledgehammer scissors tweezers spanner awl vise hoe pitchfork shears
+        plunger stapler multimeter jigsaw sickle""".split(),
 }
 DEMO_SUBJECT = "word categories"
 
@@ -46,41 +67,34 @@ def format_mc(question: str, choices: list[str], subject: str) -> str:
 def make_demo(n_train: int, n_heldout: int, seed: int) -> tuple[list[dict], list[dict]]:
     """Generate the demo task (seeded): multiple-choice rows for training and held-out eval.
 
-    Each category's words are split in two: answers of held-out questions come only from the
-    held-out part, so no held-out question (nor its answer) appears in training.
+    Each category's words are split in two halves, so no held-out word, and no held-out question,
+    appears in training. Training rows cycle through the training words (repeating them when
+    n_train is larger); the held-out split has each held-out word once, at most n_heldout.
     """
     rng = random.Random(seed)
-    train_words, heldout_words = {}, {}
-    for cat, words in DEMO_CATEGORIES.items():
-        words = sorted(words)
-        rng.shuffle(words)
-        cut = len(words) * 2 // 3
-        train_words[cat], heldout_words[cat] = words[:cut], words[cut:]
-    all_words = {cat: set(words) for cat, words in DEMO_CATEGORIES.items()}
+    splits: dict[str, list[tuple[str, str, str]]] = {"train": [], "heldout": []}
+    for family, cats in DEMO_FAMILIES.items():
+        for cat in cats:
+            words = sorted(DEMO_CATEGORIES[cat])
+            rng.shuffle(words)
+            cut = len(words) // 2
+            splits["train"] += [(family, cat, w) for w in words[:cut]]
+            splits["heldout"] += [(family, cat, w) for w in words[cut:]]
 
-    def draw(pool: dict[str, list[str]], n: int, split: str) -> list[dict]:
-        rows, seen = [], set()
-        cats = sorted(pool)
-        while len(rows) < n:
-            cat = rng.choice(cats)
-            answer_word = rng.choice(pool[cat])
-            # distractors: words of other categories that are not also in this one ("orange")
-            others = sorted({w for c in cats if c != cat for w in all_words[c]} - all_words[cat])
-            distractors = rng.sample(others, 3)
-            target = rng.randrange(4)
-            choices = distractors[:target] + [answer_word] + distractors[target:]
-            key = (cat, tuple(choices))
-            if key in seen:
-                continue
-            seen.add(key)
-            question = f"Which of the following is a {cat}?"
-            rows.append(
-                {"id": f"{split}-{len(rows)}", "question": question, "choices": choices, "answer": target,
-                 "subject": DEMO_SUBJECT}
-            )
+    def draw(split: str, n: int) -> list[dict]:
+        pool = sorted(splits[split])
+        rng.shuffle(pool)
+        if split == "heldout":  # every held-out question once: repeats would fake precision
+            n = min(n, len(pool))
+        rows = []
+        for i in range(n):
+            family, cat, word = pool[i % len(pool)]
+            choices = DEMO_FAMILIES[family]
+            rows.append({"id": f"{split}-{i}", "question": f'Which category does the word "{word}" belong to?',
+                         "choices": list(choices), "answer": choices.index(cat), "subject": DEMO_SUBJECT})
         return rows
 
-    return draw(train_words, n_train, "train"), draw(heldout_words, n_heldout, "heldout")
+    return draw("train", n_train), draw("heldout", n_heldout)
 
 
 def mc_to_example(row: dict) -> dict:

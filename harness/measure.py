@@ -30,6 +30,7 @@ from typing import Any
 import psutil
 import torch
 import yaml
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from transformers import TrainerCallback
@@ -238,8 +239,6 @@ class MemoryBreakdown(TorchDispatchMode):
         def post_step(opt, args, kwargs):
             self._in_optimizer = False
             self._track_optimizer_state(opt)  # state created lazily by the first step
-
-        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
         self._handles += [register_optimizer_step_pre_hook(pre_step), register_optimizer_step_post_hook(post_step)]
         self.__enter__()

@@ -48,12 +48,17 @@ def plan(cfg: dict) -> dict:
     """Resolved config -> job: normalized config, hashes, run ids. Raises UsageError on bad input."""
     from harness.methods import MethodError, normalize, rank_of, validate
 
+    from harness.measure import PriceTableError, device_name, load_price_table, resolve_hardware
+
     cfg = {k: v for k, v in cfg.items() if k != "hydra"}
     cfg["method"] = normalize(cfg["method"])
     try:
         validate(cfg["method"])
-    except MethodError as exc:
+        # hardware=auto becomes the detected entry, so runs on other hardware are other runs
+        entry = resolve_hardware(cfg["hardware"], load_price_table(CONF_DIR))
+    except (MethodError, PriceTableError) as exc:
         raise UsageError(str(exc)) from exc
+    cfg["hardware"] = entry or {"name": f"unpriced ({device_name()})", "price_per_device_hour_usd": None}
     result_cfg = {k: v for k, v in cfg.items() if k not in NON_RESULT_KEYS}
     config_hash = records.stable_hash(result_cfg)
     pair_key = records.stable_hash({k: v for k, v in result_cfg.items() if k != "method"})
@@ -146,11 +151,24 @@ def cpu_name() -> str:
 
 
 def now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def empty_metrics() -> dict:
     return {name: None for name in records.REQUIRED_METRICS}
+
+
+def new_record(job: dict, env: dict) -> dict:
+    """The record of ``job`` before anything is measured: identity, config, null metrics."""
+    cfg = job["config"]
+    return {
+        "schema": records.SCHEMA, "run_id": job["run_id"], "config_hash": job["config_hash"],
+        "pair_key": job["pair_key"], "eval_key": job["eval_key"], "status": "ok", "error": None,
+        "method": job["method"], "rank": job["rank"],
+        "model": {"name": cfg["model"]["name"], "source": cfg["model"]["source"], "total_params": None,
+                  "random_weights": cfg["model"]["source"] == "config"},
+        "config": cfg, "env": env, "items_file": None, "base_run_id": None, "metrics": empty_metrics(),
+    }
 
 
 def should_evaluate(cfg: dict, random_weights: bool) -> bool:
@@ -188,29 +206,25 @@ def base_record(job: dict, cfg: dict, heldout: list[dict], env: dict) -> dict:
     loaded = load_model(cfg["model"])
     metrics = empty_metrics()
     metrics["total_params"] = loaded.total_params
-    metrics["trainable_params"] = 0
     acc, items = evaluate_all(loaded.model, loaded.tokenizer, cfg, heldout)
     metrics.update(acc)
     metrics["run_wall_s"] = time.perf_counter() - t0
-    run_id = job["base_run_id"]
-    rec = {
-        "schema": records.SCHEMA, "run_id": run_id, "config_hash": job["eval_key"], "pair_key": None,
-        "eval_key": job["eval_key"], "status": "ok", "error": None, "method": "base", "rank": None,
-        "model": {"name": loaded.name, "source": loaded.source, "total_params": loaded.total_params,
-                  "random_weights": loaded.random_weights},
-        "config": {**cfg, "method": {"name": "base"}},
-        "env": {**env, "started_at": started, "ended_at": now_iso()},
-        "items_file": records.write_items(cfg["results_dir"], run_id, items),
-        "base_run_id": None, "metrics": metrics,
-    }
+    base_job = {**job, "run_id": job["base_run_id"], "config_hash": job["eval_key"], "pair_key": None,
+                "method": "base", "rank": None, "config": {**cfg, "method": {"name": "base"}}}
+    rec = new_record(base_job, {**env, "started_at": started, "ended_at": now_iso()})
+    rec["model"]["total_params"] = loaded.total_params
+    rec["metrics"].update(metrics)
+    rec["items_file"] = records.write_items(cfg["results_dir"], base_job["run_id"], items)
     records.write_record(cfg["results_dir"], rec)
-    print(f"[base] {run_id}: mmlu_acc={metrics['mmlu_acc']} indomain_acc={metrics['indomain_acc']}", flush=True)
+    print(f"[base] {rec['run_id']}: mmlu_acc={metrics['mmlu_acc']} indomain_acc={metrics['indomain_acc']}", flush=True)
     return rec
 
 
 def execute(job: dict) -> dict:
     """Run one planned job end to end and write its record, whatever happens."""
+    import datasets
     import torch
+    import transformers
     from transformers import set_seed
 
     from harness import measure
@@ -218,9 +232,6 @@ def execute(job: dict) -> dict:
     from harness.methods import apply_method, quantization_config
     from harness.models import load_model
     from harness.train import build_trainer, token_budget, use_bf16
-
-    import datasets
-    import transformers
 
     # progress of this harness (steps, loss, ETA) rather than a bar per file loaded
     datasets.disable_progress_bars()
@@ -232,15 +243,8 @@ def execute(job: dict) -> dict:
     env = environment()
     started = now_iso()
     t_run = time.perf_counter()
-    metrics = empty_metrics()
-    record = {
-        "schema": records.SCHEMA, "run_id": job["run_id"], "config_hash": job["config_hash"],
-        "pair_key": job["pair_key"], "eval_key": job["eval_key"], "status": "ok", "error": None,
-        "method": job["method"], "rank": job["rank"],
-        "model": {"name": cfg["model"]["name"], "source": cfg["model"]["source"], "total_params": None,
-                  "random_weights": cfg["model"]["source"] == "config"},
-        "config": cfg, "env": env, "items_file": None, "base_run_id": None, "metrics": metrics,
-    }
+    record = new_record(job, env)
+    metrics = record["metrics"]
     try:
         set_seed(int(cfg["seed"]))
         examples, heldout = load_examples(cfg["data"])
@@ -261,8 +265,11 @@ def execute(job: dict) -> dict:
         probe = measure.MeasureCallback(warmup_steps=int(cfg["train"]["warmup_steps_excluded"]))
         trainer = build_trainer(model, loaded.tokenizer, examples, cfg["train"], float(cfg["method"]["learning_rate"]),
                                 int(cfg["seed"]), callbacks=[probe], label=label)
-        trainer.train()
-        metrics.update(probe.metrics(train_tokens=token_budget(cfg["train"])))
+        try:
+            trainer.train()
+        finally:  # stop the probe's hooks and keep what it measured, even when training fails
+            probe.close()
+            metrics.update(probe.metrics(train_tokens=token_budget(cfg["train"])))
         metrics["token_budget"] = token_budget(cfg["train"])
 
         # MFU: the device's peak measured now, in the training dtype, by a timed matmul
@@ -286,8 +293,10 @@ def execute(job: dict) -> dict:
                     metrics[f"{task}_gain_vs_base"] = metrics[f"{task}_acc"] - base["metrics"][f"{task}_acc"]
             record["items_file"] = records.write_items(results_dir, job["run_id"], items)
 
-        # serving: adapter vs full checkpoint on disk (full estimated at the loaded dtype), latency
-        metrics.update(measure.footprint_metrics(model, torch.float32))
+        # serving: adapter vs full checkpoint on disk (the full one estimated in the compute dtype:
+        # fp32 on CPU, bf16 where training ran in bf16 or, for QLoRA, computed in it), latency
+        serve_dtype = torch.bfloat16 if cfg["method"].get("quantize") else train_dtype
+        metrics.update(measure.footprint_metrics(model, serve_dtype))
         lat = cfg["eval"]["latency"]
         if lat["enabled"]:
             prompts = [ex["prompt"] for ex in examples[: int(lat["prompts"])]]
@@ -300,7 +309,7 @@ def execute(job: dict) -> dict:
         record["error"] = f"{type(exc).__name__}: {exc}".strip()[:2000]
     metrics["run_wall_s"] = time.perf_counter() - t_run
     # cost_usd: the fine-tuning itself (training phase); run_cost_usd: the whole run with evals
-    hardware = measure.resolve_hardware(cfg["hardware"], measure.load_price_table(CONF_DIR))
+    hardware = cfg["hardware"] if cfg["hardware"].get("price_per_device_hour_usd") else None
     metrics.update(measure.cost_metrics(hardware, metrics.get("train_wall_excl_probe_s"), env["device_count"],
                                         dataset_tokens=cfg.get("projected_tokens"),
                                         tokens_per_s=metrics.get("tokens_per_s")))
@@ -330,14 +339,8 @@ def run_isolated(job: dict) -> None:
     if proc.returncode != 0 and not path.exists():
         # killed (e.g. by the kernel's OOM killer: -9) before it could write its record
         status = "oom" if proc.returncode in (-9, 137) else "failed"
-        rec = {
-            "schema": records.SCHEMA, "run_id": job["run_id"], "config_hash": job["config_hash"],
-            "pair_key": job["pair_key"], "eval_key": job["eval_key"], "status": status,
-            "error": f"job process exited with code {proc.returncode}", "method": job["method"], "rank": job["rank"],
-            "model": {"name": job["config"]["model"]["name"], "source": job["config"]["model"]["source"],
-                      "total_params": None, "random_weights": job["config"]["model"]["source"] == "config"},
-            "config": job["config"], "env": {}, "items_file": None, "base_run_id": None, "metrics": empty_metrics(),
-        }
+        rec = new_record(job, {})
+        rec.update(status=status, error=f"job process exited with code {proc.returncode}")
         records.write_record(job["config"]["results_dir"], rec)
 
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 import tempfile
+import time
 
 import torch
 from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
 
 from harness.data import tokenize_examples
 
@@ -39,13 +41,9 @@ class ProgressPrinter(TrainerCallback):
         self.start = None
 
     def on_train_begin(self, args, state, control, **kw):
-        import time
-
         self.start = time.perf_counter()
 
     def on_log(self, args, state, control, logs=None, **kw):
-        import time
-
         if not logs or "loss" not in logs or not state.max_steps:
             return
         elapsed = time.perf_counter() - self.start
@@ -90,10 +88,12 @@ def build_trainer(model, tokenizer, examples: list[dict], train_cfg: dict, learn
     collator = DataCollatorForSeq2Seq(
         tokenizer, padding="max_length", max_length=seq_len, label_pad_token_id=-100, return_tensors="pt"
     )
-    return Trainer(
+    trainer = Trainer(
         model=model,
         args=args,
         train_dataset=dataset,
         data_collator=collator,
         callbacks=[ProgressPrinter(label), *(callbacks or [])],
     )
+    trainer.remove_callback(PrinterCallback)  # raw log dicts; ProgressPrinter says it better
+    return trainer

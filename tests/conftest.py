@@ -12,7 +12,7 @@ MMLU_DIR = Path(os.environ.get("HARNESS_MMLU_DIR", ROOT.parent / "shared" / "dat
 # Settings that make a tiny-random job take seconds.
 TINY = [
     "model=tiny-random",
-    "train.max_steps=3",
+    "train.max_steps=5",
     "train.batch_size=2",
     "train.seq_len=64",
     "data.n_train=16",

@@ -12,9 +12,9 @@ def test_demo_is_seeded_and_splits_never_overlap():
     train, heldout = make_demo(300, 120, seed=7)
     assert (train, heldout) == make_demo(300, 120, seed=7)
     assert make_demo(300, 120, seed=8)[0] != train
-    answers = lambda rows: {r["choices"][r["answer"]] for r in rows}  # noqa: E731
+    answers = lambda rows: {r["choices"][r["answer"]] for r in rows}
     assert not answers(train) & answers(heldout)
-    questions = lambda rows: {(r["question"], tuple(r["choices"])) for r in rows}  # noqa: E731
+    questions = lambda rows: {(r["question"], tuple(r["choices"])) for r in rows}
     assert not questions(train) & questions(heldout)
     assert {r["answer"] for r in heldout} == {0, 1, 2, 3}
 

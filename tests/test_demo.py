@@ -1,8 +1,8 @@
 """The demo end to end on the real embedded model (slow: several minutes on 2 CPU cores)."""
 
 import pytest
-
 from conftest import harness_run
+
 from harness import records
 
 pytestmark = pytest.mark.slow

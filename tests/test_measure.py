@@ -90,18 +90,19 @@ class HoldTensor(TrainerCallback):
 
 def train(model, steps: int = 5, batch: int = 4, extra: list | None = None, **cb_kwargs) -> dict:
     cb = MeasureCallback(**cb_kwargs)
-    args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="test-measure-"),
-        max_steps=steps,
-        per_device_train_batch_size=batch,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        use_cpu=True,
-    )
-    Trainer(model=model, args=args, train_dataset=random_tokens(), callbacks=[cb, *(extra or [])]).train()
+    with tempfile.TemporaryDirectory(prefix="test-measure-") as out:
+        args = TrainingArguments(
+            output_dir=out,
+            max_steps=steps,
+            per_device_train_batch_size=batch,
+            learning_rate=1e-3,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+            use_cpu=True,
+        )
+        Trainer(model=model, args=args, train_dataset=random_tokens(), callbacks=[cb, *(extra or [])]).train()
     return cb.metrics(train_tokens=steps * batch * SEQ)
 
 
@@ -145,6 +146,14 @@ def test_trainer_run_records_time_memory_and_breakdown_that_adds_up(method):
     assert all(4.0 < loss < 8.0 for _, loss in m["loss_curve"])  # ~ln(300) = 5.7 on random tokens
 
 
+def test_run_shorter_than_warmup_tracks_its_last_step():
+    m = train(tiny_model(), steps=2, warmup_steps=2)
+    assert m["memory_breakdown_step"] == 1
+    assert len(m["step_times_s"]) == 1  # step 0; step 1 was the probe
+    assert m["step_time_median_s"] is None  # no step after warm-up
+    assert m["tokens_per_s"] > 0 and m["memory_breakdown_peak_bytes"] > 0
+
+
 def test_breakdown_labels_gradients_and_optimizer_state_in_a_manual_step():
     model = lora(tiny_model())
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -172,6 +181,29 @@ def test_breakdown_labels_gradients_and_optimizer_state_in_a_manual_step():
     assert tracker.totals == before
 
 
+def test_breakdown_counts_4bit_quantization_state_as_parameters(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    tiny_model().save_pretrained(tmp_path)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    model = lora(LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=q, device_map="cpu"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.randint(0, 300, (2, 16))
+    for step in range(2):
+        tracker = MemoryBreakdown(model, opt).start() if step == 1 else None
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    out = tracker.stop()
+    parts = out["memory_breakdown_bytes"]
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    assert parts["parameters"] > sum(storages.values())  # + absmax / quant map of the 4-bit weights
+    trainable = param_bytes(model, trainable_only=True)
+    assert 2 * trainable <= parts["optimizer_state"] <= 2 * trainable + 64 * 8
+    assert sum(parts.values()) == out["memory_breakdown_peak_bytes"]
+
+
 class FailAtStep(TrainerCallback):
     """Raises inside the optimizer step ``step`` (like an OOM would)."""
 
@@ -183,12 +215,12 @@ class FailAtStep(TrainerCallback):
             raise RuntimeError("simulated out of memory")
 
 
-def test_close_after_a_failure_in_the_probe_step_stops_tracking():
+def test_close_after_a_failure_in_the_probe_step_stops_tracking(tmp_path):
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 
     cb = MeasureCallback(warmup_steps=1)
     args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="test-measure-"),
+        output_dir=str(tmp_path),
         max_steps=4,
         per_device_train_batch_size=2,
         save_strategy="no",
@@ -219,10 +251,11 @@ def test_cpu_peak_shows_a_tensor_held_during_training():
 
 
 def test_eval_peak_memory_on_cpu_sees_an_allocation_inside_the_block():
+    # 64 MiB: above glibc's largest mmap threshold (32 MiB), so the pages are fresh, not reused heap
     with eval_peak_memory("cpu") as out:
-        t = torch.ones(32 * MiB // 4)
+        t = torch.ones(64 * MiB // 4)
         del t
-    assert 24 * MiB <= out["eval_peak_memory_bytes"] <= 64 * MiB
+    assert 56 * MiB <= out["eval_peak_memory_bytes"] <= 96 * MiB
 
 
 # -- params, FLOPs -------------------------------------------------------------------------------
@@ -363,14 +396,19 @@ def test_adapter_bytes_is_small_next_to_the_full_checkpoint():
     assert full["full_checkpoint_bytes"] == 123 and full["full_checkpoint_bytes_estimated"] is False
 
 
-def test_merged_adapter_latency_matches_base_and_model_is_restored():
+def test_merged_adapter_latency_matches_base_and_model_is_restored(monkeypatch):
     model = lora(tiny_model(), init_random=True)
     prompts = [list(range(1, 9)), list(range(50, 62))]
     ids = torch.tensor([prompts[0]])
     model.train()
     with torch.inference_mode():
         before = model(input_ids=ids).logits
-    m = compare_latency(model, None, prompts, n_warmup=3, n_reps=30, gen_tokens=0, rounds=3)
+    calls = []
+    merge, unmerge = model.base_model.merge_adapter, model.base_model.unmerge_adapter
+    monkeypatch.setattr(model.base_model, "merge_adapter", lambda: (calls.append("merge"), merge()))
+    monkeypatch.setattr(model.base_model, "unmerge_adapter", lambda: (calls.append("unmerge"), unmerge()))
+    m = compare_latency(model, None, prompts, n_warmup=3, n_reps=30, gen_tokens=0, rounds=5)
+    assert calls == ["merge", "unmerge"] * 5  # one merged measurement per round, always undone
     with torch.inference_mode():
         after = model(input_ids=ids).logits
     torch.testing.assert_close(after, before)  # unmerge restored the adapter weights
