@@ -20,16 +20,12 @@ class DataError(ValueError):
     """A data setting that names something that does not exist (a usage error)."""
 
 
-# The demo task: "which category does the word W belong to?", with the four categories of its
-# family as the choices, always in the same order. A short fine-tune can learn it (map what the
-# base model knows about a word to a letter); the base model, near chance on MMLU-style letter
-# answers at this size, is near chance here too. Held-out questions ask about words that never
-# appear in training, so the held-out split measures learning, not memorizing.
-DEMO_FAMILIES: dict[str, list[str]] = {
-    "nature and places": ["animal", "color", "country", "fruit"],
-    "things and the body": ["body part", "instrument", "tool", "vehicle"],
-}
-DEMO_CATEGORIES: dict[str, list[str]] = {  # 32 unambiguous words each (no "orange", "Turkey", "organ")
+# The demo task: "which option is the word W?", four words as choices, answered with a letter.
+# Chosen so that a 135M model learns it within the demo's budget: the base model answers at
+# chance (it puts every answer on one letter), and LoRA learns the skill (find the matching
+# option, give its letter) in about 60 steps. It shows the harness at work, not a benchmark
+# result. Held-out questions use only words that never appear in training.
+DEMO_CATEGORIES: dict[str, list[str]] = {  # 256 distinct words (32 in each of 8 categories)
     "fruit": """apple banana cherry grape lemon mango pear melon kiwi apricot fig papaya coconut guava pineapple
         strawberry raspberry blueberry watermelon pomegranate tangerine nectarine cranberry grapefruit lychee
         persimmon quince gooseberry blackberry cantaloupe passionfruit kumquat""".split(),
@@ -54,7 +50,7 @@ DEMO_CATEGORIES: dict[str, list[str]] = {  # 32 unambiguous words each (no "oran
         clamp hacksaw pickaxe wheelbarrow sledgehammer scissors tweezers spanner awl vise hoe pitchfork shears
         plunger stapler multimeter jigsaw sickle""".split(),
 }
-DEMO_SUBJECT = "word categories"
+DEMO_SUBJECT = "word matching"
 
 
 def format_mc(question: str, choices: list[str], subject: str) -> str:
@@ -67,31 +63,29 @@ def format_mc(question: str, choices: list[str], subject: str) -> str:
 def make_demo(n_train: int, n_heldout: int, seed: int) -> tuple[list[dict], list[dict]]:
     """Generate the demo task (seeded): multiple-choice rows for training and held-out eval.
 
-    Each category's words are split in two halves, so no held-out word, and no held-out question,
-    appears in training. Training rows cycle through the training words (repeating them when
-    n_train is larger); the held-out split has each held-out word once, at most n_heldout.
+    The 256 words are split in halves; each split's questions and distractors use only its own
+    words, so no held-out word, and no held-out question, appears in training. Training rows
+    cycle through their words (repeating them when n_train is larger); the held-out split asks
+    about each held-out word once, at most n_heldout.
     """
     rng = random.Random(seed)
-    splits: dict[str, list[tuple[str, str, str]]] = {"train": [], "heldout": []}
-    for family, cats in DEMO_FAMILIES.items():
-        for cat in cats:
-            words = sorted(DEMO_CATEGORIES[cat])
-            rng.shuffle(words)
-            cut = len(words) // 2
-            splits["train"] += [(family, cat, w) for w in words[:cut]]
-            splits["heldout"] += [(family, cat, w) for w in words[cut:]]
+    words = sorted(w for ws in DEMO_CATEGORIES.values() for w in ws)
+    rng.shuffle(words)
+    half = len(words) // 2
+    pools = {"train": words[:half], "heldout": words[half:]}
 
     def draw(split: str, n: int) -> list[dict]:
-        pool = sorted(splits[split])
-        rng.shuffle(pool)
+        pool = pools[split]
         if split == "heldout":  # every held-out question once: repeats would fake precision
             n = min(n, len(pool))
         rows = []
         for i in range(n):
-            family, cat, word = pool[i % len(pool)]
-            choices = DEMO_FAMILIES[family]
-            rows.append({"id": f"{split}-{i}", "question": f'Which category does the word "{word}" belong to?',
-                         "choices": list(choices), "answer": choices.index(cat), "subject": DEMO_SUBJECT})
+            word = pool[i % len(pool)]
+            distractors = rng.sample([w for w in pool if w != word], 3)
+            target = rng.randrange(4)
+            choices = distractors[:target] + [word] + distractors[target:]
+            rows.append({"id": f"{split}-{i}", "question": f'Which option is the word "{word}"?',
+                         "choices": choices, "answer": target, "subject": DEMO_SUBJECT})
         return rows
 
     return draw("train", n_train), draw("heldout", n_heldout)
