@@ -46,9 +46,8 @@ def usage_exit(message: str) -> None:
 
 def plan(cfg: dict) -> dict:
     """Resolved config -> job: normalized config, hashes, run ids. Raises UsageError on bad input."""
-    from harness.methods import MethodError, normalize, rank_of, validate
-
     from harness.measure import PriceTableError, device_name, load_price_table, resolve_hardware
+    from harness.methods import MethodError, normalize, rank_of, validate
 
     cfg = {k: v for k, v in cfg.items() if k != "hydra"}
     cfg["method"] = normalize(cfg["method"])
@@ -201,6 +200,7 @@ def base_record(job: dict, cfg: dict, heldout: list[dict], env: dict) -> dict:
     """Evaluate the base model without fine-tuning once per (model, eval settings, data)."""
     from harness.models import load_model
 
+    print(f"[{job['base_run_id']}] evaluating the base model (once for all arms and seeds)", flush=True)
     started = now_iso()
     t0 = time.perf_counter()
     loaded = load_model(cfg["model"])
@@ -321,22 +321,30 @@ def execute(job: dict) -> dict:
     return record
 
 
-def execute_file(path: str) -> None:
+def execute_base(job: dict) -> None:
+    """Write the base-model record of ``job`` (its own process when isolated)."""
+    from harness.data import load_examples
+
+    _, heldout = load_examples(job["config"]["data"])
+    base_record(job, job["config"], heldout, environment())
+
+
+def execute_file(path: str, entry: str = "execute") -> None:
     """Entry of the isolated child process: run the job planned in ``path``."""
-    execute(json.loads(Path(path).read_text()))
+    globals()[entry](json.loads(Path(path).read_text()))
 
 
-def run_isolated(job: dict) -> None:
-    """Run the job in a fresh interpreter; if the child dies without a record, write one."""
+def run_isolated(job: dict, entry: str = "execute") -> None:
+    """Run the job in a fresh interpreter; if an arm's child dies without a record, write one."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         json.dump(job, fh)
     try:
-        proc = subprocess.run([sys.executable, "-c", f"from harness.run import execute_file; execute_file({fh.name!r})"],
-                              cwd=os.getcwd())
+        code = f"from harness.run import execute_file; execute_file({fh.name!r}, {entry!r})"
+        proc = subprocess.run([sys.executable, "-c", code], cwd=os.getcwd())
     finally:
         os.unlink(fh.name)
     path = records.record_path(job["config"]["results_dir"], job["run_id"])
-    if proc.returncode != 0 and not path.exists():
+    if entry == "execute" and proc.returncode != 0 and not path.exists():
         # killed (e.g. by the kernel's OOM killer: -9) before it could write its record
         status = "oom" if proc.returncode in (-9, 137) else "failed"
         rec = new_record(job, {})
@@ -386,6 +394,12 @@ def hydra_main(cfg: DictConfig) -> None:
     print(f"[{job['run_id']}] {job['method']}{rank_text} model={job['config']['model']['name']} "
           f"seed={job['config']['seed']}", flush=True)
     if job["config"]["isolate"]:
+        # the base model gets a process of its own too, so its evaluation leaves nothing in
+        # the process whose training memory is measured
+        random_weights = job["config"]["model"]["source"] == "config"
+        if should_evaluate(job["config"], random_weights) and not records.find_ok(
+                job["config"]["results_dir"], job["base_run_id"]):
+            run_isolated(job, "execute_base")
         run_isolated(job)
     else:
         execute(job)

@@ -16,7 +16,11 @@ def test_demo_is_seeded_and_splits_never_overlap():
     assert not answers(train) & answers(heldout)
     questions = lambda rows: {(r["question"], tuple(r["choices"])) for r in rows}
     assert not questions(train) & questions(heldout)
+    words = lambda rows: {w for r in rows for w in r["choices"]}  # noqa: E731
+    assert not words(train) & words(heldout)  # distractors too
     assert {r["answer"] for r in heldout} == {0, 1, 2, 3}
+    assert len(heldout) == len({r["question"] for r in heldout}) == 120  # each held-out word once
+    assert len(make_demo(10, 500, seed=7)[1]) == 128  # no more held-out questions than held-out words
 
 
 def test_demo_prompt_is_mmlu_format():
