@@ -12,7 +12,7 @@ import torch
 # Fields of a method config that only PEFT methods use: full fine-tuning ignores them, so a
 # sweep over method.r runs the full arm once (its config hash leaves them out).
 PEFT_FIELDS = ("r", "alpha", "dropout", "target_modules", "use_dora", "use_rslora", "peft_type", "peft_kwargs",
-               "quantize")
+               "quantize", "compute_dtype")
 
 
 class MethodError(ValueError):
@@ -20,12 +20,15 @@ class MethodError(ValueError):
 
 
 def normalize(method_cfg: dict) -> dict:
-    """The method config with the fields that do not apply to it set to None."""
+    """The method config with the fields that do not apply to it set to None, and QLoRA's
+    compute dtype resolved (so the record says which one ran)."""
     cfg = dict(method_cfg)
     if cfg["name"] == "full":
         for key in PEFT_FIELDS:
             if key in cfg:
                 cfg[key] = None
+    if cfg.get("quantize"):
+        cfg["compute_dtype"] = compute_dtype(cfg)
     return cfg
 
 
@@ -43,6 +46,15 @@ def rank_of(method_cfg: dict) -> int | None:
     return None if method_cfg["name"] == "full" else method_cfg.get("r")
 
 
+def compute_dtype(method_cfg: dict) -> str:
+    """QLoRA's compute dtype: ``auto`` is bf16 on a GPU that has it and fp32 elsewhere, because
+    bf16 matmuls on a CPU without bf16 units run many times slower (about 30 s a step here)."""
+    wanted = str(method_cfg.get("compute_dtype") or "auto")
+    if wanted != "auto":
+        return wanted
+    return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+
+
 def quantization_config(method_cfg: dict):
     """bitsandbytes 4-bit config for QLoRA (NF4, double quantization, bf16 compute), else None."""
     if method_cfg.get("quantize") != "nf4":
@@ -53,7 +65,7 @@ def quantization_config(method_cfg: dict):
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_compute_dtype=getattr(torch, compute_dtype(method_cfg)),
     )
 
 

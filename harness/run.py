@@ -294,8 +294,8 @@ def execute(job: dict) -> dict:
             record["items_file"] = records.write_items(results_dir, job["run_id"], items)
 
         # serving: adapter vs full checkpoint on disk (the full one estimated in the compute dtype:
-        # fp32 on CPU, bf16 where training ran in bf16 or, for QLoRA, computed in it), latency
-        serve_dtype = torch.bfloat16 if cfg["method"].get("quantize") else train_dtype
+        # fp32 on CPU, bf16 where training ran in bf16; QLoRA: its compute dtype), latency
+        serve_dtype = getattr(torch, cfg["method"]["compute_dtype"]) if cfg["method"].get("quantize") else train_dtype
         metrics.update(measure.footprint_metrics(model, serve_dtype))
         lat = cfg["eval"]["latency"]
         if lat["enabled"]:
