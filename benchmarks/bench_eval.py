@@ -5,7 +5,7 @@ Both run as fresh processes and are timed end to end (start-up, model load, scor
   over the same local MMLU tasks the harness builds (written as YAML for ``--include_path``);
 - harness: ``load_model`` + ``evaluate_mmlu`` with ``eval.mmlu.batch_size=B``.
 They alternate for ``--rounds`` rounds. The ratio printed is lm-eval time / harness time: >= 1
-means the harness is no slower. Both scores are printed too: they should agree.
+means the harness is no slower. The harness's score is printed beside it.
 
     .venv/bin/python -m benchmarks.bench_eval --mmlu-dir ../shared/data/mmlu [--limit 1] [--batch-size 8]
 """

@@ -55,6 +55,12 @@ def _rss() -> int:
 # --------------------------------------------------------------------------------------------
 
 
+# How often the background thread reads the process's RSS on CPU. Every 5 ms cost the training
+# loop about 10% of its throughput on 2 cores (benchmarks/bench_overhead.py); every 50 ms, with a
+# reading at each step end as well, still catches the step peaks.
+RSS_INTERVAL_S = 0.05
+
+
 class RSSSampler:
     """Peak resident memory of this process, sampled in a background thread every ``interval_s``.
 
@@ -63,7 +69,7 @@ class RSSSampler:
     starved thread cannot miss a peak that a step end sees.
     """
 
-    def __init__(self, interval_s: float = 0.005):
+    def __init__(self, interval_s: float = RSS_INTERVAL_S):
         self.interval_s = interval_s
         self.baseline = 0
         self.peak = 0
@@ -100,7 +106,7 @@ class RSSSampler:
 
 
 @contextmanager
-def eval_peak_memory(device: torch.device | str, rss_interval_s: float = 0.005) -> Iterator[dict]:
+def eval_peak_memory(device: torch.device | str, rss_interval_s: float = RSS_INTERVAL_S) -> Iterator[dict]:
     """Peak memory of the wrapped block (evaluation), apart from the training peak.
 
     Yields a dict filled on exit with ``eval_peak_memory_bytes``: on CUDA the
@@ -284,7 +290,8 @@ class MeasureCallback(TrainerCallback):
     Read everything with ``metrics()`` after ``trainer.train()``.
     """
 
-    def __init__(self, warmup_steps: int = 2, breakdown_step: int | None | str = "auto", rss_interval_s: float = 0.005):
+    def __init__(self, warmup_steps: int = 2, breakdown_step: int | None | str = "auto",
+                 rss_interval_s: float = RSS_INTERVAL_S):
         self.warmup_steps = int(warmup_steps)
         self.breakdown_step = breakdown_step
         self.rss_interval_s = rss_interval_s
