@@ -137,15 +137,19 @@ def _gguf_folder(gguf_path: Path) -> Path:
     return folder
 
 
+def arch_path(arch: str) -> Path:
+    """The bundled config of an architecture-only preset; a usage error when there is none."""
+    path = ARCH_DIR / f"{arch}.json"
+    if not path.exists():
+        raise ModelSourceError(f"model.arch={arch!r} is unknown; valid: {', '.join(available_architectures())}")
+    return path
+
+
 def _arch_folder(arch: str) -> Path:
     """Materialize an architecture-only preset with seeded random weights once in the cache."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = ARCH_DIR / f"{arch}.json"
-    if not path.exists():
-        raise ModelSourceError(
-            f"model.arch={arch!r} is unknown; valid: {', '.join(available_architectures())}"
-        )
+    path = arch_path(arch)
     spec = json.loads(path.read_text())
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
     folder = cache_dir() / "arch" / f"{arch}-seed{ARCH_INIT_SEED}-{digest}"

@@ -82,19 +82,14 @@ def check_inputs(cfg: dict) -> None:
     """Fail fast, before any record is written, on paths that do not exist."""
     from harness.data import DataError, load_examples
     from harness.evaluate import EvalDataError, mmlu_tasks
-    from harness.models import ModelSourceError, resolve_gguf
+    from harness.models import ModelSourceError, arch_path, resolve_gguf
 
     try:
         model = cfg["model"]
         if model["source"] == "gguf":
             resolve_gguf(model.get("gguf") or {})
         elif model["source"] == "config":
-            from harness.models import ARCH_DIR, available_architectures
-
-            if not (ARCH_DIR / f"{model['arch']}.json").exists():
-                raise ModelSourceError(
-                    f"model.arch={model['arch']!r} is unknown; valid: {', '.join(available_architectures())}"
-                )
+            arch_path(str(model["arch"]))
         elif model["source"] == "hub":
             from harness.models import model_folder
 
@@ -204,16 +199,13 @@ def base_record(job: dict, cfg: dict, heldout: list[dict], env: dict) -> dict:
     started = now_iso()
     t0 = time.perf_counter()
     loaded = load_model(cfg["model"])
-    metrics = empty_metrics()
-    metrics["total_params"] = loaded.total_params
     acc, items = evaluate_all(loaded.model, loaded.tokenizer, cfg, heldout)
-    metrics.update(acc)
-    metrics["run_wall_s"] = time.perf_counter() - t0
     base_job = {**job, "run_id": job["base_run_id"], "config_hash": job["eval_key"], "pair_key": None,
                 "method": "base", "rank": None, "config": {**cfg, "method": {"name": "base"}}}
     rec = new_record(base_job, {**env, "started_at": started, "ended_at": now_iso()})
     rec["model"]["total_params"] = loaded.total_params
-    rec["metrics"].update(metrics)
+    metrics = rec["metrics"]
+    metrics.update(acc, total_params=loaded.total_params, run_wall_s=time.perf_counter() - t0)
     rec["items_file"] = records.write_items(cfg["results_dir"], base_job["run_id"], items)
     records.write_record(cfg["results_dir"], rec)
     print(f"[base] {rec['run_id']}: mmlu_acc={metrics['mmlu_acc']} indomain_acc={metrics['indomain_acc']}", flush=True)

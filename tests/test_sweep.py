@@ -106,7 +106,7 @@ def test_force_reruns(sweep):
 
 
 def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path):
-    # gradient checkpointing on a model given an unknown optimizer name fails inside training
+    # an unknown optimizer name fails inside the job, after planning: each arm records it
     proc = harness_run("-m", "method=lora,full", *TINY, f"results_dir={tmp_path}", "isolate=false",
                        "train.optim=no_such_optimizer")
     assert proc.returncode == 0
