@@ -29,7 +29,7 @@ from harness import records
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # Keys that steer the harness but do not change a result: left out of every hash.
 NON_RESULT_KEYS = ("results_dir", "reports_dir", "force", "isolate", "report", "projected_tokens")
-GROUPS = ("model", "method", "data", "train", "eval", "hardware", "experiment")
+GROUPS = ("model", "method", "data", "train", "eval", "hardware", "distributed", "experiment")
 
 
 class UsageError(ValueError):

@@ -13,7 +13,7 @@ def composed(*overrides: str) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-@pytest.mark.parametrize("group", ["model", "method", "data", "train", "eval", "hardware", "experiment"])
+@pytest.mark.parametrize("group", ["model", "method", "data", "train", "eval", "hardware", "distributed", "experiment"])
 def test_every_group_exists(group):
     assert list((CONF_DIR / group).glob("*.yaml")), f"conf/{group}/ has no options"
 
