@@ -1,0 +1,587 @@
+"""harness-estimate: memory, time and cost of a harness-run job, before renting the hardware.
+
+    harness-estimate -m model=llama-2-13b-arch method=full,lora,qlora hardware=a100-80gb train.seq_len=2048
+    harness-estimate -m model=llama-3.1-8b-arch,llama-2-70b-arch method=lora method.r=8,16,64 format=json
+
+A Hydra app over the same conf/ as harness-run (conf/estimate.yaml pulls in conf/config.yaml and
+adds its own keys), so one command line serves both. It loads only the architecture (config.json)
+and builds the model, with the method applied, on the meta device: no weights, no GPU.
+
+Estimated per job (``estimate_job``), every figure labelled as an estimate:
+
+- trainable / total parameters: exact, peft's own count on the meta-device model;
+- peak training memory per device, in the memory tracker's categories (``measure.CATEGORIES``),
+  from the model's shapes and an activation model of the Llama family as transformers runs it
+  (pre-norm RMSNorm, SwiGLU MLP, grouped-query attention through SDPA, rotary embeddings), taken
+  at the largest of the step's phases (see ``memory_breakdown``); plus, on a GPU, the CUDA
+  context and the caching allocator's reserve (``CUDA_CONTEXT_BYTES``, ``ALLOCATOR_RESERVE``);
+- whether that fits the hardware, and the fewest devices (sharded with FSDP) that it needs;
+- training time and cost for ``projected_tokens``: ``measure.flops_per_token`` (the formula the
+  runs use for MFU) over the device's achieved FLOP/s, from ok run records on that hardware in
+  ``results_dir`` when there are any, else the datasheet peak times ``DEFAULT_MFU``;
+- serving footprint: the adapter's safetensors file size and the full checkpoint, from shapes.
+
+benchmarks/bench_estimate.py checks the memory model against tracked training steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from harness.run import CONF_DIR, UsageError
+
+CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "other")  # = measure.CATEGORIES
+GIB = 1024**3
+
+# CUDA context of one process: what the driver, the CUDA runtime and torch's kernels take on a
+# device before the first tensor (not visible to max_memory_allocated). About 0.5 GiB with CUDA 12
+# and lazy module loading (torch's default since CUDA 11.7): PyTorch docs, "CUDA semantics: memory
+# management" and NVIDIA's CUDA_MODULE_LOADING notes. Stated, not measured here.
+CUDA_CONTEXT_BYTES = 512 * 1024**2
+# The caching allocator reserves more than it hands out (block rounding, fragmentation): peak
+# reserved over peak allocated. 10% is an assumed allowance, to be replaced by the ratio of
+# peak_memory_reserved_bytes / peak_memory_bytes in GPU run records once there are some.
+ALLOCATOR_RESERVE = 0.10
+# Model FLOPs utilization assumed when no run record on the hardware says better: 0.35 of the
+# datasheet dense bf16 peak, a typical figure for bf16 fine-tuning through HF Trainer.
+DEFAULT_MFU = 0.35
+# Parameters per attention+MLP block that ZeRO-3/FSDP gather at once: the current block and one
+# prefetched (FSDP's default forward/backward prefetch of one unit).
+SHARDED_LIVE_BLOCKS = 2
+
+# Per device: memory (nvidia-smi total) and dense bf16 tensor peak (no sparsity), datasheets.
+DEVICES: dict[str, dict] = {
+    "a100-80gb": {"memory_bytes": 81920 * 1024**2, "peak_flops": 312e12,
+                  "source": "NVIDIA A100 datasheet: 312 TFLOPS BF16 dense, 80 GB HBM2e"},
+    "h100-80gb": {"memory_bytes": 81559 * 1024**2, "peak_flops": 989.4e12,
+                  "source": "NVIDIA H100 SXM datasheet: 989 TFLOPS BF16 dense, 80 GB HBM3"},
+    "h200": {"memory_bytes": 143771 * 1024**2, "peak_flops": 989.4e12,
+             "source": "NVIDIA H200 SXM datasheet: 989 TFLOPS BF16 dense, 141 GB HBM3e"},
+    "l40s": {"memory_bytes": 46068 * 1024**2, "peak_flops": 362.05e12,
+             "source": "NVIDIA L40S datasheet: 362 TFLOPS BF16 dense, 48 GB GDDR6"},
+    "rtx-4090": {"memory_bytes": 24564 * 1024**2, "peak_flops": 165.2e12,
+                 "source": "NVIDIA Ada whitepaper, RTX 4090: 165 TFLOPS BF16 dense (FP32 accumulate), 24 GB"},
+}
+
+# Optimizer state per trainable element, and whether its step allocates a temporary the size of
+# the trainable parameters (torch's foreach AdamW on a GPU: exp_avg_sq_sqrt).
+OPTIMIZERS = {
+    "adamw_torch": "adam32", "adamw_torch_fused": "adam32", "adamw_torch_4bit": None,
+    "adamw_8bit": "adam8", "adamw_bnb_8bit": "adam8", "paged_adamw_8bit": "adam8",
+    "paged_adamw_32bit": "adam32bnb", "adamw_bnb_32bit": "adam32bnb", "sgd": "sgd",
+}
+# bitsandbytes keeps tensors under this many elements in 32-bit state (min_8bit_size)
+BNB_MIN_8BIT = 4096
+BNB_BLOCK = 256
+
+
+@dataclass
+class Linear:
+    name: str          # qualified name of the base linear
+    kind: str          # q_proj, k_proj, ..., lm_head
+    d_in: int
+    d_out: int
+    r: int | None      # adapter rank when PEFT adapts it
+    trainable: bool    # the base weight trains (full fine-tuning)
+
+
+# ---------------------------------------------------------------- the architecture, on the meta device
+
+
+def arch_config(model_cfg: dict):
+    """The transformers config of a model setting, without loading its weights."""
+    from transformers import AutoConfig
+
+    from harness.models import ModelSourceError, arch_path, model_folder
+
+    try:
+        if model_cfg["source"] == "config":
+            return AutoConfig.for_model(**json.loads(arch_path(str(model_cfg["arch"])).read_text()))
+        folder, _ = model_folder(model_cfg)  # a GGUF file is converted once, as harness-run does
+        return AutoConfig.from_pretrained(folder)
+    except (ModelSourceError, OSError) as exc:
+        raise UsageError(str(exc).splitlines()[0]) from exc
+
+
+def meta_model(config, method_cfg: dict):
+    """The model with the method applied, on the meta device (no memory, no weights).
+
+    QLoRA is built unquantized: peft counts a 4-bit weight at its unpacked size, so the counts
+    are the same, and the quantized storage is computed from the shapes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from harness.methods import apply_method
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+        return apply_method(model, {**method_cfg, "quantize": None}, False)
+
+
+def linears(model) -> list[Linear]:
+    """Every matmul weight of the model, with the adapter rank when PEFT wraps it."""
+    import torch
+
+    out = []
+    for name, mod in model.named_modules():
+        base = getattr(mod, "base_layer", None)
+        if isinstance(base, torch.nn.Linear):
+            r = getattr(mod, "r", {}).get("default")
+            out.append(Linear(name, name.rsplit(".", 1)[-1], base.in_features, base.out_features, r,
+                              base.weight.requires_grad))
+        elif isinstance(mod, torch.nn.Linear) and ".lora_" not in name and not hasattr(mod, "base_layer") \
+                and not name.endswith(("lora_A.default", "lora_B.default")):
+            out.append(Linear(name, name.rsplit(".", 1)[-1], mod.in_features, mod.out_features, None,
+                              mod.weight.requires_grad))
+    return out
+
+
+def _dims(config) -> dict:
+    h = config.hidden_size
+    nh = config.num_attention_heads
+    d = getattr(config, "head_dim", None) or h // nh
+    return {"h": h, "i": config.intermediate_size, "L": config.num_hidden_layers, "nh": nh,
+            "nkv": getattr(config, "num_key_value_heads", None) or nh, "d": d, "V": config.vocab_size,
+            "tied": bool(getattr(config, "tie_word_embeddings", False))}
+
+
+# ---------------------------------------------------------------- settings of one job
+
+
+@dataclass
+class Setup:
+    gpu: bool
+    regime: str          # fp32 | autocast (fp32 weights, bf16 matmuls) | bf16 (bf16 weights)
+    weight_bytes: int    # storage of the unquantized parameters
+    quantized: bool      # QLoRA: matmul weights in 4-bit NF4, double quantization
+    optim: str
+    gc: bool
+    batch: int
+    seq: int
+    strategy: str
+    world: int
+    dropout: float
+    dora: bool
+    padded: bool         # batches carry padding, so SDPA gets a mask (and repeats k, v to every head)
+
+
+def setup_of(cfg: dict) -> Setup:
+    hw = str(cfg["hardware"].get("name"))
+    gpu = hw in DEVICES or (hw not in ("cpu", "auto") and not hw.startswith("unpriced (cpu"))
+    if hw == "auto":
+        import torch
+
+        gpu = torch.cuda.is_available()
+    train, method, est = cfg["train"], cfg["method"], cfg.get("estimate") or {}
+    precision = str(train["precision"])
+    bf16 = precision == "bf16" or (precision == "auto" and gpu)
+    weights = str(est.get("weights_dtype") or "auto")
+    if weights not in ("auto", "float32", "bfloat16"):
+        raise UsageError(f"estimate.weights_dtype={weights!r} is invalid; valid: auto, float32, bfloat16")
+    # harness-run loads every model in float32 (models.load_model) and trains under bf16 autocast
+    weight_bytes = 2 if weights == "bfloat16" else 4
+    regime = "bf16" if weight_bytes == 2 else ("autocast" if bf16 else "fp32")
+    optim = str(train["optim"])
+    if OPTIMIZERS.get(optim) is None:
+        valid = ", ".join(k for k, v in OPTIMIZERS.items() if v)
+        raise UsageError(f"train.optim={optim!r} has no memory model; valid: {valid}")
+    dist = cfg.get("distributed") or {}
+    strategy = str(dist.get("strategy") or "none")
+    if strategy not in ("none", "ddp", "fsdp", "zero3"):
+        raise UsageError(f"distributed.strategy={strategy!r} is unknown; valid: none, ddp, fsdp, zero3")
+    world = int(dist.get("num_processes") or 1) if strategy != "none" else 1
+    full = method["name"] == "full"
+    return Setup(gpu=gpu, regime=regime, weight_bytes=weight_bytes, quantized=bool(method.get("quantize")),
+                 optim=optim, gc=bool(train["gradient_checkpointing"]), batch=int(train["batch_size"]),
+                 seq=int(train["seq_len"]), strategy=strategy, world=max(world, 1),
+                 dropout=0.0 if full else float(method.get("dropout") or 0.0),
+                 dora=not full and bool(method.get("use_dora")), padded=bool(est.get("padded", True)))
+
+
+# ---------------------------------------------------------------- memory model
+
+
+def _quantized_bytes(n: int) -> int:
+    """A 4-bit NF4 weight with double quantization (bitsandbytes): packed values, 8-bit absmax per
+    block of 64, their fp32 absmax per 256 blocks, and the small code tables the tracker sees."""
+    blocks = math.ceil(n / 64)
+    return n // 2 + blocks + 4 * math.ceil(blocks / 256) + 4 * 256 + 4 * 16 + 4
+
+
+def _optimizer_state(shapes: list[int], optim: str, weight_bytes: int) -> int:
+    kind = OPTIMIZERS[optim]
+    if kind == "sgd":
+        return 0
+    if kind == "adam32":
+        # exp_avg and exp_avg_sq like the parameter, plus a step counter tensor per parameter
+        return sum(2 * n * weight_bytes + 4 for n in shapes)
+    if kind == "adam32bnb":
+        return sum(8 * n for n in shapes)
+    total = 2 * 256 * 4  # the two quantization maps, shared by all parameters
+    for n in shapes:
+        if n < BNB_MIN_8BIT:
+            total += 8 * n
+        else:
+            total += 2 * n + 2 * 4 * math.ceil(n / BNB_BLOCK)
+    return total
+
+
+def layer_activations(dims: dict, s: Setup, adapted: dict[str, int], norms_train: bool) -> float:
+    """Bytes one decoder layer keeps for backward, per token (no gradient checkpointing).
+
+    Read from the autograd graph of transformers' Llama-family layer under SDPA:
+    each RMSNorm keeps its fp32 input (4h; with bf16 weights an fp32 copy), 1/rms (4), its
+    normalized input when the norm weight trains, and its output; q, k, v after rotary, with k and
+    v repeated to all heads (the padding mask makes SDPA take the repeat_kv path), and the
+    attention output (4 tensors of nh*d; SDPA writes its output token-major, so o_proj's
+    reshaped input is a view of it; without padding SDPA runs causal with grouped-query
+    attention and keeps k and v at nkv*d); the SwiGLU MLP keeps gate, silu(gate),
+    up and their product (4 tensors of i). Under bf16 autocast every matmul also keeps its own
+    bf16 copy of an fp32 input. A LoRA adapter keeps its dropout mask, dropout output and A's
+    output; DoRA also the base and LoRA outputs (norm scaling).
+    """
+    h, i, q = dims["h"], dims["i"], dims["nh"] * dims["d"]
+    a = 4 if s.regime == "fp32" else 2          # matmul outputs
+    out_b = 4 if s.regime != "bf16" else 2      # norm outputs (fp32 weights keep them fp32)
+    norm = 4 * h + 4 + (out_b * h if norms_train else 0) + out_b * h
+    kv = q if s.padded else dims["nkv"] * dims["d"]
+    total = 2 * norm + 2 * a * q + 2 * a * kv + 4 * a * i
+    total += 4 * dims["nh"]  # SDPA's logsumexp, fp32 per head and token
+    cast = 2 if s.regime == "autocast" else 0   # bf16 copy of an fp32 matmul input
+    inputs = {"q_proj": h, "k_proj": h, "v_proj": h, "gate_proj": h, "up_proj": h}
+    outputs = {"q_proj": q, "k_proj": dims["nkv"] * dims["d"], "v_proj": dims["nkv"] * dims["d"],
+               "o_proj": h, "gate_proj": i, "up_proj": i, "down_proj": h}
+    total += cast * sum(inputs.values())
+    for kind, r in adapted.items():
+        d_in = inputs.get(kind, q if kind == "o_proj" else i)
+        in_b = out_b if kind in inputs else a
+        if s.dropout > 0:
+            total += d_in  # bool mask
+            total += (2 if s.regime != "fp32" else in_b) * d_in  # dropout output (or its bf16 copy)
+        elif cast and kind in inputs:
+            total += 2 * d_in  # A's own bf16 copy of the fp32 input
+        total += a * r  # A's output, kept by B
+        if s.dora:
+            total += 2 * a * outputs.get(kind, h)
+    return total
+
+
+def memory_breakdown(model, config, s: Setup) -> dict:
+    """Per-device peak of one training step, by category, and the phase it happens in.
+
+    The step goes: forward (activations build up; gradients are None after the last step's
+    zero_grad) -> loss backward (the fp32 log-softmax, its gradient and the logits' gradient,
+    3 x tokens x vocab x 4 bytes, on top of every saved activation) -> backward through the
+    layers (activations freed, gradients allocated; both change linearly, so the extremes are
+    at its ends) -> optimizer step (a temporary the size of the trainable parameters for torch's
+    foreach AdamW on a GPU; the largest parameter twice on a CPU, which steps one tensor at a time).
+    The peak is the largest phase; its categories add up to it, as the tracker's do.
+    """
+    dims = _dims(config)
+    lins = linears(model)
+    n_tok = s.batch * s.seq
+    w = s.weight_bytes
+    params = list(model.named_parameters())
+    quant_names = {f"{lin.name}.base_layer.weight" if lin.r is not None else f"{lin.name}.weight"
+                   for lin in lins if lin.kind != "lm_head"} if s.quantized else set()
+    param_bytes = 0
+    for name, p in params:
+        param_bytes += _quantized_bytes(p.numel()) if name in quant_names else p.numel() * w
+    trainable = [p.numel() for _, p in params if p.requires_grad]
+    grads = sum(trainable) * w
+    opt = _optimizer_state(trainable, s.optim, w)
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+
+    adapted = {}
+    for lin in lins:
+        if lin.r is not None:
+            adapted[lin.kind] = lin.r
+    norms_train = any(p.requires_grad for n, p in params if "norm" in n)
+    per_layer = layer_activations(dims, s, adapted, norms_train)
+    res_b = 2 if s.regime == "bf16" else 4
+    h, V, L = dims["h"], dims["V"], dims["L"]
+    out_b = 4 if s.regime != "bf16" else 2
+    rotary = 2 * 4 * dims["d"] / s.batch  # cos and sin (1 x seq x head_dim, fp32), kept by the rotary products
+    top = 4 * h + 4 + (out_b * h if norms_train else 0) + out_b * h + (2 * h if s.regime == "autocast" else 0)
+    mask = s.seq if s.padded else 0  # the boolean causal+padding mask, batch x seq x seq bytes
+    saved = (L * res_b * h if s.gc else L * per_layer) + top + rotary + mask
+    act_fwd = n_tok * saved
+    recompute = n_tok * per_layer if s.gc else 0  # one layer recomputed at a time
+    logits_bwd = 3 * 4 * n_tok * V
+
+    lm_head_grad = next((lin.d_in * lin.d_out * w for lin in lins if lin.kind == "lm_head" and lin.trainable), 0)
+    shard = s.world if s.strategy in ("fsdp", "zero3") else 1
+    param_dev, grads_dev, opt_dev = param_bytes / shard, grads / shard, opt / shard
+    other = buffers
+    if shard > 1:
+        block = sum(lin.d_in * lin.d_out for lin in lins if ".layers.0." in lin.name)
+        other += SHARDED_LIVE_BLOCKS * block * (0.5 if s.quantized else w)
+    if s.strategy == "ddp" and s.world > 1:
+        other += grads  # DDP's gradient buckets, a second copy of the gradients (gradient_as_bucket_view=False)
+    if OPTIMIZERS[s.optim] == "adam32" and trainable:
+        opt_temp = sum(trainable) * w / shard if s.gpu else 2 * max(trainable) * w
+    else:
+        opt_temp = 0
+    # QLoRA's backward dequantizes one weight at a time
+    dequant = max((lin.d_in * lin.d_out for lin in lins if lin.kind != "lm_head"), default=0) * (
+        2 if s.gpu else 4) if s.quantized else 0
+
+    phases = {
+        "loss backward": {"parameters": param_dev, "gradients": 0, "optimizer_state": opt_dev,
+                          "activations": act_fwd + logits_bwd, "other": other},
+        "lm_head backward": {"parameters": param_dev, "gradients": lm_head_grad / shard, "optimizer_state": opt_dev,
+                             "activations": act_fwd + 4 * n_tok * V + n_tok * h * 4, "other": other},
+        "layer backward": {"parameters": param_dev, "gradients": grads_dev, "optimizer_state": opt_dev,
+                           "activations": n_tok * (res_b * h * 2) + dequant, "other": other},
+        "optimizer step": {"parameters": param_dev, "gradients": grads_dev, "optimizer_state": opt_dev,
+                           "activations": 0, "other": other + opt_temp},
+    }
+    # backward inside one layer: the incoming gradient, and the SwiGLU's gradients of silu(gate)
+    # and up, on top of what the layer keeps
+    workspace = n_tok * (res_b * h + 2 * (4 if s.regime == "fp32" else 2) * dims["i"])
+    top_layer_grad = 0
+    emb_grad = dims["V"] * h * w if (not dims["tied"] and any(
+        p.requires_grad for n, p in params if "embed_tokens" in n)) else 0
+    layer_grad = max(grads - lm_head_grad - emb_grad, 0) / L
+    if not s.gc:
+        phases["top layer backward"] = {
+            "parameters": param_dev, "gradients": (lm_head_grad + top_layer_grad) / shard, "optimizer_state": opt_dev,
+            "activations": act_fwd - n_tok * top + workspace + dequant, "other": other}
+    else:
+        # with checkpoints, backward recomputes one layer at a time: at the top layer every
+        # checkpoint is still held; at the bottom one, nearly every gradient exists
+        phases["recompute, top layer"] = {
+            "parameters": param_dev, "gradients": lm_head_grad / shard, "optimizer_state": opt_dev,
+            "activations": act_fwd - n_tok * top + recompute + workspace + dequant, "other": other}
+        phases["recompute, bottom layer"] = {
+            "parameters": param_dev, "gradients": (grads - layer_grad - emb_grad) / shard,
+            "optimizer_state": opt_dev, "activations": n_tok * res_b * h + recompute + workspace + dequant,
+            "other": other}
+    phase = max(phases, key=lambda k: sum(phases[k].values()))
+    breakdown = {c: int(phases[phase][c]) for c in CATEGORIES}
+    return {"breakdown": breakdown, "peak_phase": phase, "peak_bytes": sum(breakdown.values())}
+
+
+# ---------------------------------------------------------------- the job
+
+
+def _adapter_file_bytes(model) -> int | None:
+    """Size of adapter_model.safetensors as peft saves it: 8-byte header length, the JSON header
+    (compact, padded with spaces to 8 bytes), then the tensors, fp32 as trained here."""
+    if not hasattr(model, "peft_config"):
+        return None
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model)
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in sorted(state):
+        t = state[name]
+        n = t.numel() * 4
+        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header, separators=(",", ":"))
+    return 8 + math.ceil(len(text) / 8) * 8 + offset
+
+
+def _measured_rate(results_dir: str | None, hardware: str, method: str) -> tuple[float, str] | None:
+    """Achieved training FLOP/s per device from ok run records on ``hardware`` (this method's
+    records when there are any, else all): the median of achieved_flops_per_s / device_count."""
+    from harness.records import iter_records
+
+    if not results_dir or not Path(results_dir).is_dir():
+        return None
+    rows = []
+    for _, rec in iter_records(Path(results_dir)):
+        m = rec.get("metrics") or {}
+        hw = ((rec.get("config") or {}).get("hardware") or {}).get("name")
+        if rec.get("status") == "ok" and hw == hardware and m.get("achieved_flops_per_s"):
+            rows.append((rec.get("method"), m["achieved_flops_per_s"] / max(int(m.get("device_count") or 1), 1)))
+    same = [r for meth, r in rows if meth == method] or [r for _, r in rows]
+    if not same:
+        return None
+    return statistics.median(same), f"measured: median of {len(same)} run record(s) on {hardware} in {results_dir}"
+
+
+def _devices_needed(model, config, s: Setup, capacity: float | None) -> tuple[int | None, str]:
+    """Fewest devices the job fits on: as configured, else sharded with FSDP (up to 1024)."""
+    if capacity is None:
+        return None, s.strategy
+    if _device_total(memory_breakdown(model, config, s)["peak_bytes"], s) <= capacity:
+        return s.world, s.strategy
+    strategy = s.strategy if s.strategy in ("fsdp", "zero3") else "fsdp"
+    n = 2
+    while n <= 1024:
+        t = Setup(**{**s.__dict__, "strategy": strategy, "world": n})
+        if _device_total(memory_breakdown(model, config, t)["peak_bytes"], t) <= capacity:
+            return n, strategy
+        n *= 2
+    return None, strategy
+
+
+def _device_total(peak: float, s: Setup) -> float:
+    return peak * (1 + ALLOCATOR_RESERVE) + CUDA_CONTEXT_BYTES if s.gpu else peak
+
+
+def estimate_job(cfg: dict) -> dict:
+    """The estimated at-a-glance fields of one resolved harness config (see the module doc)."""
+    from harness import measure
+    from harness.methods import MethodError, normalize, rank_of, validate
+    from harness.train import token_budget
+
+    method = normalize(cfg["method"])
+    try:
+        validate(method)
+    except MethodError as exc:
+        raise UsageError(str(exc)) from exc
+    cfg = {**cfg, "method": method}
+    config = arch_config(cfg["model"])
+    s = setup_of(cfg)
+    model = meta_model(config, method)
+    counts = measure.param_counts(model)
+    mem = memory_breakdown(model, config, s)
+    hw = str(cfg["hardware"].get("name"))
+    spec = DEVICES.get(hw)
+    capacity = spec["memory_bytes"] if spec else None
+    device_total = _device_total(mem["peak_bytes"], s)
+    devices, dev_strategy = _devices_needed(model, config, s, capacity)
+
+    dims = _dims(config)
+    emb = 0 if dims["tied"] else dims["V"] * dims["h"]
+    fpt = measure.flops_per_token(method["name"], counts["total_params"], counts["trainable_params"],
+                                  embedding_params=emb, n_layers=dims["L"], seq_len=s.seq, hidden_size=dims["h"])
+    tokens = cfg.get("projected_tokens") or token_budget(cfg["train"])
+    measured = _measured_rate(cfg.get("results_dir"), hw, method["name"])
+    if measured:
+        rate, rate_source = measured
+    elif spec:
+        rate, rate_source = spec["peak_flops"] * DEFAULT_MFU, f"default MFU {DEFAULT_MFU} x datasheet peak ({spec['source']})"
+    else:
+        rate, rate_source = None, f"no datasheet peak for hardware {hw!r} and no run records on it"
+    price = cfg["hardware"].get("price_per_device_hour_usd")
+    train_s = tokens * fpt / (rate * s.world) if rate else None
+    train_hours = train_s / 3600 if train_s is not None else None
+    cost = measure.cost_usd(train_s, float(price), s.world) if train_s is not None and price else None
+
+    import torch
+
+    serve_dtype = torch.bfloat16 if (s.gpu or s.regime != "fp32") else torch.float32
+    adapter = _adapter_file_bytes(model)
+    n_full = counts["total_params"] - (counts["trainable_params"] if adapter is not None else 0)
+    return {
+        "estimated": True,
+        "model": cfg["model"]["name"], "method": method["name"], "rank": rank_of(method),
+        "hardware": hw, "strategy": s.strategy, "world_size": s.world,
+        "precision": s.regime, "optim": s.optim, "gradient_checkpointing": s.gc,
+        "batch_size": s.batch, "seq_len": s.seq,
+        "trainable_params": counts["trainable_params"], "total_params": counts["total_params"],
+        "trainable_share": counts["trainable_share"],
+        "peak_memory_bytes": mem["peak_bytes"], "breakdown": mem["breakdown"], "peak_phase": mem["peak_phase"],
+        "cuda_context_bytes": CUDA_CONTEXT_BYTES if s.gpu else 0,
+        "allocator_reserve_bytes": int(mem["peak_bytes"] * ALLOCATOR_RESERVE) if s.gpu else 0,
+        "device_total_bytes": int(device_total), "device_memory_bytes": capacity,
+        "fits": device_total <= capacity if capacity else None,
+        "devices_needed": devices, "devices_needed_strategy": dev_strategy,
+        "flops_per_token": fpt, "projected_tokens": tokens,
+        "flops_per_s_per_device": rate, "rate_source": rate_source,
+        "train_hours": train_hours, "cost_usd": cost,
+        "adapter_bytes": adapter, "checkpoint_bytes": n_full * serve_dtype.itemsize,
+        "checkpoint_dtype": str(serve_dtype).removeprefix("torch."),
+    }
+
+
+# ---------------------------------------------------------------- output
+
+
+def _gib(b: float | None) -> str:
+    return "n/a" if b is None else f"{b / GIB:.2f} GiB"
+
+
+def _count(n: int) -> str:
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
+def format_text(row: dict) -> str:
+    rank = "" if row["rank"] is None else f" r={row['rank']}"
+    fits = {True: "fits", False: "does not fit", None: "capacity unknown"}[row["fits"]]
+    lines = [
+        f"{row['model']} · {row['method']}{rank} · {row['hardware']} · {row['strategy']} x{row['world_size']} · "
+        f"{row['precision']} · {row['optim']} · batch {row['batch_size']} x {row['seq_len']}"
+        f"{' · gradient checkpointing' if row['gradient_checkpointing'] else ''}   (estimated)",
+        f"  trainable parameters   {_count(row['trainable_params'])} of {_count(row['total_params'])} "
+        f"({100 * row['trainable_share']:.2f}%)",
+        f"  peak training memory   {_gib(row['peak_memory_bytes'])} per device (at {row['peak_phase']}): "
+        + ", ".join(f"{c} {_gib(v)}" for c, v in row["breakdown"].items()),
+    ]
+    if row["cuda_context_bytes"]:
+        lines.append(f"  on the device          {_gib(row['device_total_bytes'])} with CUDA context "
+                     f"{_gib(row['cuda_context_bytes'])} and allocator reserve {_gib(row['allocator_reserve_bytes'])}"
+                     f" of {_gib(row['device_memory_bytes'])}: {fits}; devices needed: "
+                     f"{row['devices_needed'] or 'more than 1024'} ({row['devices_needed_strategy']})")
+    time_text = ("n/a" if row["train_hours"] is None else f"{row['train_hours']:.3g} h"
+                 + ("" if row["cost_usd"] is None else f", ${row['cost_usd']:,.2f}"))
+    lines.append(f"  training {row['projected_tokens']:.3g} tokens   {time_text} "
+                 f"({row['flops_per_token']:.3g} FLOPs/token; rate {row['rate_source']})")
+    adapter = "" if row["adapter_bytes"] is None else f"adapter {row['adapter_bytes'] / 1024**2:.1f} MiB vs "
+    lines.append(f"  serving footprint      {adapter}full checkpoint {_gib(row['checkpoint_bytes'])} "
+                 f"({row['checkpoint_dtype']})")
+    return "\n".join(lines)
+
+
+def compose(overrides: list[str]) -> dict:
+    """The resolved estimate config for ``overrides`` (Hydra's compose API; for the report)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name="estimate", overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+
+
+def resolved(cfg: dict) -> dict:
+    """Hardware resolved as harness-run does (auto detects; a name gets its price entry)."""
+    from harness.measure import PriceTableError, load_price_table, resolve_hardware
+
+    cfg = {k: v for k, v in cfg.items() if k != "hydra"}
+    try:
+        entry = resolve_hardware(cfg["hardware"], load_price_table(CONF_DIR))
+    except PriceTableError as exc:
+        raise UsageError(str(exc)) from exc
+    cfg["hardware"] = entry or {"name": "unknown", "price_per_device_hour_usd": None}
+    return cfg
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="estimate", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> None:
+    try:
+        fmt = str(cfg.get("format", "table"))
+        if fmt not in ("table", "json"):
+            raise UsageError(f"format={fmt!r} is invalid; valid: table, json")
+        row = estimate_job(resolved(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)))
+    except UsageError as exc:
+        print(f"harness-estimate: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(row, sort_keys=True) if fmt == "json" else format_text(row) + "\n", flush=True)
+
+
+def main() -> None:
+    from harness.run import _precheck_argv
+
+    _precheck_argv(sys.argv[1:])
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()
