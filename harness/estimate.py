@@ -503,7 +503,12 @@ def estimate_job(cfg: dict) -> dict:
 
 
 def _gib(b: float | None) -> str:
-    return "n/a" if b is None else f"{b / GIB:.2f} GiB"
+    if b is None:
+        return "n/a"
+    for scale, unit in ((GIB, "GiB"), (1024**2, "MiB"), (1024, "KiB")):
+        if abs(b) >= scale:
+            return f"{b / scale:.2f} {unit}"
+    return f"{int(b)} B"
 
 
 def _count(n: int) -> str:
@@ -534,7 +539,7 @@ def format_text(row: dict) -> str:
                  + ("" if row["cost_usd"] is None else f", ${row['cost_usd']:,.2f}"))
     lines.append(f"  training {row['projected_tokens']:.3g} tokens   {time_text} "
                  f"({row['flops_per_token']:.3g} FLOPs/token; rate {row['rate_source']})")
-    adapter = "" if row["adapter_bytes"] is None else f"adapter {row['adapter_bytes'] / 1024**2:.1f} MiB vs "
+    adapter = "" if row["adapter_bytes"] is None else f"adapter {_gib(row['adapter_bytes'])} vs "
     lines.append(f"  serving footprint      {adapter}full checkpoint {_gib(row['checkpoint_bytes'])} "
                  f"({row['checkpoint_dtype']})")
     return "\n".join(lines)
