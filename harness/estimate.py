@@ -314,17 +314,26 @@ def memory_breakdown(model, config, s: Setup) -> dict:
     top = 4 * h + 4 + (out_b * h if norms_train else 0) + out_b * h + (2 * h if s.regime == "autocast" else 0)
     mask = s.seq if s.padded else 0  # the boolean causal+padding mask, batch x seq x seq bytes
     saved = (L * res_b * h if s.gc else L * per_layer) + top + rotary + mask
-    act_fwd = n_tok * saved
+    # bf16 autocast keeps, for backward, the bf16 copy of every fp32 weight a matmul used
+    # (4-bit weights are dequantized by bitsandbytes instead); with checkpoints only one layer's.
+    # FSDP / ZeRO-3 gather each block's weights in bf16 and free them after use (SHARDED_LIVE_BLOCKS).
+    shard = s.world if s.strategy in ("fsdp", "zero3") else 1
+    copies = 0
+    if s.regime == "autocast" and shard == 1:
+        layer_w = sum(lin.d_in * lin.d_out for lin in lins if lin.kind != "lm_head")
+        head_w = sum(lin.d_in * lin.d_out for lin in lins if lin.kind == "lm_head")
+        adapters = sum(n for n in trainable) if adapted else 0
+        copies = 2 * (head_w + adapters + (0 if s.quantized else (layer_w / L if s.gc else layer_w)))
+    act_fwd = n_tok * saved + copies
     recompute = n_tok * per_layer if s.gc else 0  # one layer recomputed at a time
     logits_bwd = 3 * 4 * n_tok * V
 
     lm_head_grad = next((lin.d_in * lin.d_out * w for lin in lins if lin.kind == "lm_head" and lin.trainable), 0)
-    shard = s.world if s.strategy in ("fsdp", "zero3") else 1
     param_dev, grads_dev, opt_dev = param_bytes / shard, grads / shard, opt / shard
     other = buffers
     if shard > 1:
         block = sum(lin.d_in * lin.d_out for lin in lins if ".layers.0." in lin.name)
-        other += SHARDED_LIVE_BLOCKS * block * (0.5 if s.quantized else w)
+        other += SHARDED_LIVE_BLOCKS * block * (0.5 if s.quantized else 2 if s.regime != "fp32" else 4)
     if s.strategy == "ddp" and s.world > 1:
         other += grads  # DDP's gradient buckets, a second copy of the gradients (gradient_as_bucket_view=False)
     if OPTIMIZERS[s.optim] == "adam32" and trainable:

@@ -997,7 +997,8 @@ def _load(results_dir: Path) -> tuple[list[dict], list[str]]:
     return records, skipped
 
 
-def build_report(results_dir: str | Path, reports_dir: str | Path) -> dict[str, Path]:
+def build_report(results_dir: str | Path, reports_dir: str | Path, estimate_models: list[str] | None = None,
+                 estimate_hardware: str | None = None, estimate_tokens: int | None = None) -> dict[str, Path]:
     """Write the report for the records in ``results_dir`` into ``reports_dir``.
 
     Returns the written files by name (``at-a-glance.md``, ``runs.csv``, ``arms.csv``,
@@ -1031,6 +1032,10 @@ def build_report(results_dir: str | Path, reports_dir: str | Path) -> dict[str, 
         plots.append((name, caption))
     written["index.html"] = reports_dir / "index.html"
     written["index.html"].write_text(_html(rendered, plots, skipped))
+    from harness.estimate_report import write_estimates  # estimated sections, labelled as such
+
+    written.update(write_estimates(records, reports_dir, results_dir, estimate_models, estimate_hardware,
+                                   estimate_tokens))
     return written
 
 
@@ -1038,12 +1043,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="harness-report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", default="results", help="folder of run records (default: results)")
     parser.add_argument("--reports", default="reports", help="folder to write the report into (default: reports)")
+    parser.add_argument("--estimate-models", default="", help="comma-separated models (e.g. llama-2-13b-arch) "
+                        "for an 'estimated at scale' table from harness-estimate")
+    parser.add_argument("--estimate-hardware", default="a100-80gb", help="hardware of that table (default: a100-80gb)")
+    parser.add_argument("--estimate-tokens", type=int, default=None, help="training tokens it prices (default: 1e8)")
     args = parser.parse_args(argv)
     # warnings about skipped records must reach the user: log to stderr
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if not Path(args.results).is_dir():
         parser.error(f"--results {args.results!r} is not a folder; pass the folder holding the run records")
-    written = build_report(args.results, args.reports)
+    models = [m for m in args.estimate_models.split(",") if m]
+    from harness.estimate_report import check_args
+
+    if problem := check_args(models, args.estimate_hardware):
+        parser.error(problem)
+    written = build_report(args.results, args.reports, models, args.estimate_hardware, args.estimate_tokens)
     print(f"at-a-glance table: {written[AT_A_GLANCE]}")
     print(f"full report: {written['index.html']}")
     return 0
