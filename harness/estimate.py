@@ -428,6 +428,10 @@ def _devices_needed(model, config, s: Setup, capacity: float | None) -> tuple[in
     if _device_total(memory_breakdown(model, config, s)["peak_bytes"], s) <= capacity:
         return s.world, s.strategy
     strategy = s.strategy if s.strategy in ("fsdp", "zero3") else "fsdp"
+    widest = Setup(**{**s.__dict__, "strategy": strategy, "world": 1024})
+    if _device_total(memory_breakdown(model, config, widest)["peak_bytes"], widest) > capacity:
+        # sharding does not split a device's activations: no device count helps
+        return None, "none: activations alone exceed a device (try train.gradient_checkpointing=true or a smaller batch)"
     n = 2
     while n <= 1024:
         t = Setup(**{**s.__dict__, "strategy": strategy, "world": n})
@@ -543,7 +547,7 @@ def format_text(row: dict) -> str:
         lines.append(f"  on the device          {_gib(row['device_total_bytes'])} with CUDA context "
                      f"{_gib(row['cuda_context_bytes'])} and allocator reserve {_gib(row['allocator_reserve_bytes'])}"
                      f" of {_gib(row['device_memory_bytes'])}: {fits}; devices needed: "
-                     f"{row['devices_needed'] or 'more than 1024'} ({row['devices_needed_strategy']})")
+                     f"{row['devices_needed'] or ''} ({row['devices_needed_strategy']})")
     time_text = ("n/a" if row["train_hours"] is None else f"{row['train_hours']:.3g} h"
                  + ("" if row["cost_usd"] is None else f", ${row['cost_usd']:,.2f}"))
     lines.append(f"  training {row['projected_tokens']:.3g} tokens   {time_text} "
