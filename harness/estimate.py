@@ -293,12 +293,17 @@ def memory_breakdown(model, config, s: Setup) -> dict:
     params = list(model.named_parameters())
     quant_names = {f"{lin.name}.base_layer.weight" if lin.r is not None else f"{lin.name}.weight"
                    for lin in lins if lin.kind != "lm_head"} if s.quantized else set()
+    # peft keeps adapter weights in float32 whatever the base dtype (autocast_adapter_dtype)
+    tw = 4 if hasattr(model, "peft_config") else w
     param_bytes = 0
     for name, p in params:
-        param_bytes += _quantized_bytes(p.numel()) if name in quant_names else p.numel() * w
+        if name in quant_names:
+            param_bytes += _quantized_bytes(p.numel())
+        else:
+            param_bytes += p.numel() * (tw if p.requires_grad else w)
     trainable = [p.numel() for _, p in params if p.requires_grad]
-    grads = sum(trainable) * w
-    opt = _optimizer_state(trainable, s.optim, w)
+    grads = sum(trainable) * tw
+    opt = _optimizer_state(trainable, s.optim, tw)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
 
     adapted = {}
@@ -328,7 +333,7 @@ def memory_breakdown(model, config, s: Setup) -> dict:
     recompute = n_tok * per_layer if s.gc else 0  # one layer recomputed at a time
     logits_bwd = 3 * 4 * n_tok * V
 
-    lm_head_grad = next((lin.d_in * lin.d_out * w for lin in lins if lin.kind == "lm_head" and lin.trainable), 0)
+    lm_head_grad = next((lin.d_in * lin.d_out * tw for lin in lins if lin.kind == "lm_head" and lin.trainable), 0)
     param_dev, grads_dev, opt_dev = param_bytes / shard, grads / shard, opt / shard
     other = buffers
     if shard > 1:
@@ -337,7 +342,7 @@ def memory_breakdown(model, config, s: Setup) -> dict:
     if s.strategy == "ddp" and s.world > 1:
         other += grads  # DDP's gradient buckets, a second copy of the gradients (gradient_as_bucket_view=False)
     if OPTIMIZERS[s.optim] == "adam32" and trainable:
-        opt_temp = sum(trainable) * w / shard if s.gpu else 2 * max(trainable) * w
+        opt_temp = sum(trainable) * tw / shard if s.gpu else 2 * max(trainable) * tw
     else:
         opt_temp = 0
     # QLoRA's backward dequantizes one weight at a time
@@ -357,13 +362,12 @@ def memory_breakdown(model, config, s: Setup) -> dict:
     # backward inside one layer: the incoming gradient, and the SwiGLU's gradients of silu(gate)
     # and up, on top of what the layer keeps
     workspace = n_tok * (res_b * h + 2 * (4 if s.regime == "fp32" else 2) * dims["i"])
-    top_layer_grad = 0
-    emb_grad = dims["V"] * h * w if (not dims["tied"] and any(
+    emb_grad = dims["V"] * h * tw if (not dims["tied"] and any(
         p.requires_grad for n, p in params if "embed_tokens" in n)) else 0
     layer_grad = max(grads - lm_head_grad - emb_grad, 0) / L
     if not s.gc:
         phases["top layer backward"] = {
-            "parameters": param_dev, "gradients": (lm_head_grad + top_layer_grad) / shard, "optimizer_state": opt_dev,
+            "parameters": param_dev, "gradients": lm_head_grad / shard, "optimizer_state": opt_dev,
             "activations": act_fwd - n_tok * top + workspace + dequant, "other": other}
     else:
         # with checkpoints, backward recomputes one layer at a time: at the top layer every
