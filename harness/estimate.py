@@ -37,15 +37,16 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from harness.measure import CATEGORIES
 from harness.run import CONF_DIR, UsageError
 
-CATEGORIES = ("parameters", "gradients", "optimizer_state", "activations", "other")  # = measure.CATEGORIES
 GIB = 1024**3
 
-# CUDA context of one process: what the driver, the CUDA runtime and torch's kernels take on a
-# device before the first tensor (not visible to max_memory_allocated). About 0.5 GiB with CUDA 12
-# and lazy module loading (torch's default since CUDA 11.7): PyTorch docs, "CUDA semantics: memory
-# management" and NVIDIA's CUDA_MODULE_LOADING notes. Stated, not measured here.
+# CUDA context of one process: what the driver, runtime and loaded kernels take on a device
+# outside torch's allocator (max_memory_allocated never sees it). pytorch/pytorch PR #86509
+# (lazy module loading, torch's default since 1.13) measured 287,047,680 bytes for a bare context
+# with lazy loading (666,632,192 eager); training then loads its kernels and the cuBLAS/cuDNN
+# handles, hence 512 MiB. Stated, not measured here (no GPU was lent for this work).
 CUDA_CONTEXT_BYTES = 512 * 1024**2
 # The caching allocator reserves more than it hands out (block rounding, fragmentation): peak
 # reserved over peak allocated. 10% is an assumed allowance, to be replaced by the ratio of
