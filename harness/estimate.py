@@ -378,7 +378,8 @@ def memory_breakdown(model, config, s: Setup) -> dict:
             "activations": act_fwd - n_tok * top + recompute + workspace + dequant, "other": other}
         phases["recompute, bottom layer"] = {
             "parameters": param_dev, "gradients": (grads - layer_grad - emb_grad) / shard,
-            "optimizer_state": opt_dev, "activations": n_tok * res_b * h + recompute + workspace + dequant,
+            "optimizer_state": opt_dev,
+            "activations": n_tok * (res_b * h + rotary + mask) + recompute + workspace + dequant,
             "other": other}
     phase = max(phases, key=lambda k: sum(phases[k].values()))
     breakdown = {c: int(phases[phase][c]) for c in CATEGORIES}

@@ -98,6 +98,8 @@ def test_sharding_divides_model_states():
     one = estimate.estimate_job(cfg_for(*base))
     four = estimate.estimate_job(cfg_for(*base, "distributed=fsdp", "distributed.num_processes=4"))
     ddp = estimate.estimate_job(cfg_for(*base, "distributed=ddp", "distributed.num_processes=4"))
+    zero3 = estimate.estimate_job(cfg_for(*base, "distributed=zero3", "distributed.num_processes=4"))
+    assert zero3["breakdown"]["optimizer_state"] == four["breakdown"]["optimizer_state"]
     for c in ("parameters", "optimizer_state"):
         assert four["breakdown"][c] == pytest.approx(one["breakdown"][c] / 4, rel=1e-6)
     assert four["world_size"] == 4 and four["strategy"] == "fsdp"
