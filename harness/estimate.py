@@ -553,7 +553,8 @@ def format_text(row: dict) -> str:
         lines.append(f"  on the device          {_gib(row['device_total_bytes'])} with CUDA context "
                      f"{_gib(row['cuda_context_bytes'])} and allocator reserve {_gib(row['allocator_reserve_bytes'])}"
                      f" of {_gib(row['device_memory_bytes'])}: {fits}; devices needed: "
-                     f"{row['devices_needed'] or ''} ({row['devices_needed_strategy']})")
+                     + (f"{row['devices_needed']} ({row['devices_needed_strategy']})" if row["devices_needed"]
+                        else row["devices_needed_strategy"]))
     time_text = ("n/a" if row["train_hours"] is None else f"{row['train_hours']:.3g} h"
                  + ("" if row["cost_usd"] is None else f", ${row['cost_usd']:,.2f}"))
     lines.append(f"  training {row['projected_tokens']:.3g} tokens   {time_text} "
