@@ -173,6 +173,7 @@ class Setup:
     dropout: float
     dora: bool
     padded: bool         # batches carry padding, so SDPA gets a mask (and repeats k, v to every head)
+    accumulate: bool = False  # grad_accum > 1: later micro-batches run with the gradients held
 
 
 def setup_of(cfg: dict) -> Setup:
@@ -205,7 +206,8 @@ def setup_of(cfg: dict) -> Setup:
                  optim=optim, gc=bool(train["gradient_checkpointing"]), batch=int(train["batch_size"]),
                  seq=int(train["seq_len"]), strategy=strategy, world=max(world, 1),
                  dropout=0.0 if full else float(method.get("dropout") or 0.0),
-                 dora=not full and bool(method.get("use_dora")), padded=bool(est.get("padded", True)))
+                 dora=not full and bool(method.get("use_dora")), padded=bool(est.get("padded", True)),
+                 accumulate=int(train.get("grad_accum") or 1) > 1)
 
 
 # ---------------------------------------------------------------- memory model
@@ -350,10 +352,11 @@ def memory_breakdown(model, config, s: Setup) -> dict:
     dequant = max((lin.d_in * lin.d_out for lin in lins if lin.kind != "lm_head"), default=0) * (
         2 if s.gpu else 4) if s.quantized else 0
 
+    held = grads_dev if s.accumulate else 0  # gradients of earlier micro-batches
     phases = {
-        "loss backward": {"parameters": param_dev, "gradients": 0, "optimizer_state": opt_dev,
+        "loss backward": {"parameters": param_dev, "gradients": held, "optimizer_state": opt_dev,
                           "activations": act_fwd + logits_bwd, "other": other},
-        "lm_head backward": {"parameters": param_dev, "gradients": lm_head_grad / shard, "optimizer_state": opt_dev,
+        "lm_head backward": {"parameters": param_dev, "gradients": max(held, lm_head_grad / shard), "optimizer_state": opt_dev,
                              "activations": act_fwd + 4 * n_tok * V + n_tok * h * 4, "other": other},
         "layer backward": {"parameters": param_dev, "gradients": grads_dev, "optimizer_state": opt_dev,
                            "activations": n_tok * (res_b * h * 2) + dequant, "other": other},
@@ -368,13 +371,13 @@ def memory_breakdown(model, config, s: Setup) -> dict:
     layer_grad = max(grads - lm_head_grad - emb_grad, 0) / L
     if not s.gc:
         phases["top layer backward"] = {
-            "parameters": param_dev, "gradients": lm_head_grad / shard, "optimizer_state": opt_dev,
+            "parameters": param_dev, "gradients": max(held, lm_head_grad / shard), "optimizer_state": opt_dev,
             "activations": act_fwd - n_tok * top + workspace + dequant, "other": other}
     else:
         # with checkpoints, backward recomputes one layer at a time: at the top layer every
         # checkpoint is still held; at the bottom one, nearly every gradient exists
         phases["recompute, top layer"] = {
-            "parameters": param_dev, "gradients": lm_head_grad / shard, "optimizer_state": opt_dev,
+            "parameters": param_dev, "gradients": max(held, lm_head_grad / shard), "optimizer_state": opt_dev,
             "activations": act_fwd - n_tok * top + recompute + workspace + dequant, "other": other}
         phases["recompute, bottom layer"] = {
             "parameters": param_dev, "gradients": (grads - layer_grad - emb_grad) / shard,
