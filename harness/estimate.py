@@ -238,44 +238,60 @@ def _optimizer_state(shapes: list[int], optim: str, weight_bytes: int) -> int:
     return total
 
 
-def layer_activations(dims: dict, s: Setup, adapted: dict[str, int], norms_train: bool) -> float:
+KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def layer_activations(dims: dict, s: Setup, adapted: dict[str, int], norms_train: bool, base_trains: bool) -> float:
     """Bytes one decoder layer keeps for backward, per token (no gradient checkpointing).
 
-    Read from the autograd graph of transformers' Llama-family layer under SDPA:
-    each RMSNorm keeps its fp32 input (4h; with bf16 weights an fp32 copy), 1/rms (4), its
-    normalized input when the norm weight trains, and its output; q, k, v after rotary, with k and
-    v repeated to all heads (the padding mask makes SDPA take the repeat_kv path), and the
-    attention output (4 tensors of nh*d; SDPA writes its output token-major, so o_proj's
-    reshaped input is a view of it; without padding SDPA runs causal with grouped-query
-    attention and keeps k and v at nkv*d); the SwiGLU MLP keeps gate, silu(gate),
-    up and their product (4 tensors of i). Under bf16 autocast every matmul also keeps its own
-    bf16 copy of an fp32 input. A LoRA adapter keeps its dropout mask, dropout output and A's
-    output; DoRA also the base and LoRA outputs (norm scaling).
+    Read from the autograd graph of transformers' Llama-family layer under SDPA (a matmul keeps
+    its input only when its weight trains, and its weight only for the input's gradient):
+
+    - each RMSNorm keeps its fp32 input (4h; with bf16 weights an fp32 copy) and 1/rms (4), and
+      its normalized input when the norm weight trains;
+    - attention keeps q after rotary, k and v (repeated to every head when padding gives SDPA a
+      mask, which it keeps per layer), the output (o_proj's reshaped input is a view of it, as
+      SDPA writes it token-major) and the fp32 log-sum-exp per head;
+    - the SwiGLU MLP keeps gate, silu(gate) and up;
+    - a matmul whose weight trains keeps its input (the norm output, shared by q/k/v and by
+      gate/up; the MLP product); under bf16 autocast its own bf16 copy of an fp32 input instead;
+    - a LoRA adapter with dropout keeps the dropout mask (float on a CPU, bool on a GPU) and the
+      dropout output (its bf16 copy under autocast), without dropout its input; then A's output;
+      DoRA also the base and LoRA outputs (its norm scaling).
     """
     h, i, q = dims["h"], dims["i"], dims["nh"] * dims["d"]
     a = 4 if s.regime == "fp32" else 2          # matmul outputs
     out_b = 4 if s.regime != "bf16" else 2      # norm outputs (fp32 weights keep them fp32)
-    norm = 4 * h + 4 + (out_b * h if norms_train else 0) + out_b * h
+    cast = s.regime == "autocast"               # every matmul casts an fp32 input to bf16
     kv = q if s.padded else dims["nkv"] * dims["d"]
-    total = 2 * norm + 2 * a * q + 2 * a * kv + 4 * a * i
-    total += 4 * dims["nh"]  # SDPA's logsumexp, fp32 per head and token
-    cast = 2 if s.regime == "autocast" else 0   # bf16 copy of an fp32 matmul input
-    inputs = {"q_proj": h, "k_proj": h, "v_proj": h, "gate_proj": h, "up_proj": h}
+    total = 2 * (4 * h + 4 + (out_b * h if norms_train else 0))
+    total += 2 * a * q + 2 * a * kv + 3 * a * i + 4 * dims["nh"] + (a * s.seq if s.padded else 0)
+    # what feeds each matmul: (width, the shared tensor, its bytes per element); o_proj's input
+    # is SDPA's output, kept anyway
+    feeds = {"q_proj": (h, "y1", out_b), "k_proj": (h, "y1", out_b), "v_proj": (h, "y1", out_b),
+             "o_proj": (q, None, a), "gate_proj": (h, "y2", out_b), "up_proj": (h, "y2", out_b),
+             "down_proj": (i, "prod", a)}
     outputs = {"q_proj": q, "k_proj": dims["nkv"] * dims["d"], "v_proj": dims["nkv"] * dims["d"],
                "o_proj": h, "gate_proj": i, "up_proj": i, "down_proj": h}
-    total += cast * sum(inputs.values())
-    for kind, r in adapted.items():
-        d_in = inputs.get(kind, q if kind == "o_proj" else i)
-        in_b = out_b if kind in inputs else a
-        if s.dropout > 0:
-            total += d_in  # bool mask
-            total += (2 if s.regime != "fp32" else in_b) * d_in  # dropout output (or its bf16 copy)
-        elif cast and kind in inputs:
-            total += 2 * d_in  # A's own bf16 copy of the fp32 input
-        total += a * r  # A's output, kept by B
-        if s.dora:
-            total += 2 * a * outputs.get(kind, h)
-    return total
+    kept: dict[str, float] = {}
+    mask_b = 1 if s.gpu else 4
+    for kind in KINDS:
+        d_in, shared, in_b = feeds[kind]
+        keeps_input = [base_trains] + ([s.dropout == 0] if kind in adapted else [])
+        for keeps in keeps_input:
+            if not keeps:
+                continue
+            if cast and in_b == 4:
+                total += 2 * d_in  # the matmul's own bf16 copy
+            elif shared:
+                kept[shared] = in_b * d_in
+        if kind in adapted:
+            if s.dropout > 0:
+                total += mask_b * d_in + (2 if s.regime != "fp32" else in_b) * d_in
+            total += a * adapted[kind]  # A's output, kept by B
+            if s.dora:
+                total += 2 * a * outputs[kind]
+    return total + sum(kept.values())
 
 
 def memory_breakdown(model, config, s: Setup) -> dict:
@@ -314,14 +330,23 @@ def memory_breakdown(model, config, s: Setup) -> dict:
         if lin.r is not None:
             adapted[lin.kind] = lin.r
     norms_train = any(p.requires_grad for n, p in params if "norm" in n)
-    per_layer = layer_activations(dims, s, adapted, norms_train)
+    base_trains = any(lin.trainable for lin in lins if lin.kind in KINDS)
+    per_layer = layer_activations(dims, s, adapted, norms_train, base_trains)
     res_b = 2 if s.regime == "bf16" else 4
     h, V, L = dims["h"], dims["V"], dims["L"]
     out_b = 4 if s.regime != "bf16" else 2
     rotary = 2 * 4 * dims["d"] / s.batch  # cos and sin (1 x seq x head_dim, fp32), kept by the rotary products
-    top = 4 * h + 4 + (out_b * h if norms_train else 0) + out_b * h + (2 * h if s.regime == "autocast" else 0)
-    mask = s.seq if s.padded else 0  # the boolean causal+padding mask, batch x seq x seq bytes
+    head_trains = any(lin.trainable for lin in lins if lin.kind == "lm_head")
+    # the final norm, and lm_head's input when its weight trains (a bf16 copy under autocast)
+    top = 4 * h + 4 + (out_b * h if norms_train else 0) + (
+        (2 if s.regime == "autocast" else out_b) * h if head_trains else 0)
+    mask = 0  # SDPA keeps its mask per layer (layer_activations)
     saved = (L * res_b * h if s.gc else L * per_layer) + top + rotary + mask
+    if not s.gc and not any(p.requires_grad for n, p in params if "embed_tokens" in n):
+        # a frozen embedding's output needs no gradient: the first norm keeps nothing, and the
+        # dropout masks of the first layer's q/k/v adapters are not kept either
+        saved -= 4 * h + 4 + (1 if s.gpu else 4) * h * sum(
+            1 for k in ("q_proj", "k_proj", "v_proj") if k in adapted and s.dropout > 0)
     # bf16 autocast keeps, for backward, the bf16 copy of every fp32 weight a matmul used
     # (4-bit weights are dequantized by bitsandbytes instead); with checkpoints only one layer's.
     # FSDP / ZeRO-3 gather each block's weights in bf16 and free them after use (SHARDED_LIVE_BLOCKS).
@@ -348,9 +373,9 @@ def memory_breakdown(model, config, s: Setup) -> dict:
         opt_temp = sum(trainable) * tw / shard if s.gpu else 2 * max(trainable) * tw
     else:
         opt_temp = 0
-    # QLoRA's backward dequantizes one weight at a time
-    dequant = max((lin.d_in * lin.d_out for lin in lins if lin.kind != "lm_head"), default=0) * (
-        2 if s.gpu else 4) if s.quantized else 0
+    # QLoRA's backward on a GPU dequantizes one bf16 weight at a time (not seen at the CPU's peaks)
+    dequant = 2 * max((lin.d_in * lin.d_out for lin in lins if lin.kind != "lm_head"), default=0) if (
+        s.quantized and s.gpu) else 0
 
     held = grads_dev if s.accumulate else 0  # gradients of earlier micro-batches
     phases = {
