@@ -2,9 +2,15 @@
 
 One JSON file per run in ``results_dir``: ``<run_id>.json``, written atomically (temp file in
 the same folder + ``os.replace``), so a crash never leaves a half-written record. Per-question
-answers live beside it in ``<run_id>.items.jsonl.gz`` (one JSON object per line:
+answers live beside it in ``<run_id>.items.<digest>.jsonl.gz`` (one JSON object per line:
 ``{"task": "mmlu"|"indomain", "id": str, "subject": str, "category": str|None,
-"pred": int, "target": int, "correct": bool}``) and are referenced by ``items_file``.
+"pred": int, "target": int, "correct": bool}``) and are referenced by ``items_file``: a rerun
+writes its answers under a new name, and the record's rename is the one commit point, so a
+rerun that dies leaves the previous record and its answers as they were.
+
+Jobs that run at once share the folder. ``run_lock`` is a lock per run id under ``.locks/``,
+taken with ``flock``: the kernel drops it when its holder dies, so a killed job never blocks a
+rerun. Readers only see whole records (temp files start with ``.`` and end in ``.tmp``).
 
 Schema 1 (fields other stages rely on)::
 
@@ -35,10 +41,14 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
 
 SCHEMA = 1
 STATUSES = ("ok", "failed", "oom")
@@ -68,6 +78,8 @@ REQUIRED_METRICS = (
     "mmlu_stderr",
     "mmlu_n",
 )
+
+LOCK_DIR = ".locks"
 
 log = logging.getLogger(__name__)
 
@@ -106,20 +118,84 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def write_record(results_dir: str | Path, record: dict) -> Path:
-    """Validate and write ``record`` atomically; returns its path."""
+    """Validate and write ``record`` atomically; returns its path.
+
+    The rename is the commit point of a run: answers files of ``run_id`` that the new record
+    does not reference (an earlier run's) are removed only after it."""
     validate(record)
     path = record_path(results_dir, record["run_id"])
     _atomic_write_bytes(path, (json.dumps(record, indent=2, sort_keys=True, default=str) + "\n").encode())
+    for old in Path(results_dir).glob(f"{record['run_id']}.items*.jsonl.gz"):
+        if old.name != record.get("items_file"):
+            old.unlink(missing_ok=True)
     return path
 
 
 def write_items(results_dir: str | Path, run_id: str, items: Iterable[dict]) -> str:
-    """Write per-question answers as gzipped JSONL; returns the file name to put in the record."""
-    name = f"{run_id}.items.jsonl.gz"
+    """Write per-question answers as gzipped JSONL; returns the file name to put in the record.
+
+    The name carries a digest of the answers, so a rerun never overwrites the file that the
+    current record of ``run_id`` points to."""
     lines = "".join(json.dumps(it, sort_keys=True) + "\n" for it in items)
     # mtime=0 keeps the bytes reproducible for the same answers
-    _atomic_write_bytes(Path(results_dir) / name, gzip.compress(lines.encode(), mtime=0))
+    data = gzip.compress(lines.encode(), mtime=0)
+    name = f"{run_id}.items.{hashlib.sha256(data).hexdigest()[:12]}.jsonl.gz"
+    _atomic_write_bytes(Path(results_dir) / name, data)
     return name
+
+
+def record_stamp(results_dir: str | Path, run_id: str) -> tuple[int, int] | None:
+    """(inode, mtime) of ``run_id``'s record, or None: tells whether a job wrote its record."""
+    try:
+        st = record_path(results_dir, run_id).stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+# ---------------------------------------------------------------- locks
+
+
+def lock_path(results_dir: str | Path, name: str) -> Path:
+    return Path(results_dir) / LOCK_DIR / f"{name}.lock"
+
+
+def _write_holder(fd: int) -> None:
+    """Say in the lock file who holds it (shown by harness-status)."""
+    holder = {"pid": os.getpid(), "host": platform.node(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(holder).encode(), 0)
+
+
+def run_lock(results_dir: str | Path, name: str, timeout: float = -1) -> FileLock:
+    """The lock of run id ``name`` in ``results_dir`` (not yet taken; ``with`` or ``acquire``).
+
+    ``flock`` only, never a lock file whose mere existence means "held" (filelock's soft
+    fallback): the kernel releases an flock when its holder dies, so a killed job never leaves
+    a stale lock. On a filesystem without flock (Lustre mounted without ``-o flock``) taking
+    it fails loudly instead. The file itself stays (``preserve_lock_file``): waiters and later
+    holders share one inode. ``timeout``: seconds to wait; negative waits for ever."""
+    path = lock_path(results_dir, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(path, timeout=timeout, thread_local=False, fallback_to_soft=False, preserve_lock_file=True,
+                    on_acquired=_write_holder)
+
+
+def lock_holder(results_dir: str | Path, name: str) -> dict | None:
+    """Who holds run id ``name``'s lock now ({"pid", "host", "since"}), or None when it is free."""
+    path = lock_path(results_dir, name)
+    if not path.exists():
+        return None
+    probe = FileLock(path, thread_local=False, fallback_to_soft=False, preserve_lock_file=True)
+    try:
+        probe.acquire(blocking=False)
+    except Timeout:
+        try:
+            return json.loads(path.read_text() or "{}")
+        except (OSError, json.JSONDecodeError):
+            return {}
+    probe.release()
+    return None
 
 
 def read_items(results_dir: str | Path, record: dict) -> list[dict]:

@@ -9,6 +9,7 @@ allocations, caches and compiled kernels never leak into the next run's figures,
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -24,11 +25,12 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from harness import records
+from harness import records, sweep
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # Keys that steer the harness but do not change a result: left out of every hash.
-NON_RESULT_KEYS = ("results_dir", "reports_dir", "force", "isolate", "report", "projected_tokens")
+NON_RESULT_KEYS = ("results_dir", "reports_dir", "force", "isolate", "report", "projected_tokens", "parallel")
+LOCK_PROBE_S = 2.0  # how long a job waits for its run id's lock before leaving it to the holder
 GROUPS = ("model", "method", "data", "train", "eval", "hardware", "distributed", "experiment")
 
 
@@ -131,6 +133,7 @@ def environment() -> dict:
         "device_count": torch.cuda.device_count() if cuda else 1,
         "cpu_threads": torch.get_num_threads(),
         "host": platform.node(),
+        **sweep.launch_env(),
     }
 
 
@@ -330,18 +333,23 @@ def run_isolated(job: dict, entry: str = "execute") -> None:
     """Run the job in a fresh interpreter; if an arm's child dies without a record, write one."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         json.dump(job, fh)
+    results_dir = job["config"]["results_dir"]
+    before = records.record_stamp(results_dir, job["run_id"])
     try:
         code = f"from harness.run import execute_file; execute_file({fh.name!r}, {entry!r})"
         proc = subprocess.run([sys.executable, "-c", code], cwd=os.getcwd())
     finally:
         os.unlink(fh.name)
-    path = records.record_path(job["config"]["results_dir"], job["run_id"])
-    if entry == "execute" and proc.returncode != 0 and not path.exists():
+    if entry == "execute" and proc.returncode != 0 and records.record_stamp(results_dir, job["run_id"]) == before:
         # killed (e.g. by the kernel's OOM killer: -9) before it could write its record
+        if records.find_ok(results_dir, job["run_id"]):  # a force=true rerun died: the ok record stays
+            print(f"[{job['run_id']}] rerun died (exit code {proc.returncode}); the earlier ok record is kept",
+                  flush=True)
+            return
         status = "oom" if proc.returncode in (-9, 137) else "failed"
-        rec = new_record(job, {})
+        rec = new_record(job, sweep.launch_env())
         rec.update(status=status, error=f"job process exited with code {proc.returncode}")
-        records.write_record(job["config"]["results_dir"], rec)
+        records.write_record(results_dir, rec)
 
 
 # ---------------------------------------------------------------- Hydra app
@@ -372,26 +380,65 @@ class ReportCallback(Callback):
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    os.environ[sweep.ENV_LAUNCHER] = sweep.launcher_kind(hc.launcher.get("_target_"))
     resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-    try:
-        job = plan(resolved)
-        check_inputs(job["config"])
-    except UsageError as exc:
-        usage_exit(str(exc))
-    existing = records.find_ok(job["config"]["results_dir"], job["run_id"])
-    if existing and not job["config"]["force"]:
+    with contextlib.ExitStack() as stack:
+        if os.environ[sweep.ENV_LAUNCHER] == "parallel":
+            # first this machine's share (GPUs, threads), before anything can touch a GPU
+            try:
+                stack.enter_context(sweep.parallel_slot(resolved))
+            except sweep.SlotError as exc:
+                usage_exit(str(exc))
+        try:
+            job = plan(resolved)
+            check_inputs(job["config"])
+        except UsageError as exc:
+            if multirun:
+                sweep.discard_if_unstarted(resolved["results_dir"], hc)
+            usage_exit(str(exc))
+        if multirun:
+            sweep.register_job(job["config"]["results_dir"], hc, job)
+        run_job(job, stack)
+
+
+def run_job(job: dict, stack: contextlib.ExitStack) -> None:
+    """Skip, or run ``job`` (and the base-model evaluation it needs) under its run-id lock."""
+    cfg = job["config"]
+    results_dir = cfg["results_dir"]
+    if records.find_ok(results_dir, job["run_id"]) and not cfg["force"]:
+        print(f"[{job['run_id']}] skipped: an ok record exists (force=true reruns it)", flush=True)
+        return
+    try:  # a moment's wait, so that harness-status probing the lock is never taken for a holder
+        stack.enter_context(records.run_lock(results_dir, job["run_id"], timeout=LOCK_PROBE_S))
+    except records.Timeout:
+        holder = records.lock_holder(results_dir, job["run_id"]) or {}
+        print(f"[{job['run_id']}] skipped: another sweep is running it (pid {holder.get('pid', '?')} "
+              f"on {holder.get('host', '?')})", flush=True)
+        return
+    # another sweep may have finished it while this one planned
+    if records.find_ok(results_dir, job["run_id"]) and not cfg["force"]:
         print(f"[{job['run_id']}] skipped: an ok record exists (force=true reruns it)", flush=True)
         return
     rank_text = "" if job["rank"] is None else f" r={job['rank']}"
-    print(f"[{job['run_id']}] {job['method']}{rank_text} model={job['config']['model']['name']} "
-          f"seed={job['config']['seed']}", flush=True)
-    if job["config"]["isolate"]:
-        # the base model gets a process of its own too, so its evaluation leaves nothing in
-        # the process whose training memory is measured
-        random_weights = job["config"]["model"]["source"] == "config"
-        if should_evaluate(job["config"], random_weights) and not records.find_ok(
-                job["config"]["results_dir"], job["base_run_id"]):
-            run_isolated(job, "execute_base")
+    print(f"[{job['run_id']}] {job['method']}{rank_text} model={cfg['model']['name']} "
+          f"seed={cfg['seed']}", flush=True)
+    random_weights = cfg["model"]["source"] == "config"
+    if should_evaluate(cfg, random_weights):
+        # exactly once per folder: jobs running at once wait here for the one evaluating it
+        with records.run_lock(results_dir, job["base_run_id"]):
+            if not records.find_ok(results_dir, job["base_run_id"]):
+                # its own process too when isolated, so its evaluation leaves nothing in the
+                # process whose training memory is measured
+                if cfg["isolate"]:
+                    run_isolated(job, "execute_base")
+                else:
+                    execute_base(job)
+    if cfg["isolate"]:
         run_isolated(job)
     else:
         execute(job)
