@@ -183,7 +183,11 @@ def run_lock(results_dir: str | Path, name: str, timeout: float = -1) -> FileLoc
 
 def lock_holder(results_dir: str | Path, name: str) -> dict | None:
     """Who holds run id ``name``'s lock now ({"pid", "host", "since"}), or None when it is free."""
-    path = lock_path(results_dir, name)
+    return holder_of(lock_path(results_dir, name))
+
+
+def holder_of(path: Path) -> dict | None:
+    """Who holds the lock file ``path`` now, or None when it is free (or does not exist)."""
     if not path.exists():
         return None
     probe = FileLock(path, thread_local=False, fallback_to_soft=False, preserve_lock_file=True)

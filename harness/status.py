@@ -1,0 +1,116 @@
+"""harness-status: which jobs of a sweep are done, running, failed, oom or missing.
+
+    harness-status                      the latest sweep over results/
+    harness-status --results DIR --all  every sweep over DIR, oldest first
+
+A job's state, from what the folder holds (see harness/sweep.py for the files):
+running  its run id's lock is held (by a job of this sweep or of another one)
+done     an ok record
+failed   a failed record (its error is shown)
+oom      an oom record (out of memory, or its process was killed: exit code -9)
+missing  no record: not started yet (queued while the sweep's launcher lives), or started and
+         interrupted (its lock is free): rerun the sweep, finished jobs are skipped
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+from harness import records, sweep
+
+STATES = ("done", "running", "failed", "oom", "missing")
+
+
+def job_state(results_dir: str | Path, entry: dict | None, launcher_alive: bool) -> tuple[str, str]:
+    """(state, detail) of one planned job; ``entry`` is what the job registered when it started."""
+    if entry is None:
+        return "missing", "queued: the sweep is still running" if launcher_alive else "not started"
+    run_id = entry["run_id"]
+    holder = records.lock_holder(results_dir, run_id)
+    if holder is not None:
+        return "running", f"pid {holder.get('pid', '?')} on {holder.get('host', '?')} since {holder.get('since', '?')}"
+    path = records.record_path(results_dir, run_id)
+    if not path.exists():
+        return "missing", f"interrupted: started {entry.get('started_at', '?')} on {entry.get('host', '?')}, no record"
+    try:
+        rec = records.load_record(path)
+    except records.RecordError as exc:
+        return "missing", f"unreadable record: {exc}"
+    if rec["status"] == "ok":
+        return "done", ""
+    return rec["status"], (rec.get("error") or "")[:160]
+
+
+def varying_overrides(jobs: list[dict]) -> set[str]:
+    """The override keys whose value differs between the sweep's jobs (the sweep's axes)."""
+    values: dict[str, set[str]] = {}
+    for job in jobs:
+        for override in job["overrides"]:
+            key, _, value = override.partition("=")
+            values.setdefault(key, set()).add(value)
+    return {k for k, v in values.items() if len(v) > 1}
+
+
+def sweep_rows(results_dir: str | Path, sw: dict) -> list[dict]:
+    """One row per planned job (or per started job when the plan is unknown)."""
+    alive = records.holder_of(sweep.sweep_path(results_dir, sw["sweep_id"]) / "launcher.lock")
+    planned = sw.get("jobs") or [{"num": n, "overrides": e["overrides"]} for n, e in sorted(sw["registered"].items())]
+    axes = varying_overrides(planned)
+    rows = []
+    for job in planned:
+        entry = sw["registered"].get(job["num"])
+        state, detail = job_state(results_dir, entry, alive is not None)
+        point = " ".join(o for o in job["overrides"] if o.partition("=")[0] in axes)
+        rows.append({"num": job["num"], "state": state, "run_id": entry["run_id"] if entry else "-",
+                     "point": point, "detail": detail})
+    return rows
+
+
+def render(results_dir: str | Path, sw: dict) -> str:
+    rows = sweep_rows(results_dir, sw)
+    alive = records.holder_of(sweep.sweep_path(results_dir, sw["sweep_id"]) / "launcher.lock")
+    counts = Counter(r["state"] for r in rows)
+    summary = ", ".join(f"{counts[s]} {s}" for s in STATES)
+    lines = [f"sweep {sw['sweep_id']} ({sw.get('launcher', '?')}, started {sw.get('created_at', '?')}, "
+             f"launcher {'running' if alive is not None else 'gone'}): {len(rows)} jobs: {summary}"]
+    if sw.get("jobs") is None:
+        lines.append("  (this sweeper's plan is unknown: only jobs that started are listed)")
+    width = max([len(r["run_id"]) for r in rows] + [6])
+    for r in rows:
+        text = f"  {r['num']:>3}  {r['state']:<7}  {r['run_id']:<{width}}  {r['point']}"
+        lines.append(text + (f"  [{r['detail']}]" if r["detail"] else ""))
+    return "\n".join(lines)
+
+
+def folder_summary(results_dir: str | Path) -> str:
+    """Records by status and run ids being run now, for a folder without sweeps too."""
+    counts = Counter(rec["status"] for rec in records.load_records(results_dir))
+    running = sorted(p.stem for p in Path(results_dir, records.LOCK_DIR).glob("*.lock")
+                     if not p.stem.startswith("slot-") and records.lock_holder(results_dir, p.stem) is not None)
+    text = f"{results_dir}: {sum(counts.values())} records ({', '.join(f'{counts[s]} {s}' for s in records.STATUSES)})"
+    return text + (f"; running now: {', '.join(running)}" if running else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="harness-status", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", default="results", help="folder of run records (default: results)")
+    parser.add_argument("--all", action="store_true", help="every sweep over the folder, not only the latest")
+    args = parser.parse_args(argv)
+    if not Path(args.results).is_dir():
+        print(f"harness-status: error: --results {args.results!r} is not a folder; pass the folder a sweep "
+              "writes its records into", file=sys.stderr)
+        return 2
+    print(folder_summary(args.results))
+    sweeps = sweep.read_sweeps(args.results)
+    if not sweeps:
+        print("no sweeps recorded in this folder (harness-run -m writes one per sweep)")
+    for sw in sweeps if args.all else sweeps[-1:]:
+        print(render(args.results, sw))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Launchers: the parallel preset (submitit's local executor, for real), the Slurm preset (its
+sbatch script, built without a cluster), parallel slots, and harness-status."""
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import ROOT, TINY, harness_run
+from hydra import compose, initialize_config_dir
+from test_faults import ENV, job_processes, no_temp_files, wait_for
+
+from harness import records, sweep
+from harness.report import build_report
+from harness.run import NON_RESULT_KEYS, plan
+
+EVAL_TINY = ["eval.on_random_weights=true", "eval.indomain.batch_size=8"]
+
+
+def compose_cfg(*overrides: str, hydra: bool = True):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def status_of(results: Path) -> str:
+    proc = subprocess.run([sys.executable, "-m", "harness.status", "--results", str(results)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+# ---------------------------------------------------------------- presets and slots (fast)
+
+
+def test_launcher_presets_compose_on_submitit():
+    slurm = compose_cfg("hydra/launcher=slurm", "hydra.launcher.gpus_per_node=4").hydra.launcher
+    assert slurm._target_.endswith("SlurmLauncher") and sweep.launcher_kind(slurm._target_) == "slurm"
+    assert slurm.tasks_per_node == 1 and slurm.gpus_per_task == 4 and slurm.max_num_timeout > 0
+    local = compose_cfg("hydra/launcher=parallel").hydra.launcher
+    assert sweep.launcher_kind(local._target_) == "parallel" and local.gpus_per_node == 0
+    assert sweep.launcher_kind("hydra._internal.core_plugins.basic_launcher.BasicLauncher") == "sequential"
+
+
+def test_parallel_settings_do_not_change_run_ids():
+    from omegaconf import OmegaConf
+
+    assert "parallel" in NON_RESULT_KEYS
+    ids = set()
+    for jobs in ("null", "3"):
+        cfg = compose_cfg("model=tiny-random", f"parallel.jobs={jobs}", hydra=False)
+        ids.add(plan(OmegaConf.to_container(cfg, resolve=True))["run_id"])
+    assert len(ids) == 1
+
+
+@pytest.mark.parametrize("par,gpus,cores,expected", [
+    ({"jobs": None, "gpus_per_job": None}, ["0", "1", "2", "3"], 16, (4, 1, 4)),
+    ({"jobs": None, "gpus_per_job": 2}, ["0", "1", "2", "3"], 16, (2, 2, 8)),
+    ({"jobs": 8, "gpus_per_job": None}, ["0", "1"], 16, (2, 1, 8)),  # never two jobs on one GPU
+    ({"jobs": None, "gpus_per_job": None}, [], 8, (2, 0, 4)),
+    ({"jobs": 4, "gpus_per_job": None}, [], 2, (4, 0, 1)),
+])
+def test_slot_plan(par, gpus, cores, expected):
+    assert sweep.slot_plan({"parallel": par, "distributed": {"num_processes": 1}}, gpus, cores) == expected
+
+
+def test_slot_plan_takes_gpus_per_job_from_distributed_and_rejects_too_many():
+    cfg = {"parallel": {"jobs": None, "gpus_per_job": None}, "distributed": {"num_processes": 4}}
+    assert sweep.slot_plan(cfg, [str(i) for i in range(8)], 32) == (2, 4, 16)
+    with pytest.raises(sweep.SlotError, match="parallel.gpus_per_job=4 is more than the 2 GPU"):
+        sweep.slot_plan(cfg, ["0", "1"], 32)
+
+
+SLOT_USER = textwrap.dedent("""
+    import os, sys, time
+    from harness import sweep
+    cfg = {"results_dir": sys.argv[1], "parallel": {"jobs": None, "gpus_per_job": 2},
+           "distributed": {"num_processes": 1}}
+    with sweep.parallel_slot(cfg):
+        print("got", os.environ["CUDA_VISIBLE_DEVICES"], os.environ["OMP_NUM_THREADS"], time.monotonic(), flush=True)
+        time.sleep(float(sys.argv[2]))
+    print("freed", time.monotonic(), flush=True)
+""")
+
+
+def test_parallel_slots_give_jobs_their_own_gpus_and_queue_the_rest(tmp_path):
+    env = {**ENV, sweep.ENV_DEVICES: "4,5,6,7"}  # the sweep's GPUs; no GPU is touched
+    procs = [subprocess.Popen([sys.executable, "-c", SLOT_USER, str(tmp_path), hold], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for hold in ("3", "3", "0")]
+    outs = [p.communicate(timeout=60)[0] for p in procs]
+    got = [next(line.split()[1:] for line in o.splitlines() if line.startswith("got ")) for o in outs]
+    freed = [float(next(line.split()[1] for line in o.splitlines() if line.startswith("freed "))) for o in outs]
+    assert {got[0][0], got[1][0]} == {"4,5", "6,7"}, outs  # two slots of two GPUs: no GPU shared
+    assert all(g[1] == str(max(1, len(os.sched_getaffinity(0)) // 2)) for g in got)
+    # the third job waited for a slot: it started only after one of the first two freed theirs
+    assert "waiting for one of 2 parallel slots" in outs[2]
+    assert float(got[2][2]) >= min(freed[:2])
+
+
+# ---------------------------------------------------------------- the Slurm submission (no cluster)
+
+FAKE_SBATCH = """#!/bin/sh
+cp "$1" "$CAPTURE_DIR/sbatch-$(basename "$1")"
+echo "sbatch: error: no cluster here (test double)" >&2
+exit 1
+"""
+
+
+def test_slurm_submission_carries_partition_gpus_time_limit_and_requeue(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(FAKE_SBATCH)
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")  # submitit only checks that srun exists
+    for exe in bin_dir.iterdir():
+        exe.chmod(0o755)
+    env = {**ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CAPTURE_DIR": str(tmp_path)}
+    sweep_dir = tmp_path / "sweep"
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness.run", "-m", "hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+         "hydra.launcher.account=proj42", "hydra.launcher.qos=high", "hydra.launcher.gpus_per_node=8",
+         "hydra.launcher.timeout_min=90", "hydra.launcher.max_num_timeout=5", "hydra.launcher.mem_gb=200",
+         "hydra.launcher.setup=[source .venv/bin/activate]", f"hydra.sweep.dir={sweep_dir}",
+         "model=tiny-random", "method=full,lora,qlora", "seed=0,1", f"results_dir={tmp_path / 'results'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "no cluster here" in proc.stderr + proc.stdout
+    scripts = list(tmp_path.glob("sbatch-*"))
+    assert len(scripts) == 1  # one array submission for the whole sweep
+    text = scripts[0].read_text()
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --account=proj42", "#SBATCH --qos=high",
+                 "#SBATCH --gpus-per-node=8", "#SBATCH --gpus-per-task=8", "#SBATCH --ntasks-per-node=1",
+                 "#SBATCH --cpus-per-gpu=8", "#SBATCH --nodes=1", "#SBATCH --mem=200GB", "#SBATCH --time=90",
+                 "#SBATCH --array=0-5%6", "#SBATCH --requeue", "#SBATCH --signal=USR2@120",
+                 "source .venv/bin/activate"):
+        assert line in text.splitlines(), (line, text)
+    # submitit requeues a timed-out task up to max_num_timeout times (kept with each submission)
+    pickles = list((sweep_dir / ".submitit").rglob("*.pkl"))
+    assert len(pickles) == 6
+    countdowns = {pickle.loads(p.read_bytes())._timeout_countdown for p in pickles}
+    assert countdowns == {5}
+    # the sweep's plan was written before any job: six planned jobs, none started yet
+    assert "0 done, 0 running, 0 failed, 0 oom, 6 missing" in status_of(tmp_path / "results")
+
+
+# ---------------------------------------------------------------- real parallel sweeps (slow)
+
+
+@pytest.mark.slow
+def test_four_jobs_in_parallel_into_one_folder(tmp_path):
+    results, sweep_dir = tmp_path / "results", tmp_path / "sweep"
+    proc = harness_run("-m", "hydra/launcher=parallel", "parallel.jobs=4", "method=full,lora", "seed=0,1",
+                       *TINY, *EVAL_TINY, f"results_dir={results}", f"hydra.sweep.dir={sweep_dir}", timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    recs = records.load_records(results)
+    arms = [r for r in recs if r["method"] != "base"]
+    base = [r for r in recs if r["method"] == "base"]
+    assert len(arms) == 4 and all(r["status"] == "ok" for r in arms) and len(base) == 1
+    logs = "".join(p.read_text() for p in (sweep_dir / ".submitit").rglob("*_log.out"))
+    assert logs.count("[base] ") == 1  # evaluated once; the other jobs waited for it and reused it
+    assert {r["base_run_id"] for r in arms} == {base[0]["run_id"]}
+    # what each job had, in its record: its own slot, a quarter of the cores, the launcher
+    assert {r["env"]["launcher"] for r in recs} == {"parallel"}
+    assert sorted(r["env"]["parallel_slot"] for r in arms) == ["0/4", "1/4", "2/4", "3/4"]
+    assert all(r["env"]["cpu_threads"] == max(1, len(os.sched_getaffinity(0)) // 4) for r in arms)
+    spans = sorted((r["env"]["started_at"], r["env"]["ended_at"]) for r in arms)
+    assert spans[1][0] <= spans[0][1]  # jobs ran at the same time
+    # a report built from the folder agrees with the records
+    build_report(results, tmp_path / "reports")
+    runs = pd.read_csv(tmp_path / "reports" / "runs.csv")
+    assert len(runs) == len(recs) or len(runs) == len(arms)
+    assert set(runs["run_id"]) >= {r["run_id"] for r in arms}
+    assert no_temp_files(results)
+    assert "4 done, 0 running, 0 failed, 0 oom, 0 missing" in status_of(results)
+
+
+@pytest.mark.slow
+def test_a_job_killed_like_the_oom_killer_in_a_parallel_sweep_gets_an_oom_record(tmp_path):
+    results, sweep_dir = tmp_path / "results", tmp_path / "sweep"
+    sweep_proc = subprocess.Popen(
+        [sys.executable, "-m", "harness.run", "-m", "hydra/launcher=parallel", "parallel.jobs=2", "method=full,lora",
+         *TINY, f"results_dir={results}", f"hydra.sweep.dir={sweep_dir}", "train.max_steps=40"],
+        cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        victim = wait_for(lambda: job_processes(results, "full"), what="the full arm's job process")[0]
+        time.sleep(0.5)
+        victim.send_signal(signal.SIGKILL)  # what the kernel's OOM killer sends
+        out, _ = sweep_proc.communicate(timeout=600)
+    finally:
+        if sweep_proc.poll() is None:
+            os.killpg(sweep_proc.pid, signal.SIGKILL)
+    assert sweep_proc.returncode == 0, out[-3000:]
+    recs = {r["method"]: r for r in records.load_records(results)}
+    assert recs["full"]["status"] == "oom" and "exited with code -9" in recs["full"]["error"]
+    assert recs["full"]["env"]["launcher"] == "parallel"  # written by its parent, which knows its slot
+    assert recs["lora"]["status"] == "ok"
+    status = status_of(results)
+    assert "1 done, 0 running, 0 failed, 1 oom, 0 missing" in status, status
