@@ -64,8 +64,15 @@ def sweep_rows(results_dir: str | Path, sw: dict) -> list[dict]:
         entry = sw["registered"].get(job["num"])
         state, detail = job_state(results_dir, entry, alive is not None)
         point = " ".join(o for o in job["overrides"] if o.partition("=")[0] in axes)
-        rows.append({"num": job["num"], "state": state, "run_id": entry["run_id"] if entry else "-",
-                     "point": point, "detail": detail})
+        rows.append(
+            {
+                "num": job["num"],
+                "state": state,
+                "run_id": entry["run_id"] if entry else "-",
+                "point": point,
+                "detail": detail,
+            }
+        )
     return rows
 
 
@@ -74,8 +81,10 @@ def render(results_dir: str | Path, sw: dict) -> str:
     alive = records.holder_of(sweep.sweep_path(results_dir, sw["sweep_id"]) / "launcher.lock")
     counts = Counter(r["state"] for r in rows)
     summary = ", ".join(f"{counts[s]} {s}" for s in STATES)
-    lines = [f"sweep {sw['sweep_id']} ({sw.get('launcher', '?')}, started {sw.get('created_at', '?')}, "
-             f"launcher {'running' if alive is not None else 'gone'}): {len(rows)} jobs: {summary}"]
+    lines = [
+        f"sweep {sw['sweep_id']} ({sw.get('launcher', '?')}, started {sw.get('created_at', '?')}, "
+        f"launcher {'running' if alive is not None else 'gone'}): {len(rows)} jobs: {summary}"
+    ]
     if sw.get("jobs") is None:
         lines.append("  (this sweeper's plan is unknown: only jobs that started are listed)")
     width = max([len(r["run_id"]) for r in rows] + [6])
@@ -88,8 +97,11 @@ def render(results_dir: str | Path, sw: dict) -> str:
 def folder_summary(results_dir: str | Path) -> str:
     """Records by status and run ids being run now, for a folder without sweeps too."""
     counts = Counter(rec["status"] for rec in records.load_records(results_dir))
-    running = sorted(p.stem for p in Path(results_dir, records.LOCK_DIR).glob("*.lock")
-                     if not p.stem.startswith("slot-") and records.lock_holder(results_dir, p.stem) is not None)
+    running = sorted(
+        p.stem
+        for p in Path(results_dir, records.LOCK_DIR).glob("*.lock")
+        if not p.stem.startswith("slot-") and records.lock_holder(results_dir, p.stem) is not None
+    )
     text = f"{results_dir}: {sum(counts.values())} records ({', '.join(f'{counts[s]} {s}' for s in records.STATUSES)})"
     return text + (f"; running now: {', '.join(running)}" if running else "")
 
@@ -100,8 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--all", action="store_true", help="every sweep over the folder, not only the latest")
     args = parser.parse_args(argv)
     if not Path(args.results).is_dir():
-        print(f"harness-status: error: --results {args.results!r} is not a folder; pass the folder a sweep "
-              "writes its records into", file=sys.stderr)
+        print(
+            f"harness-status: error: --results {args.results!r} is not a folder; pass the folder a sweep "
+            "writes its records into",
+            file=sys.stderr,
+        )
         return 2
     print(folder_summary(args.results))
     sweeps = sweep.read_sweeps(args.results)

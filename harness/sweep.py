@@ -89,11 +89,19 @@ def write_manifest(results_dir: str | Path, hydra_cfg) -> Path:
     sid = sweep_id(str(hydra_cfg.sweep.dir))
     folder = sweep_path(results_dir, sid)
     jobs = planned_overrides(hydra_cfg)
-    _write_json(folder / "manifest.json", {
-        "sweep_id": sid, "created_at": now_iso(), "sweep_dir": str(Path(str(hydra_cfg.sweep.dir)).resolve()),
-        "launcher": launcher_kind(hydra_cfg.launcher.get("_target_")), "overrides": list(hydra_cfg.overrides.task),
-        "jobs": None if jobs is None else [{"num": i, "overrides": o} for i, o in enumerate(jobs)],
-        "host": os.uname().nodename, "pid": os.getpid()})
+    _write_json(
+        folder / "manifest.json",
+        {
+            "sweep_id": sid,
+            "created_at": now_iso(),
+            "sweep_dir": str(Path(str(hydra_cfg.sweep.dir)).resolve()),
+            "launcher": launcher_kind(hydra_cfg.launcher.get("_target_")),
+            "overrides": list(hydra_cfg.overrides.task),
+            "jobs": None if jobs is None else [{"num": i, "overrides": o} for i, o in enumerate(jobs)],
+            "host": os.uname().nodename,
+            "pid": os.getpid(),
+        },
+    )
     return folder
 
 
@@ -101,10 +109,19 @@ def register_job(results_dir: str | Path, hydra_cfg, job: dict) -> None:
     """A started job's run ids, beside its sweep's manifest (multirun only)."""
     sid = sweep_id(str(hydra_cfg.sweep.dir))
     num = int(hydra_cfg.job.num)
-    _write_json(sweep_path(results_dir, sid) / "jobs" / f"{num}.json", {
-        "num": num, "overrides": list(hydra_cfg.overrides.task), "run_id": job["run_id"],
-        "base_run_id": job["base_run_id"], "method": job["method"], "started_at": now_iso(),
-        "host": os.uname().nodename, "pid": os.getpid()})
+    _write_json(
+        sweep_path(results_dir, sid) / "jobs" / f"{num}.json",
+        {
+            "num": num,
+            "overrides": list(hydra_cfg.overrides.task),
+            "run_id": job["run_id"],
+            "base_run_id": job["base_run_id"],
+            "method": job["method"],
+            "started_at": now_iso(),
+            "host": os.uname().nodename,
+            "pid": os.getpid(),
+        },
+    )
 
 
 def discard_if_unstarted(results_dir: str | Path, hydra_cfg) -> None:
@@ -153,12 +170,23 @@ def visible_gpus() -> list[str]:
 
 def launch_env() -> dict:
     """Fields for the record's ``env``: how the job was launched and what it was given."""
-    env: dict = {"launcher": os.environ.get(ENV_LAUNCHER, "sequential"),
-                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES") or None,
-                 "parallel_slot": os.environ.get(ENV_SLOT)}
-    slurm = {k.removeprefix("SLURM_").lower(): os.environ[k] for k in (
-        "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT", "SLURM_JOB_PARTITION",
-        "SLURM_JOB_NODELIST") if k in os.environ}
+    env: dict = {
+        "launcher": os.environ.get(ENV_LAUNCHER, "sequential"),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES") or None,
+        "parallel_slot": os.environ.get(ENV_SLOT),
+    }
+    slurm = {
+        k.removeprefix("SLURM_").lower(): os.environ[k]
+        for k in (
+            "SLURM_JOB_ID",
+            "SLURM_ARRAY_JOB_ID",
+            "SLURM_ARRAY_TASK_ID",
+            "SLURM_RESTART_COUNT",
+            "SLURM_JOB_PARTITION",
+            "SLURM_JOB_NODELIST",
+        )
+        if k in os.environ
+    }
     if slurm:
         env["slurm"] = slurm
     return env
@@ -171,8 +199,10 @@ def slot_plan(cfg: dict, gpus: list[str], cores: int) -> tuple[int, int, int]:
     per_job = int(par.get("gpus_per_job") or max(1, int(distributed.get("num_processes") or 1)))
     if gpus:
         if per_job > len(gpus):
-            raise SlotError(f"parallel.gpus_per_job={per_job} is more than the {len(gpus)} GPU(s) visible "
-                            f"({','.join(gpus)}); give at most {len(gpus)}")
+            raise SlotError(
+                f"parallel.gpus_per_job={per_job} is more than the {len(gpus)} GPU(s) visible "
+                f"({','.join(gpus)}); give at most {len(gpus)}"
+            )
         jobs = int(par.get("jobs") or len(gpus) // per_job)
         jobs = min(jobs, len(gpus) // per_job)  # never two jobs on one GPU
     else:
@@ -200,7 +230,7 @@ def parallel_slot(cfg: dict) -> Iterator[dict]:
             except records.Timeout:
                 continue
             try:
-                given = {"slot": f"{k}/{jobs}", "gpus": gpus[k * per_job:(k + 1) * per_job], "threads": threads}
+                given = {"slot": f"{k}/{jobs}", "gpus": gpus[k * per_job : (k + 1) * per_job], "threads": threads}
                 os.environ[ENV_SLOT] = given["slot"]
                 if gpus:
                     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(given["gpus"])
@@ -208,8 +238,10 @@ def parallel_slot(cfg: dict) -> Iterator[dict]:
                     os.environ[var] = str(threads)
                 if "torch" in sys.modules:  # a job run in this process (isolate=false)
                     sys.modules["torch"].set_num_threads(threads)
-                print(f"parallel slot {given['slot']}: GPUs {','.join(given['gpus']) or 'none'}, "
-                      f"{threads} CPU thread(s)", flush=True)
+                print(
+                    f"parallel slot {given['slot']}: GPUs {','.join(given['gpus']) or 'none'}, {threads} CPU thread(s)",
+                    flush=True,
+                )
                 yield given
                 return
             finally:
@@ -242,8 +274,9 @@ class SweepCallback(Callback):
         if launcher_kind(hc.launcher.get("_target_")) == "parallel" and ENV_DEVICES not in os.environ:
             os.environ[ENV_DEVICES] = ",".join(visible_gpus())
         folder = write_manifest(config.results_dir, hc)
-        lock = records.FileLock(folder / "launcher.lock", thread_local=False, fallback_to_soft=False,
-                                preserve_lock_file=True)
+        lock = records.FileLock(
+            folder / "launcher.lock", thread_local=False, fallback_to_soft=False, preserve_lock_file=True
+        )
         lock.acquire()
         _LAUNCHER_LOCKS[str(folder)] = lock
 

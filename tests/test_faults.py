@@ -32,8 +32,11 @@ def wait_for(predicate, timeout: float = 300, what: str = "condition"):
 
 
 def held_locks(results: Path) -> list[str]:
-    return [p.stem for p in (results / records.LOCK_DIR).glob("*.lock")
-            if not p.stem.startswith("slot-") and records.lock_holder(results, p.stem)]
+    return [
+        p.stem
+        for p in (results / records.LOCK_DIR).glob("*.lock")
+        if not p.stem.startswith("slot-") and records.lock_holder(results, p.stem)
+    ]
 
 
 def job_processes(results: Path, method: str) -> list[psutil.Process]:
@@ -51,8 +54,11 @@ def job_processes(results: Path, method: str) -> list[psutil.Process]:
                 job = json.loads(Path(path).read_text())
             except (OSError, ValueError):
                 continue
-            if isinstance(job, dict) and job.get("method") == method and \
-                    str(job.get("config", {}).get("results_dir")) == str(results):
+            if (
+                isinstance(job, dict)
+                and job.get("method") == method
+                and str(job.get("config", {}).get("results_dir")) == str(results)
+            ):
                 found.append(proc)
     return found
 
@@ -74,8 +80,7 @@ time.sleep(120)
 
 
 def test_a_lock_whose_holder_was_killed_never_blocks_a_rerun(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
-                              env=ENV)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=ENV)
     try:
         assert holder.stdout.readline().strip() == "held"
         assert records.lock_holder(tmp_path, "lora-r16-0123456789")["pid"] == holder.pid
@@ -93,9 +98,21 @@ def test_a_lock_whose_holder_was_killed_never_blocks_a_rerun(tmp_path):
 
 
 def _record(run_id: str, note: str) -> dict:
-    return {"schema": records.SCHEMA, "run_id": run_id, "config_hash": "h", "pair_key": "p", "status": "ok",
-            "error": None, "method": "lora", "rank": 16, "model": {}, "config": {"note": note, "pad": "x" * 200_000},
-            "env": {}, "metrics": {m: None for m in records.REQUIRED_METRICS}, "items_file": None}
+    return {
+        "schema": records.SCHEMA,
+        "run_id": run_id,
+        "config_hash": "h",
+        "pair_key": "p",
+        "status": "ok",
+        "error": None,
+        "method": "lora",
+        "rank": 16,
+        "model": {},
+        "config": {"note": note, "pad": "x" * 200_000},
+        "env": {},
+        "metrics": {m: None for m in records.REQUIRED_METRICS},
+        "items_file": None,
+    }
 
 
 WRITER = """
@@ -146,8 +163,15 @@ def test_a_rerun_never_overwrites_the_answers_of_the_record_in_place(tmp_path):
 def test_a_sweep_killed_mid_job_reruns_only_what_did_not_finish(tmp_path):
     results = tmp_path / "results"
     args = ["-m", "method=full,lora,qlora", *TINY, *EVAL_TINY, f"results_dir={results}", "train.max_steps=40"]
-    sweep = subprocess.Popen([sys.executable, "-m", "harness.run", *args], cwd=ROOT, env=ENV, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "harness.run", *args],
+        cwd=ROOT,
+        env=ENV,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     # mid-job: the full arm is recorded and the next arm's lock is held (its process training)
     first = wait_for(lambda: list(results.glob("full-*.json")), what="the first arm's record")[0]
     running = wait_for(lambda: [r for r in held_locks(results) if not r.startswith("full-")], what="the next job")
@@ -162,8 +186,13 @@ def test_a_sweep_killed_mid_job_reruns_only_what_did_not_finish(tmp_path):
     assert not records.record_path(results, interrupted).exists()  # no half-written record
     assert no_temp_files(results)
     assert held_locks(results) == []
-    status = subprocess.run([sys.executable, "-m", "harness.status", "--results", str(results)], cwd=ROOT,
-                            env=ENV, capture_output=True, text=True)
+    status = subprocess.run(
+        [sys.executable, "-m", "harness.status", "--results", str(results)],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert status.returncode == 0
     assert re.search(rf"missing\s+{interrupted}\s+method=\w+\s+\[interrupted", status.stdout), status.stdout
     assert "1 done, 0 running, 0 failed, 0 oom, 2 missing" in status.stdout
@@ -177,8 +206,13 @@ def test_a_sweep_killed_mid_job_reruns_only_what_did_not_finish(tmp_path):
     assert sorted(r["method"] for r in arms) == ["full", "lora", "qlora"]
     assert all(r["status"] == "ok" for r in arms)
     assert len([r for r in records.load_records(results) if r["method"] == "base"]) == 1
-    status = subprocess.run([sys.executable, "-m", "harness.status", "--results", str(results)], cwd=ROOT,
-                            env=ENV, capture_output=True, text=True)
+    status = subprocess.run(
+        [sys.executable, "-m", "harness.status", "--results", str(results)],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert "3 done, 0 running, 0 failed, 0 oom, 0 missing" in status.stdout, status.stdout
 
 
@@ -191,8 +225,14 @@ def test_a_force_rerun_that_dies_keeps_the_earlier_ok_record(tmp_path):
     path = next(results.glob("lora-*.json"))
     before = {p.name: p.read_bytes() for p in results.iterdir() if p.is_file()}
 
-    rerun = subprocess.Popen([sys.executable, "-m", "harness.run", *args, "force=true"],
-                             cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    rerun = subprocess.Popen(
+        [sys.executable, "-m", "harness.run", *args, "force=true"],
+        cwd=ROOT,
+        env=ENV,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     child = wait_for(lambda: job_processes(results, "lora"), what="the rerun's job process")[0]
     time.sleep(0.5)  # still importing or training: it has written nothing yet
     child.send_signal(signal.SIGKILL)  # as the OOM killer does: the job process only
@@ -209,8 +249,17 @@ def test_a_force_rerun_that_dies_keeps_the_earlier_ok_record(tmp_path):
 def test_two_sweeps_at_once_over_one_folder_run_each_job_and_the_base_model_once(tmp_path):
     results = tmp_path / "results"
     args = ["-m", "method=full,lora,qlora", *TINY, *EVAL_TINY, f"results_dir={results}"]
-    procs = [subprocess.Popen([sys.executable, "-m", "harness.run", *args], cwd=ROOT, env=ENV, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "harness.run", *args],
+            cwd=ROOT,
+            env=ENV,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=900)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     both = "".join(outs)

@@ -29,8 +29,13 @@ def compose_cfg(*overrides: str, hydra: bool = True):
 
 
 def status_of(results: Path) -> str:
-    proc = subprocess.run([sys.executable, "-m", "harness.status", "--results", str(results)], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness.status", "--results", str(results)],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -58,13 +63,16 @@ def test_parallel_settings_do_not_change_run_ids():
     assert len(ids) == 1
 
 
-@pytest.mark.parametrize("par,gpus,cores,expected", [
-    ({"jobs": None, "gpus_per_job": None}, ["0", "1", "2", "3"], 16, (4, 1, 4)),
-    ({"jobs": None, "gpus_per_job": 2}, ["0", "1", "2", "3"], 16, (2, 2, 8)),
-    ({"jobs": 8, "gpus_per_job": None}, ["0", "1"], 16, (2, 1, 8)),  # never two jobs on one GPU
-    ({"jobs": None, "gpus_per_job": None}, [], 8, (2, 0, 4)),
-    ({"jobs": 4, "gpus_per_job": None}, [], 2, (4, 0, 1)),
-])
+@pytest.mark.parametrize(
+    "par,gpus,cores,expected",
+    [
+        ({"jobs": None, "gpus_per_job": None}, ["0", "1", "2", "3"], 16, (4, 1, 4)),
+        ({"jobs": None, "gpus_per_job": 2}, ["0", "1", "2", "3"], 16, (2, 2, 8)),
+        ({"jobs": 8, "gpus_per_job": None}, ["0", "1"], 16, (2, 1, 8)),  # never two jobs on one GPU
+        ({"jobs": None, "gpus_per_job": None}, [], 8, (2, 0, 4)),
+        ({"jobs": 4, "gpus_per_job": None}, [], 2, (4, 0, 1)),
+    ],
+)
 def test_slot_plan(par, gpus, cores, expected):
     assert sweep.slot_plan({"parallel": par, "distributed": {"num_processes": 1}}, gpus, cores) == expected
 
@@ -90,8 +98,16 @@ SLOT_USER = textwrap.dedent("""
 
 def test_parallel_slots_give_jobs_their_own_gpus_and_queue_the_rest(tmp_path):
     env = {**ENV, sweep.ENV_DEVICES: "4,5,6,7"}  # the sweep's GPUs; no GPU is touched
-    procs = [subprocess.Popen([sys.executable, "-c", SLOT_USER, str(tmp_path), hold], env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for hold in ("3", "3", "0")]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", SLOT_USER, str(tmp_path), hold],
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for hold in ("3", "3", "0")
+    ]
     outs = [p.communicate(timeout=60)[0] for p in procs]
     got = [next(line.split()[1:] for line in o.splitlines() if line.startswith("got ")) for o in outs]
     freed = [float(next(line.split()[1] for line in o.splitlines() if line.startswith("freed "))) for o in outs]
@@ -121,21 +137,52 @@ def test_slurm_submission_carries_partition_gpus_time_limit_and_requeue(tmp_path
     env = {**ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CAPTURE_DIR": str(tmp_path)}
     sweep_dir = tmp_path / "sweep"
     proc = subprocess.run(
-        [sys.executable, "-m", "harness.run", "-m", "hydra/launcher=slurm", "hydra.launcher.partition=gpu",
-         "hydra.launcher.account=proj42", "hydra.launcher.qos=high", "hydra.launcher.gpus_per_node=8",
-         "hydra.launcher.timeout_min=90", "hydra.launcher.max_num_timeout=5", "hydra.launcher.mem_gb=200",
-         "hydra.launcher.setup=[source .venv/bin/activate]", f"hydra.sweep.dir={sweep_dir}",
-         "model=tiny-random", "method=full,lora,qlora", "seed=0,1", f"results_dir={tmp_path / 'results'}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "harness.run",
+            "-m",
+            "hydra/launcher=slurm",
+            "hydra.launcher.partition=gpu",
+            "hydra.launcher.account=proj42",
+            "hydra.launcher.qos=high",
+            "hydra.launcher.gpus_per_node=8",
+            "hydra.launcher.timeout_min=90",
+            "hydra.launcher.max_num_timeout=5",
+            "hydra.launcher.mem_gb=200",
+            "hydra.launcher.setup=[source .venv/bin/activate]",
+            f"hydra.sweep.dir={sweep_dir}",
+            "model=tiny-random",
+            "method=full,lora,qlora",
+            "seed=0,1",
+            f"results_dir={tmp_path / 'results'}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0 and "no cluster here" in proc.stderr + proc.stdout
     scripts = list(tmp_path.glob("sbatch-*"))
     assert len(scripts) == 1  # one array submission for the whole sweep
     text = scripts[0].read_text()
-    for line in ("#SBATCH --partition=gpu", "#SBATCH --account=proj42", "#SBATCH --qos=high",
-                 "#SBATCH --gpus-per-node=8", "#SBATCH --gpus-per-task=8", "#SBATCH --ntasks-per-node=1",
-                 "#SBATCH --cpus-per-gpu=8", "#SBATCH --nodes=1", "#SBATCH --mem=200GB", "#SBATCH --time=90",
-                 "#SBATCH --array=0-5%6", "#SBATCH --requeue", "#SBATCH --signal=USR2@120",
-                 "source .venv/bin/activate"):
+    for line in (
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=proj42",
+        "#SBATCH --qos=high",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --gpus-per-task=8",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --cpus-per-gpu=8",
+        "#SBATCH --nodes=1",
+        "#SBATCH --mem=200GB",
+        "#SBATCH --time=90",
+        "#SBATCH --array=0-5%6",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=USR2@120",
+        "source .venv/bin/activate",
+    ):
         assert line in text.splitlines(), (line, text)
     # submitit requeues a timed-out task up to max_num_timeout times (kept with each submission)
     pickles = list((sweep_dir / ".submitit").rglob("*.pkl"))
@@ -152,8 +199,18 @@ def test_slurm_submission_carries_partition_gpus_time_limit_and_requeue(tmp_path
 @pytest.mark.slow
 def test_four_jobs_in_parallel_into_one_folder(tmp_path):
     results, sweep_dir = tmp_path / "results", tmp_path / "sweep"
-    proc = harness_run("-m", "hydra/launcher=parallel", "parallel.jobs=4", "method=full,lora", "seed=0,1",
-                       *TINY, *EVAL_TINY, f"results_dir={results}", f"hydra.sweep.dir={sweep_dir}", timeout=900)
+    proc = harness_run(
+        "-m",
+        "hydra/launcher=parallel",
+        "parallel.jobs=4",
+        "method=full,lora",
+        "seed=0,1",
+        *TINY,
+        *EVAL_TINY,
+        f"results_dir={results}",
+        f"hydra.sweep.dir={sweep_dir}",
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     recs = records.load_records(results)
     arms = [r for r in recs if r["method"] != "base"]
@@ -181,9 +238,26 @@ def test_four_jobs_in_parallel_into_one_folder(tmp_path):
 def test_a_job_killed_like_the_oom_killer_in_a_parallel_sweep_gets_an_oom_record(tmp_path):
     results, sweep_dir = tmp_path / "results", tmp_path / "sweep"
     sweep_proc = subprocess.Popen(
-        [sys.executable, "-m", "harness.run", "-m", "hydra/launcher=parallel", "parallel.jobs=2", "method=full,lora",
-         *TINY, f"results_dir={results}", f"hydra.sweep.dir={sweep_dir}", "train.max_steps=40"],
-        cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "harness.run",
+            "-m",
+            "hydra/launcher=parallel",
+            "parallel.jobs=2",
+            "method=full,lora",
+            *TINY,
+            f"results_dir={results}",
+            f"hydra.sweep.dir={sweep_dir}",
+            "train.max_steps=40",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         victim = wait_for(lambda: job_processes(results, "full"), what="the full arm's job process")[0]
         time.sleep(0.5)
