@@ -24,10 +24,10 @@ from harness import records, sweep
 STATES = ("done", "running", "failed", "oom", "missing")
 
 
-def job_state(results_dir: str | Path, entry: dict | None, launcher_alive: bool) -> tuple[str, str]:
+def job_state(results_dir: str | Path, entry: dict | None, alive: bool) -> tuple[str, str]:
     """(state, detail) of one planned job; ``entry`` is what the job registered when it started."""
     if entry is None:
-        return "missing", "queued: the sweep is still running" if launcher_alive else "not started"
+        return "missing", "queued: the sweep is still running" if alive else "not started"
     run_id = entry["run_id"]
     holder = records.lock_holder(results_dir, run_id)
     if holder is not None:
@@ -54,15 +54,18 @@ def varying_overrides(jobs: list[dict]) -> set[str]:
     return {k for k, v in values.items() if len(v) > 1}
 
 
-def sweep_rows(results_dir: str | Path, sw: dict) -> list[dict]:
+def launcher_alive(results_dir: str | Path, sw: dict) -> bool:
+    return records.holder_of(sweep.sweep_path(results_dir, sw["sweep_id"]) / "launcher.lock") is not None
+
+
+def sweep_rows(results_dir: str | Path, sw: dict, alive: bool) -> list[dict]:
     """One row per planned job (or per started job when the plan is unknown)."""
-    alive = records.holder_of(sweep.sweep_path(results_dir, sw["sweep_id"]) / "launcher.lock")
     planned = sw.get("jobs") or [{"num": n, "overrides": e["overrides"]} for n, e in sorted(sw["registered"].items())]
     axes = varying_overrides(planned)
     rows = []
     for job in planned:
         entry = sw["registered"].get(job["num"])
-        state, detail = job_state(results_dir, entry, alive is not None)
+        state, detail = job_state(results_dir, entry, alive)
         point = " ".join(o for o in job["overrides"] if o.partition("=")[0] in axes)
         rows.append(
             {
@@ -77,13 +80,13 @@ def sweep_rows(results_dir: str | Path, sw: dict) -> list[dict]:
 
 
 def render(results_dir: str | Path, sw: dict) -> str:
-    rows = sweep_rows(results_dir, sw)
-    alive = records.holder_of(sweep.sweep_path(results_dir, sw["sweep_id"]) / "launcher.lock")
+    alive = launcher_alive(results_dir, sw)
+    rows = sweep_rows(results_dir, sw, alive)
     counts = Counter(r["state"] for r in rows)
     summary = ", ".join(f"{counts[s]} {s}" for s in STATES)
     lines = [
         f"sweep {sw['sweep_id']} ({sw.get('launcher', '?')}, started {sw.get('created_at', '?')}, "
-        f"launcher {'running' if alive is not None else 'gone'}): {len(rows)} jobs: {summary}"
+        f"launcher {'running' if alive else 'gone'}): {len(rows)} jobs: {summary}"
     ]
     if sw.get("jobs") is None:
         lines.append("  (this sweeper's plan is unknown: only jobs that started are listed)")

@@ -272,3 +272,18 @@ def test_two_sweeps_at_once_over_one_folder_run_each_job_and_the_base_model_once
             continue
         started = both.count(f"[{r['run_id']}] {r['method']}")  # the line a job prints when it starts
         assert started == 1, (r["run_id"], started)
+
+
+def test_a_record_landing_while_the_report_reads_the_folder_is_not_listed_as_broken(tmp_path, monkeypatch):
+    from harness import report
+
+    records.write_record(tmp_path, _record("lora-r16-0123456789", "first"))
+    first_pass = report.iter_records
+
+    def job_lands_meanwhile(results_dir):
+        yield from first_pass(results_dir)
+        records.write_record(tmp_path, _record("full-0123456789", "landed"))  # a job finishing mid-build
+
+    monkeypatch.setattr(report, "iter_records", job_lands_meanwhile)
+    loaded, skipped = report._load(tmp_path)
+    assert [r["run_id"] for r in loaded] == ["lora-r16-0123456789"] and skipped == []

@@ -273,3 +273,62 @@ def test_a_job_killed_like_the_oom_killer_in_a_parallel_sweep_gets_an_oom_record
     assert recs["lora"]["status"] == "ok"
     status = status_of(results)
     assert "1 done, 0 running, 0 failed, 1 oom, 0 missing" in status, status
+
+
+# ---------------------------------------------------------------- harness-status (fast)
+
+
+def test_status_names_each_planned_job_done_running_failed_oom_or_missing(tmp_path):
+    from omegaconf import OmegaConf
+    from test_faults import _record
+
+    from harness import status
+
+    methods = ["full", "lora", "qlora", "dora", "ia3", "rslora"]
+    hc = OmegaConf.create(
+        {
+            "sweep": {"dir": str(tmp_path / "sweep")},
+            "launcher": {"_target_": "x.SlurmLauncher"},
+            "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "params": None},
+            "overrides": {"task": [f"method={','.join(methods)}", "seed=0"]},
+            "job": {"num": 0},
+        }
+    )
+    sweep.write_manifest(tmp_path, hc)
+    for num, method in enumerate(methods[:5]):  # the sixth never started
+        hc.job.num = num
+        hc.overrides.task = [f"method={method}", "seed=0"]
+        sweep.register_job(tmp_path, hc, {"run_id": f"{method}-0123456789", "base_run_id": "b", "method": method})
+    records.write_record(tmp_path, _record("full-0123456789", "done"))
+    for method, state in (("qlora", "failed"), ("dora", "oom")):
+        records.write_record(tmp_path, {**_record(f"{method}-0123456789", state), "status": state, "error": "boom"})
+    with records.run_lock(tmp_path, "lora-0123456789"):  # lora runs now; ia3 started and was killed
+        assert status.main(["--results", str(tmp_path)]) == 0
+        text = status.render(tmp_path, sweep.read_sweeps(tmp_path)[-1])
+    assert "6 jobs: 1 done, 1 running, 1 failed, 1 oom, 2 missing" in text
+    lines = {line.split()[3]: line.split()[1] for line in text.splitlines()[1:]}
+    assert lines == {
+        "method=full": "done",
+        "method=lora": "running",
+        "method=qlora": "failed",
+        "method=dora": "oom",
+        "method=ia3": "missing",
+        "method=rslora": "missing",
+    }
+    assert "interrupted" in next(line for line in text.splitlines() if "method=ia3" in line)
+    assert "not started" in next(line for line in text.splitlines() if "method=rslora" in line)
+    assert f"pid {os.getpid()}" in next(line for line in text.splitlines() if "method=lora" in line)
+
+
+def test_a_sweep_stopped_by_bad_input_leaves_nothing_in_results(tmp_path):
+    results = tmp_path / "results"
+    proc = harness_run(
+        "-m",
+        "method=lora,full",
+        "data=file",
+        "data.path=/nonexistent/train.jsonl",
+        f"results_dir={results}",
+        "report=false",
+    )
+    assert proc.returncode == 2 and "data.path='/nonexistent/train.jsonl' does not exist" in proc.stderr
+    assert not results.exists()  # not even the sweep's manifest
