@@ -228,8 +228,10 @@ def test_four_jobs_in_parallel_into_one_folder(tmp_path):
     # a report built from the folder agrees with the records
     build_report(results, tmp_path / "reports")
     runs = pd.read_csv(tmp_path / "reports" / "runs.csv")
-    assert len(runs) == len(recs) or len(runs) == len(arms)
-    assert set(runs["run_id"]) >= {r["run_id"] for r in arms}
+    assert sorted(runs["run_id"]) == sorted(r["run_id"] for r in recs) and set(runs["status"]) == {"ok"}
+    arms_csv = pd.read_csv(tmp_path / "reports" / "arms.csv").set_index("method")
+    assert arms_csv.loc["base", "n_runs"] == 1
+    assert arms_csv.loc["full", "n_ok"] == arms_csv.loc["lora", "n_ok"] == 2  # two seeds each
     assert no_temp_files(results)
     assert "4 done, 0 running, 0 failed, 0 oom, 0 missing" in status_of(results)
 
