@@ -28,7 +28,9 @@ Schema 1 (fields other stages rely on)::
     model         {"name", "source", "total_params", "random_weights": bool}
     config        the resolved config (dict)
     env           {"versions": {pkg: ver}, "git_commit", "device", "device_name",
-                   "device_count", "host", "started_at", "ended_at"}
+                   "device_count", "cpu_threads", "host", "started_at", "ended_at",
+                   "launcher": "sequential"|"parallel"|"slurm", "cuda_visible_devices",
+                   "parallel_slot": "k/jobs" or null, "slurm": {job_id, array_task_id, …} when on Slurm}
     items_file    file name of the per-question answers beside the record, or null
     base_run_id   run_id of the base-model record this arm is compared with, or null
     metrics       see README "Run record fields"; null where not measured

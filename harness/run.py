@@ -437,7 +437,10 @@ def run_job(job: dict, stack: contextlib.ExitStack) -> None:
                 if cfg["isolate"]:
                     run_isolated(job, "execute_base")
                 else:
-                    execute_base(job)
+                    try:
+                        execute_base(job)
+                    except Exception:  # the arm tries again in execute() and records the failure
+                        traceback.print_exc()
     if cfg["isolate"]:
         run_isolated(job)
     else:
