@@ -31,6 +31,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from hydra.experimental.callback import Callback
+
 from harness import records
 
 SWEEP_DIR = ".sweeps"
@@ -203,11 +205,10 @@ def slot_plan(cfg: dict, gpus: list[str], cores: int) -> tuple[int, int, int]:
                 f"parallel.gpus_per_job={per_job} is more than the {len(gpus)} GPU(s) visible "
                 f"({','.join(gpus)}); give at most {len(gpus)}"
             )
-        jobs = int(par.get("jobs") or len(gpus) // per_job)
-        jobs = min(jobs, len(gpus) // per_job)  # never two jobs on one GPU
-    else:
+        jobs = min(int(par["jobs"]) if par.get("jobs") is not None else len(gpus), len(gpus) // per_job)
+    else:  # never two jobs on one GPU; on a CPU, the cores are shared out
         per_job = 0
-        jobs = int(par.get("jobs") or CPU_JOBS_DEFAULT)
+        jobs = int(par["jobs"]) if par.get("jobs") is not None else CPU_JOBS_DEFAULT
     if jobs < 1:
         raise SlotError(f"parallel.jobs={jobs} is invalid; give a positive integer")
     return jobs, per_job, max(1, cores // jobs)
@@ -253,12 +254,6 @@ def parallel_slot(cfg: dict) -> Iterator[dict]:
 
 
 # ---------------------------------------------------------------- Hydra callback
-
-
-try:
-    from hydra.experimental.callback import Callback
-except ImportError:  # pragma: no cover - hydra is a dependency; keeps this module importable alone
-    Callback = object  # type: ignore[assignment,misc]
 
 
 _LAUNCHER_LOCKS: dict[str, records.FileLock] = {}  # not on the callback: submitit pickles it

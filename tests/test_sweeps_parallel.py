@@ -82,6 +82,8 @@ def test_slot_plan_takes_gpus_per_job_from_distributed_and_rejects_too_many():
     assert sweep.slot_plan(cfg, [str(i) for i in range(8)], 32) == (2, 4, 16)
     with pytest.raises(sweep.SlotError, match="parallel.gpus_per_job=4 is more than the 2 GPU"):
         sweep.slot_plan(cfg, ["0", "1"], 32)
+    with pytest.raises(sweep.SlotError, match="parallel.jobs=0 is invalid"):
+        sweep.slot_plan({"parallel": {"jobs": 0}}, [], 8)
 
 
 SLOT_USER = textwrap.dedent("""
