@@ -265,6 +265,8 @@ class SweepCallback(Callback):
     CUDA_VISIBLE_DEVICES for each job it starts)."""
 
     def on_multirun_start(self, config, **kwargs) -> None:
+        if "estimate" in config:  # harness-estimate composes this config too, and writes no results
+            return
         hc = config.hydra
         if launcher_kind(hc.launcher.get("_target_")) == "parallel" and ENV_DEVICES not in os.environ:
             os.environ[ENV_DEVICES] = ",".join(visible_gpus())
