@@ -100,17 +100,16 @@ SLOT_USER = textwrap.dedent("""
 
 def test_parallel_slots_give_jobs_their_own_gpus_and_queue_the_rest(tmp_path):
     env = {**ENV, sweep.ENV_DEVICES: "4,5,6,7"}  # the sweep's GPUs; no GPU is touched
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", SLOT_USER, str(tmp_path), hold],
-            env=env,
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for hold in ("3", "3", "0")
-    ]
+
+    def start(hold: str) -> subprocess.Popen:
+        cmd = [sys.executable, "-c", SLOT_USER, str(tmp_path), hold]
+        return subprocess.Popen(cmd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    procs = [start("3"), start("3")]
+    heads = [p.stdout.readline() + p.stdout.readline() for p in procs]  # both hold a slot now
+    procs.append(start("0"))
     outs = [p.communicate(timeout=60)[0] for p in procs]
+    outs = [h + o for h, o in zip(heads + [""], outs)]
     got = [next(line.split()[1:] for line in o.splitlines() if line.startswith("got ")) for o in outs]
     freed = [float(next(line.split()[1] for line in o.splitlines() if line.startswith("freed "))) for o in outs]
     assert {got[0][0], got[1][0]} == {"4,5", "6,7"}, outs  # two slots of two GPUs: no GPU shared
