@@ -24,11 +24,9 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from harness import records
+from harness import identity, records
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-# Keys that steer the harness but do not change a result: left out of every hash.
-NON_RESULT_KEYS = ("results_dir", "reports_dir", "force", "isolate", "report", "projected_tokens")
 GROUPS = ("model", "method", "data", "train", "eval", "hardware", "distributed", "experiment")
 
 
@@ -58,23 +56,17 @@ def plan(cfg: dict) -> dict:
     except (MethodError, PriceTableError) as exc:
         raise UsageError(str(exc)) from exc
     cfg["hardware"] = entry or {"name": f"unpriced ({device_name()})", "price_per_device_hour_usd": None}
-    result_cfg = {k: v for k, v in cfg.items() if k not in NON_RESULT_KEYS}
-    config_hash = records.stable_hash(result_cfg)
-    pair_key = records.stable_hash({k: v for k, v in result_cfg.items() if k != "method"})
-    # the base model's accuracy depends on the model, the eval settings and the held-out data
-    eval_cfg = {k: v for k, v in cfg["eval"].items() if k != "latency"}
-    eval_key = records.stable_hash({"model": cfg["model"], "eval": eval_cfg, "data": cfg["data"]})
     method = cfg["method"]["name"]
     rank = rank_of(cfg["method"])
     return {
         "config": cfg,
-        "config_hash": config_hash,
-        "pair_key": pair_key,
-        "eval_key": eval_key,
+        "config_hash": identity.config_hash(cfg),
+        "pair_key": identity.pair_key(cfg),
+        "eval_key": identity.base_key(cfg),
         "method": method,
         "rank": rank,
-        "run_id": records.run_id_for(method, rank, config_hash),
-        "base_run_id": records.run_id_for("base", None, eval_key),
+        "run_id": identity.run_id(method, rank, cfg),
+        "base_run_id": records.run_id_for("base", None, identity.base_key(cfg)),
     }
 
 

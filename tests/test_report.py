@@ -211,8 +211,9 @@ def test_gap_sign_interval_and_seed_aggregation(report):
     _, _, written = report
     table = _table(written[AT_A_GLANCE].read_text())
     # MMLU: 10 of 100 questions flip from right to wrong, every seed: gap -10 pp, sd 0,
-    # per-seed se = sqrt((10 * 0.9^2 + 90 * 0.1^2) / 99 / 100) = 0.030151, mean of 3: se / sqrt(3)
-    se = (9 / 99 / 100) ** 0.5 / 3**0.5
+    # per-seed se = sqrt((10 * 0.9^2 + 90 * 0.1^2) / 99 / 100) = 0.030151; three identical seeds
+    # answer the same questions, so the question noise stays one seed's (seeds never shrink it)
+    se = (9 / 99 / 100) ** 0.5
     lo, hi = -10 - 196 * se, -10 + 196 * se
     assert table[ROWS[3]]["LoRA r=8 (3 seeds)"] == f"-10.00 pp [{lo:+.2f}, {hi:+.2f}]"  # identical seeds: no ± 0
     # in-domain: PEFT is better by 5, 10, 15 pp: positive sign, mean 10, sd 5
