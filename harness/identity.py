@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from harness.records import run_id_for, stable_hash
@@ -196,3 +197,32 @@ def gap_key(peft: dict, full: dict) -> str:
 def gap_label(peft: dict, full: dict) -> str:
     """``smollm2-135m · demo · lora r16 lr 0.001 vs full lr 0.0001 · 1a2b3c4d`` (unique, no "|")."""
     return f"{model_name(peft)} · {data_name(peft)} · {arm_text(peft)} vs {arm_text(full)} · {gap_key(peft, full)[:8]}"
+
+
+def provenance_changes(record: dict, repo: str | Path) -> list[str]:
+    """How the code and stack now differ from what ``record`` was made with: the git commit of
+    ``repo`` and the versions of the packages its ``env`` names ([] when nothing differs).
+
+    The config_hash does not cover them (a rerun on a new commit is the same experiment), so a
+    skip-on-rerun says so rather than pass an old result off as the current code's.
+    """
+    import importlib.metadata as md
+    import subprocess
+
+    env = record.get("env") or {}
+    changes = []
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=repo, timeout=10)
+        commit = out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    if env.get("git_commit") and commit and env["git_commit"] != commit:
+        changes.append(f"git commit {env['git_commit'][:10]} -> {commit[:10]}")
+    for pkg, old in sorted((env.get("versions") or {}).items()):
+        try:
+            new = md.version(pkg)
+        except md.PackageNotFoundError:
+            new = None
+        if old != new:
+            changes.append(f"{pkg} {old} -> {new}")
+    return changes

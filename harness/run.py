@@ -372,7 +372,9 @@ def hydra_main(cfg: DictConfig) -> None:
         usage_exit(str(exc))
     existing = records.find_ok(job["config"]["results_dir"], job["run_id"])
     if existing and not job["config"]["force"]:
-        print(f"[{job['run_id']}] skipped: an ok record exists (force=true reruns it)", flush=True)
+        changes = identity.provenance_changes(existing, CONF_DIR.parent)
+        made_with = f"; it was made with other code or packages ({', '.join(changes)})" if changes else ""
+        print(f"[{job['run_id']}] skipped: an ok record exists{made_with} (force=true reruns it)", flush=True)
         return
     rank_text = "" if job["rank"] is None else f" r={job['rank']}"
     print(f"[{job['run_id']}] {job['method']}{rank_text} model={job['config']['model']['name']} "
