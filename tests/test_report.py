@@ -421,3 +421,15 @@ def test_index_html_renders_in_headless_chromium(report, tmp_path):
     widths = [int(re.search(r'data-width="(\d+)"', img).group(1)) for img in images]
     assert all(w > 0 for w in widths), images
     shutil.rmtree(tmp_path / "chromium", ignore_errors=True)
+
+
+def test_a_gap_on_a_single_seed_says_so(tmp_path):
+    results = tmp_path / "results"
+    make_record(results, "full", mmlu_correct=_answers(80))
+    make_record(results, "lora", rank=8, mmlu_correct=_answers(70))
+    table = _table(build_report(results, tmp_path / "reports")[AT_A_GLANCE].read_text())
+    assert table[ROWS[3]]["LoRA r=8"].endswith("(1 seed: training noise not estimated)")
+    make_record(results, "full", seed=1, mmlu_correct=_answers(80))
+    make_record(results, "lora", rank=8, seed=1, mmlu_correct=_answers(71))
+    table = _table(build_report(results, tmp_path / "reports2")[AT_A_GLANCE].read_text())
+    assert "1 seed" not in table[ROWS[3]]["LoRA r=8 (2 seeds)"]
