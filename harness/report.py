@@ -471,7 +471,7 @@ def _md_cell(text: str) -> str:
 
 GAP_NOTE = (
     "Gap = accuracy(PEFT) - accuracy(full FT) on the same questions, in percentage points "
-    "(negative: PEFT is worse); mean ± sd over seeds, [95% interval from per-question noise]."
+    "(negative: PEFT is worse); mean ± sd over seeds, [95% interval: question noise, plus seed noise where seeds disagree beyond it]."
 )
 
 
