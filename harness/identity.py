@@ -44,6 +44,9 @@ NON_RESULT_PATHS = (
     ("hardware", "price_date"),
     ("hardware", "match"),
     ("train", "tqdm"),
+    ("distributed", "main_process_ip"),  # where the processes meet, not how many or how they split the work
+    ("distributed", "main_process_port"),
+    ("distributed", "machine_rank"),  # differs per machine of one multi-node job
 )
 # Parts of the method config that are the method's identity (the rest are its settings)
 ARM_LABEL_FIELDS = (("learning_rate", "lr"), ("alpha", "alpha"), ("target_modules", "targets"), ("dropout", "dropout"))
