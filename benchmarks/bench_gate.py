@@ -1,7 +1,7 @@
 """The CI gate's operating characteristics, simulated from the real ci-smoke per-question answers.
 
     python -m benchmarks.bench_gate [--baseline results/baselines/ci-smoke.json] [--trials 4000]
-                                    [--baseline-seeds 3] [--current-seeds 1] [--z 2.0] [--floor-pp 1.0]
+                                    [--baseline-seeds K] [--current-seeds 1] [--z 2.0] [--floor-pp 1.0]
 
 Input: the committed baseline's answers file (every seed's per-question answers of LoRA and full
 FT on the ci-smoke held-out questions). A synthetic seed is built from them: each question's
@@ -9,7 +9,8 @@ FT on the ci-smoke held-out questions). A synthetic seed is built from them: eac
 with probability rho, else from a real seed drawn per question. rho = 0 gives question-level flips
 only; rho = 1 replays whole real seeds (all their training noise). rho is calibrated so that the
 synthetic seeds' gap variance matches the real seeds' (printed). Each trial draws a baseline of
-``--baseline-seeds`` synthetic seeds and a current run of ``--current-seeds``, and asks the gate
+``--baseline-seeds`` synthetic seeds (default: as many as the committed baseline has) and a
+current run of ``--current-seeds`` (default 1, as CI runs), and asks the gate
 (harness.check.change_and_variance and tolerance, the code CI runs):
 
     false alarms   current drawn like the baseline (nothing changed but the seeds)
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--baseline", type=Path, default=Path("results/baselines/ci-smoke.json"))
     p.add_argument("--trials", type=int, default=4000)
-    p.add_argument("--baseline-seeds", type=int, default=3)
+    p.add_argument("--baseline-seeds", type=int, default=None)
     p.add_argument("--current-seeds", type=int, default=1)
     p.add_argument("--z", type=float, default=2.0)
     p.add_argument("--floor-pp", type=float, default=1.0)
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         rho, v_syn, v_real = calibrate(real, rng)
         print(f"  calibrated rho {rho:.2f}: synthetic gap sd {100 * v_syn**0.5:.2f} pp vs real {100 * v_real**0.5:.2f} pp")
-        K, k = args.baseline_seeds, args.current_seeds
+        K, k = args.baseline_seeds or len(real), args.current_seeds
         alarms = {0: 0, **dict.fromkeys(REGRESSIONS_PP, 0)}
         for _ in range(args.trials):
             base = [synthetic_seed(real, rho, rng) for _ in range(K)]
@@ -117,11 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         for pp in REGRESSIONS_PP:
             print(f"    detection, {pp:>2} pp regression ({round(pp / 100 * n)} questions): "
                   f"{100 * alarms[pp] / args.trials:.1f}%")
-        if len(real) > K:
-            combos = [(list(b), [s]) for s in real for b in itertools.combinations([r for r in real if r is not s], K)]
+        if len(real) > 2:
+            L = min(K, len(real) - 1)
+            combos = [(list(b), [s]) for s in real for b in itertools.combinations([r for r in real if r is not s], L)]
             fa = sum(judge(b, c, args.z, args.floor_pp) for b, c in combos)
             det = sum(judge(b, [regress(c[0], 10, rng)], args.z, args.floor_pp) for b, c in combos)
-            print(f"  leave-one-out on the real seeds ({len(combos)} combinations): false alarms {fa}, "
+            print(f"  leave-one-out on the real seeds (baseline {L}, current 1: {len(combos)} combinations): false alarms {fa}, "
                   f"10 pp regressions caught {det}")
     return 0
 
