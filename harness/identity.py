@@ -48,7 +48,7 @@ NON_RESULT_PATHS = (
     ("distributed", "main_process_port"),
     ("distributed", "machine_rank"),  # differs per machine of one multi-node job
 )
-# Parts of the method config that are the method's identity (the rest are its settings)
+# Method settings an arm label can show, with their short names (e.g. "lora r16 lr 0.001")
 ARM_LABEL_FIELDS = (("learning_rate", "lr"), ("alpha", "alpha"), ("target_modules", "targets"), ("dropout", "dropout"))
 
 
