@@ -17,7 +17,8 @@ current run of ``--current-seeds`` (default 1, as CI runs), and asks the gate
     detection      the current run's LoRA arm made wrong on round(d * n) more questions that it
                    answered right (a regression of d = 3, 5, 10 pp), the full arm unchanged
 
-Also printed: the leave-one-out check on the real seeds only (baseline = real seeds less one,
+Also printed: the smallest regression (in whole questions) caught at least 95% of the time, and
+the leave-one-out check on the real seeds only (baseline = real seeds less one,
 current = the one left out), which needs no model of the noise but has few combinations.
 Targets (issue 11): false alarms <= 5%, a 10 pp regression caught >= 95% of the time.
 """
@@ -118,6 +119,18 @@ def main(argv: list[str] | None = None) -> int:
         for pp in REGRESSIONS_PP:
             print(f"    detection, {pp:>2} pp regression ({round(pp / 100 * n)} questions): "
                   f"{100 * alarms[pp] / args.trials:.1f}%")
+        # the smallest regression caught >= 95% of the time (in whole questions)
+        for q in range(1, n + 1):
+            pp = 100 * q / n
+            caught = 0
+            for _ in range(args.trials // 4):
+                base = [synthetic_seed(real, rho, rng) for _ in range(K)]
+                cur = [regress(synthetic_seed(real, rho, rng), pp, rng) for _ in range(k)]
+                caught += judge(base, cur, args.z, args.floor_pp)
+            if caught >= 0.95 * (args.trials // 4):
+                print(f"    smallest regression caught >= 95% of the time: {q} questions ({pp:.1f} pp; "
+                      f"{100 * caught / (args.trials // 4):.1f}% of {args.trials // 4} trials)")
+                break
         if len(real) > 2:
             L = min(K, len(real) - 1)
             combos = [(list(b), [s]) for s in real for b in itertools.combinations([r for r in real if r is not s], L)]
