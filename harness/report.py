@@ -36,6 +36,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
+from harness import identity
 from harness.records import RecordError, iter_records, load_record
 from harness.stats import Z95, pair_gaps, seed_summary
 
@@ -71,7 +72,8 @@ def _config_name(record: dict, group: str) -> str | None:
 
 
 def _table_key(record: dict) -> tuple[str, str, str, str]:
-    """(model, data, hardware, eval_key): runs that belong in one at-a-glance table."""
+    """(model, data, hardware, identity.setting_key): runs that belong in one at-a-glance table
+    (equal pair identity but for the seed and the method)."""
     model = _config_name(record, "model") or (record.get("model") or {}).get("name") or "?"
     data = _config_name(record, "data") or "-"
     hardware = (
@@ -80,16 +82,18 @@ def _table_key(record: dict) -> tuple[str, str, str, str]:
         or (record.get("env") or {}).get("device_name")
         or "-"
     )
-    return (str(model), data, str(hardware), str(record.get("eval_key") or "-"))
+    return (str(model), data, str(hardware), identity.setting_key(record.get("config") or {}))
 
 
-def _arm_key(record: dict) -> tuple[str, int | None]:
-    return (record["method"], record.get("rank"))
+def _arm_key(record: dict) -> tuple[str, int | None, str]:
+    """(method, rank, identity.arm_key): a learning-rate or alpha sweep of one method is several arms."""
+    return (record["method"], record.get("rank"), identity.arm_key(record))
 
 
-def _arm_sort(arm: tuple[str, int | None]) -> tuple:
-    method, rank = arm
-    return (METHOD_ORDER.get(method, len(METHOD_ORDER)), method, -1 if rank is None else rank)
+def _arm_sort(arm: tuple) -> tuple:
+    """(method, rank[, arm key]) in table order: base, full, LoRA by rank, QLoRA by rank, others."""
+    method, rank, *key = arm
+    return (METHOD_ORDER.get(method, len(METHOD_ORDER)), method, -1 if rank is None else rank, *key)
 
 
 def arm_label(method: str, rank: int | None) -> str:
@@ -112,10 +116,12 @@ class Arm:
     method: str
     rank: int | None
     runs: list[dict]  # sorted by seed
+    key: str = ""  # identity.arm_key
+    settings: str = ""  # what tells it from another arm of the same method and rank, e.g. "lr 0.001"
 
     @property
     def label(self) -> str:
-        return arm_label(self.method, self.rank)
+        return arm_label(self.method, self.rank) + (f" {self.settings}" if self.settings else "")
 
     @property
     def ok(self) -> list[dict]:
@@ -131,7 +137,7 @@ class Arm:
 class Table:
     key: tuple[str, str, str, str]
     arms: list[Arm]
-    gaps: dict[tuple[str, int | None, str], dict] = field(default_factory=dict)  # (method, rank, task)
+    gaps: dict[tuple[str, str], dict] = field(default_factory=dict)  # (arm key, task)
     title: str = ""
 
     @property
@@ -160,22 +166,33 @@ def _group(records: list[dict], results_dir: Path) -> list[Table]:
         by_arm: dict[tuple, list[dict]] = defaultdict(list)
         for rec in members[key]:
             by_arm[_arm_key(rec)].append(rec)
-        arms = [Arm(m, r, sorted(by_arm[(m, r)], key=_seed_sort)) for m, r in sorted(by_arm, key=_arm_sort)]
+        arms = [Arm(m, r, sorted(by_arm[(m, r, k)], key=_seed_sort), k) for m, r, k in sorted(by_arm, key=_arm_sort)]
+        for arm in arms:
+            siblings = [a for a in arms if (a.method, a.rank) == (arm.method, arm.rank)]
+            if len(siblings) > 1:
+                configs = [identity.arm_config(a.runs[0]) for a in siblings]
+                fields = identity.differing_fields(configs)
+                mine = identity.arm_config(arm.runs[0])
+                arm.settings = ", ".join(f"{f.replace('learning_rate', 'lr')} {identity.lookup(mine, f)}" for f in fields)
         table = Table(key, arms)
         # Gaps are paired within the table, so a full run on other hardware is never the reference
         for row in seed_summary(pair_gaps(table.runs, results_dir)):
-            table.gaps[(row["method"], row["rank"], row["task"])] = row
+            table.gaps[(row["arm"], row["task"])] = row
         tables.append(table)
 
-    # the title names the eval settings only where one model/data/hardware has several
-    evals: dict[tuple, set] = defaultdict(set)
+    # the title names the settings that differ only where one model/data/hardware has several tables
+    siblings: dict[tuple, list[Table]] = defaultdict(list)
     for t in tables:
-        evals[t.key[:3]].add(t.key[3])
+        siblings[t.key[:3]].append(t)
     for t in tables:
-        model, data, hardware, eval_key = t.key
+        model, data, hardware, _ = t.key
         t.title = f"{model} on {data} ({hardware})"
-        if len(evals[t.key[:3]]) > 1:
-            t.title += f", eval settings {eval_key[:8]}"
+        if len(siblings[t.key[:3]]) > 1:
+            settings = [identity.setting_config(s.runs[0].get("config") or {}) for s in siblings[t.key[:3]]]
+            mine = identity.setting_config(t.runs[0].get("config") or {})
+            fields = identity.differing_fields(settings)
+            t.title += ", " + (", ".join(f"{f} {identity.lookup(mine, f)}" for f in fields[:3])
+                               or f"settings {t.key[3][:8]}")
     return tables
 
 
@@ -294,7 +311,7 @@ def _gap_cell(table: Table, arm: Arm, task: str) -> str:
         return f"reference: {_accuracy_cell(arm, task)}"
     if arm.method == "base":
         return _accuracy_cell(arm, task)
-    row = table.gaps.get((arm.method, arm.rank, task))
+    row = table.gaps.get((arm.key, task))
     if row is None:
         return "no full FT pair" if arm.values(f"{task}_acc") else DASH
     text = f"{row['gap'] * 100:+.2f}"
@@ -306,6 +323,8 @@ def _gap_cell(table: Table, arm: Arm, task: str) -> str:
         text += f" [{lo * 100:+.2f}, {hi * 100:+.2f}]"
     if not row["paired"]:
         text += " unpaired"
+    if row["n_seeds"] == 1:
+        text += " (1 seed: training noise not estimated)"
     if row["n_seeds"] < len(arm.values(f"{task}_acc")):
         # seeds whose full fine-tuning run is missing or failed have no gap
         text += f" ({row['n_seeds']} of {len(arm.values(f'{task}_acc'))} seeds have a full FT pair)"
@@ -452,7 +471,7 @@ def _md_cell(text: str) -> str:
 
 GAP_NOTE = (
     "Gap = accuracy(PEFT) - accuracy(full FT) on the same questions, in percentage points "
-    "(negative: PEFT is worse); mean ± sd over seeds, [95% interval from per-question noise]."
+    "(negative: PEFT is worse); mean ± sd over seeds, [95% interval: question noise, plus seed noise where seeds disagree beyond it]."
 )
 
 
@@ -576,7 +595,7 @@ def _arms_frame(tables: list[Table]) -> pd.DataFrame:
                 if values:
                     row[f"{name}_mean"], row[f"{name}_sd"] = _mean_sd(values)
             for task in TASK_LABEL:
-                g = t.gaps.get((arm.method, arm.rank, task))
+                g = t.gaps.get((arm.key, task))
                 if g is not None:
                     row[f"gap_{task}_mean"] = g["gap"]
                     row[f"gap_{task}_sd"] = g["sd"]
@@ -891,7 +910,7 @@ def plot_scaling(tables: list[Table], path: Path) -> Path | None:
             for a in t.arms:
                 if a.values("peak_memory_bytes"):
                     memory[a.label].append((size, statistics.fmean(a.values("peak_memory_bytes")) / 2**30))
-                if (g := t.gaps.get((a.method, a.rank, "mmlu"))) is not None:
+                if (g := t.gaps.get((a.key, "mmlu"))) is not None:
                     gap[a.label].append((size, g["gap"] * 100))
         for ax, series, ylabel in (
             (ax_mem, memory, "peak training memory (GiB)"),

@@ -25,11 +25,9 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from harness import records, sweep
+from harness import identity, records, sweep
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-# Keys that steer the harness but do not change a result: left out of every hash.
-NON_RESULT_KEYS = ("results_dir", "reports_dir", "force", "isolate", "report", "projected_tokens", "parallel")
 LOCK_PROBE_S = 2.0  # how long a job waits for its run id's lock before leaving it to the holder
 GROUPS = ("model", "method", "data", "train", "eval", "hardware", "distributed", "experiment")
 
@@ -60,23 +58,17 @@ def plan(cfg: dict) -> dict:
     except (MethodError, PriceTableError) as exc:
         raise UsageError(str(exc)) from exc
     cfg["hardware"] = entry or {"name": f"unpriced ({device_name()})", "price_per_device_hour_usd": None}
-    result_cfg = {k: v for k, v in cfg.items() if k not in NON_RESULT_KEYS}
-    config_hash = records.stable_hash(result_cfg)
-    pair_key = records.stable_hash({k: v for k, v in result_cfg.items() if k != "method"})
-    # the base model's accuracy depends on the model, the eval settings and the held-out data
-    eval_cfg = {k: v for k, v in cfg["eval"].items() if k != "latency"}
-    eval_key = records.stable_hash({"model": cfg["model"], "eval": eval_cfg, "data": cfg["data"]})
     method = cfg["method"]["name"]
     rank = rank_of(cfg["method"])
     return {
         "config": cfg,
-        "config_hash": config_hash,
-        "pair_key": pair_key,
-        "eval_key": eval_key,
+        "config_hash": identity.config_hash(cfg),
+        "pair_key": identity.pair_key(cfg),
+        "eval_key": identity.base_key(cfg),
         "method": method,
         "rank": rank,
-        "run_id": records.run_id_for(method, rank, config_hash),
-        "base_run_id": records.run_id_for("base", None, eval_key),
+        "run_id": identity.run_id(method, rank, cfg),
+        "base_run_id": records.run_id_for("base", None, identity.base_key(cfg)),
     }
 
 
@@ -406,12 +398,22 @@ def hydra_main(cfg: DictConfig) -> None:
         run_job(job, stack)
 
 
+def _skip_done(job: dict) -> bool:
+    """True (and says so) when an ok record of ``job`` exists and force is off."""
+    existing = records.find_ok(job["config"]["results_dir"], job["run_id"])
+    if not existing or job["config"]["force"]:
+        return False
+    changes = identity.provenance_changes(existing, CONF_DIR.parent)
+    made_with = f"; it was made with other code or packages ({', '.join(changes)})" if changes else ""
+    print(f"[{job['run_id']}] skipped: an ok record exists{made_with} (force=true reruns it)", flush=True)
+    return True
+
+
 def run_job(job: dict, stack: contextlib.ExitStack) -> None:
     """Skip, or run ``job`` (and the base-model evaluation it needs) under its run-id lock."""
     cfg = job["config"]
     results_dir = cfg["results_dir"]
-    if records.find_ok(results_dir, job["run_id"]) and not cfg["force"]:
-        print(f"[{job['run_id']}] skipped: an ok record exists (force=true reruns it)", flush=True)
+    if _skip_done(job):
         return
     try:  # a moment's wait, so that harness-status probing the lock is never taken for a holder
         stack.enter_context(records.run_lock(results_dir, job["run_id"], timeout=LOCK_PROBE_S))
@@ -421,8 +423,7 @@ def run_job(job: dict, stack: contextlib.ExitStack) -> None:
               f"on {holder.get('host', '?')})", flush=True)
         return
     # another sweep may have finished it while this one planned
-    if records.find_ok(results_dir, job["run_id"]) and not cfg["force"]:
-        print(f"[{job['run_id']}] skipped: an ok record exists (force=true reruns it)", flush=True)
+    if _skip_done(job):
         return
     rank_text = "" if job["rank"] is None else f" r={job['rank']}"
     print(f"[{job['run_id']}] {job['method']}{rank_text} model={cfg['model']['name']} "

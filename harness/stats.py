@@ -14,6 +14,23 @@ p-value is ``min(1, 2 * P(X <= min(b, c)))``. Pairing removes the variance the t
 When per-question answers are missing for either side the gap falls back to the record metrics,
 unpaired: ``se = sqrt(se_peft^2 + se_full^2)`` and no McNemar p-value.
 
+Seeds. k seeds of one comparison group answer the *same* n questions; ``d_si`` is seed s's
+paired difference on question i, ``g_s = mean_i d_si`` its gap. Two kinds of noise:
+
+    question noise   which n questions were asked. Shared by every seed, so seeds never shrink
+                     it: se_q = sd_i(dbar_i) / sqrt(n), dbar_i = mean_s d_si (with identical
+                     seeds this is exactly one seed's se)
+    training noise   how far a rerun with another seed moves the gap on the same questions:
+                     v_seed = max(s_g^2, w / n), s_g^2 = var_s(g_s) (ddof=1), w = mean_i var_s(d_si)
+                     (ddof=1). s_g^2 is the spread across seeds; w / n is the part of it that
+                     per-question flips alone explain (a floor with n times more data behind it)
+    se of the seed mean   sqrt(se_q^2 + max(0, s_g^2 - w / n) / k): the flips are already in
+                     se_q (averaged over the k seeds), what the seeds move together is added
+
+``seed_summary`` returns ``se`` (that), ``se_q``, ``sd`` (= s_g) and ``v_seed``; the gate
+(harness/check.py) uses ``v_seed`` with the same questions on both sides, where question noise
+cancels.
+
 The report (tables) and the gate (``harness-check``) both call these functions on run records;
 neither loads a model.
 """
@@ -26,7 +43,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from harness.records import read_items, stable_hash
+from harness import identity
+from harness.records import read_items
 
 TASKS = ("mmlu", "indomain")
 Z95 = 1.96
@@ -112,36 +130,9 @@ def paired_gap(
     }
 
 
-def group_fields(record: dict) -> dict:
-    """What makes two runs comparable across result sets: model, data, eval settings, method, rank.
-
-    The seed is left out (seeds are averaged), and so are the training settings: a change to them
-    is exactly what the gate should notice, not a reason to skip the comparison.
-    """
-    config = record.get("config") or {}
-    model = (record.get("model") or {}).get("name") or (config.get("model") or {}).get("name")
-    return {
-        "model": model,
-        "data": (config.get("data") or {}).get("name"),
-        "eval": config.get("eval") or {},
-        "method": record.get("method"),
-        "rank": record.get("rank"),
-    }
-
-
-def group_label(fields: dict, with_eval: bool = True) -> str:
-    """Readable group name, e.g. ``Qwen/Qwen2.5-0.5B · demo · lora r8 · eval 1a2b3c4d``.
-
-    No "|" in it: the name goes into markdown tables as is.
-    """
-    arm = fields["method"] + (f" r{fields['rank']}" if fields["rank"] is not None else "")
-    label = f"{fields['model']} · {fields['data']} · {arm}"
-    return label + f" · eval {stable_hash(fields['eval'])[:8]}" if with_eval else label
-
-
-def comparable_key(record: dict) -> str:
-    """Key of the gate's comparable group (same model, data, eval settings, method, rank)."""
-    return group_label(group_fields(record))
+def comparable_key(record: dict, reference: dict) -> str:
+    """Readable, unique name of the comparison group of ``record``'s gap against ``reference``."""
+    return identity.gap_label(record, reference)
 
 
 def _lm_eval_version(record: dict) -> str | None:
@@ -152,17 +143,19 @@ def _seed(record: dict) -> Any:
     return (record.get("config") or {}).get("seed")
 
 
-def pair_gaps(records: Iterable[dict], results_dir: str | Path) -> list[dict]:
+def pair_gaps(records: Iterable[dict], results_dir: str | Path, references: Iterable[str] = ()) -> list[dict]:
     """One gap per (ok PEFT run with an ok full run of equal pair_key, task with accuracy).
 
-    Ordered by comparable group, seed, task and run id, so reports and baselines are stable.
+    The full run of a pair_key must be unique (identity.full_references); where several full runs
+    with other settings share one, its PEFT runs get no gap (a warning says so) unless
+    ``references`` names the one to use. Each gap carries its comparison group (``group``: hash,
+    ``key``: label) and, when paired, the per-question answers of both arms (``answers``).
+    Ordered by group, seed, task and run id, so reports and baselines are stable.
     """
     records = [r for r in records if r.get("status") == "ok"]
-    full_by_pair: dict[str, dict] = {}
-    for rec in sorted(records, key=lambda r: r["run_id"]):
-        if rec["method"] == "full":
-            # the first by run_id wins: a deterministic pick if a pair was run twice
-            full_by_pair.setdefault(rec["pair_key"], rec)
+    full_by_pair, ambiguous = identity.full_references(records, references)
+    for run_ids in sorted(ambiguous.values()):
+        log.warning("several full fine-tuning runs share one pair (%s); name one as the reference", ", ".join(run_ids))
 
     gaps = []
     full_items_cache: dict[str, list[dict]] = {}
@@ -176,19 +169,28 @@ def pair_gaps(records: Iterable[dict], results_dir: str | Path) -> list[dict]:
         if full["run_id"] not in full_items_cache:
             full_items_cache[full["run_id"]] = read_items(results_dir, full)
         full_items = full_items_cache[full["run_id"]]
-        fields = group_fields(peft)
+        settings = identity.setting_config(peft["config"])
         for task in TASKS:
             gap = paired_gap(peft_items, full_items, task, peft["metrics"], full["metrics"])
             if gap is None:
                 continue
             gaps.append(
                 {
-                    "key": comparable_key(peft),
-                    **fields,
+                    "key": identity.gap_label(peft, full),
+                    "group": identity.gap_key(peft, full),
+                    "arm": identity.arm_key(peft),
+                    "model": identity.model_name(peft),
+                    "data": identity.data_name(peft),
+                    "eval": settings.get("eval") or {},
+                    "settings": {**settings, "method": identity.arm_config(peft),
+                                 "reference": identity.arm_config(full)},
+                    "method": peft["method"],
+                    "rank": peft.get("rank"),
                     "seed": _seed(peft),
                     "pair_key": peft["pair_key"],
                     "task": task,
                     **gap,
+                    "answers": _answers(peft_items, full_items, task) if gap["paired"] else None,
                     "peft_run_id": peft["run_id"],
                     "full_run_id": full["run_id"],
                     "lm_eval": sorted({str(_lm_eval_version(r)) for r in (peft, full)}),
@@ -199,17 +201,58 @@ def pair_gaps(records: Iterable[dict], results_dir: str | Path) -> list[dict]:
     return gaps
 
 
-def seed_summary(gaps: Iterable[dict]) -> list[dict]:
-    """Gaps averaged over seeds per (model, data, eval settings, method, rank, task).
+def _answers(peft_items: list[dict], full_items: list[dict], task: str) -> dict:
+    """Per-question answers of both arms on the questions they share: ids sorted, ``target`` kept
+    so that other questions under the same ids are told apart."""
+    peft = {str(it["id"]): it for it in peft_items if it.get("task") == task}
+    full = {str(it["id"]): it for it in full_items if it.get("task") == task}
+    ids = sorted(peft.keys() & full.keys())
+    return {
+        "ids": ids,
+        "targets": [full[q].get("target") for q in ids],
+        "peft": [bool(peft[q]["correct"]) for q in ids],
+        "full": [bool(full[q]["correct"]) for q in ids],
+    }
 
-    ``se`` is the standard error of the mean of k seeds from the per-seed eval noise,
-    ``sqrt(sum se_i^2) / k`` (None if any seed has none); ``sd`` is the spread across seeds
-    (ddof=1, None for a single seed), which also contains training noise. If one seed was run
-    twice in a group (e.g. with other training settings) the newest run counts.
+
+def question_hash(answers: dict) -> str:
+    """Hash of the question set (ids and their targets) a group was evaluated on."""
+    return identity.stable_hash([answers["ids"], answers["targets"]])
+
+
+def seed_noise(per_seed_diffs: list[list[int]]) -> dict:
+    """Question and training noise of k seeds' paired differences ``d_si`` on the same n questions.
+
+    Returns ``se_q``, ``s2_gap`` (var across seeds, None for one seed), ``w`` (mean per-question
+    variance across seeds, None for one seed), ``v_seed`` and ``se`` (see the module docstring).
+    """
+    k, n = len(per_seed_diffs), len(per_seed_diffs[0])
+    dbar = [sum(d[i] for d in per_seed_diffs) / k for i in range(n)]
+    mean = sum(dbar) / n
+    se_q = math.sqrt(sum((x - mean) ** 2 for x in dbar) / (n - 1) / n) if n > 1 else None
+    if k == 1:
+        return {"se_q": se_q, "s2_gap": None, "w": None, "v_seed": None, "se": se_q}
+    gaps = [sum(d) / n for d in per_seed_diffs]
+    s2_gap = sum((g - mean) ** 2 for g in gaps) / (k - 1)
+    w = sum(sum((d[i] - dbar[i]) ** 2 for d in per_seed_diffs) / (k - 1) for i in range(n)) / n
+    v_seed = max(s2_gap, w / n)
+    se = math.sqrt(se_q**2 + max(0.0, s2_gap - w / n) / k) if se_q is not None else None
+    return {"se_q": se_q, "s2_gap": s2_gap, "w": w, "v_seed": v_seed, "se": se}
+
+
+def seed_summary(gaps: Iterable[dict]) -> list[dict]:
+    """Gaps averaged over seeds per comparison group (identity.gap_key) and task.
+
+    ``gap`` is the mean over seeds; ``sd`` the spread across seeds (ddof=1, None for one seed);
+    ``se`` the standard error of the mean with question noise never shrunk by seeds, ``se_q`` the
+    question noise alone and ``v_seed`` the variance of one rerun's gap on the same questions
+    (see the module docstring; None for one seed). Unpaired groups (no per-question answers) have
+    ``se = sqrt(mean_s se_s^2 + sd^2 / k)``: question noise as one seed's, plus the spread. If one
+    seed was run twice in a group the newest run counts.
     """
     groups: dict[tuple[str, str], dict[Any, dict]] = {}
     for g in gaps:
-        by_seed = groups.setdefault((g["key"], g["task"]), {})
+        by_seed = groups.setdefault((g["group"], g["task"]), {})
         old = by_seed.get(g["seed"])
         if old is not None:
             log.warning("%s %s: seed %s run twice; using the newest", g["key"], g["task"], g["seed"])
@@ -218,32 +261,61 @@ def seed_summary(gaps: Iterable[dict]) -> list[dict]:
         by_seed[g["seed"]] = g
 
     rows = []
-    for (key, task), by_seed in sorted(groups.items(), key=lambda kv: (kv[0][0], TASKS.index(kv[0][1]))):
+    for (_, task), by_seed in groups.items():
         runs = [by_seed[s] for s in sorted(by_seed, key=str)]
         k = len(runs)
         values = [r["gap"] for r in runs]
         mean = sum(values) / k
         sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (k - 1)) if k > 1 else None
-        ses = [r["se"] for r in runs]
-        se = math.sqrt(sum(s**2 for s in ses)) / k if all(s is not None for s in ses) else None
+        paired = all(r["paired"] for r in runs)
+        answers, ids = None, []
+        if paired:
+            ids = sorted(set.intersection(*(set(r["answers"]["ids"]) for r in runs)))
+            if any(len(r["answers"]["ids"]) != len(ids) for r in runs):
+                log.warning("%s %s: seeds answered different questions; using the %d shared", runs[0]["key"], task,
+                            len(ids))
+            answers = [_restrict(r["answers"], ids) for r in runs]
+        if paired and ids:
+            noise = seed_noise([[int(p) - int(f) for p, f in zip(a["peft"], a["full"])] for a in answers])
+            mean = sum(sum(int(p) - int(f) for p, f in zip(a["peft"], a["full"])) for a in answers) / (k * len(ids))
+        else:
+            ses = [r["se"] for r in runs]
+            se = (math.sqrt(sum(x**2 for x in ses) / k + (sd**2 / k if sd is not None else 0.0))
+                  if all(x is not None for x in ses) else None)
+            noise = {"se_q": None, "v_seed": None, "se": se}
         first = runs[0]
         rows.append(
             {
-                "key": key,
+                "key": first["key"],
+                "group": first["group"],
+                "arm": first["arm"],
                 "model": first["model"],
                 "data": first["data"],
                 "eval": first["eval"],
+                "settings": first["settings"],
                 "method": first["method"],
                 "rank": first["rank"],
                 "task": task,
                 "gap": mean,
                 "sd": sd,
-                "se": se,
+                "se": noise["se"],
+                "se_q": noise["se_q"],
+                "v_seed": noise["v_seed"],
                 "n_seeds": k,
                 "seeds": {r["seed"]: r["gap"] for r in runs},
-                "paired": all(r["paired"] for r in runs),
+                "paired": paired,
+                "n": len(answers[0]["ids"]) if answers else None,
+                "questions": question_hash(answers[0]) if answers else None,
+                "answers": {r["seed"]: a for r, a in zip(runs, answers)} if answers else None,
                 "lm_eval": sorted({v for r in runs for v in r["lm_eval"]}),
                 "run_ids": sorted({rid for r in runs for rid in (r["peft_run_id"], r["full_run_id"])}),
             }
         )
+    rows.sort(key=lambda r: (r["key"], TASKS.index(r["task"])))
     return rows
+
+
+def _restrict(answers: dict, ids: list[str]) -> dict:
+    index = {q: i for i, q in enumerate(answers["ids"])}
+    return {f: [answers[f][index[q]] for q in ids] if f != "ids" else list(ids)
+            for f in ("ids", "targets", "peft", "full")}

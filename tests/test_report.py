@@ -211,8 +211,9 @@ def test_gap_sign_interval_and_seed_aggregation(report):
     _, _, written = report
     table = _table(written[AT_A_GLANCE].read_text())
     # MMLU: 10 of 100 questions flip from right to wrong, every seed: gap -10 pp, sd 0,
-    # per-seed se = sqrt((10 * 0.9^2 + 90 * 0.1^2) / 99 / 100) = 0.030151, mean of 3: se / sqrt(3)
-    se = (9 / 99 / 100) ** 0.5 / 3**0.5
+    # per-seed se = sqrt((10 * 0.9^2 + 90 * 0.1^2) / 99 / 100) = 0.030151; three identical seeds
+    # answer the same questions, so the question noise stays one seed's (seeds never shrink it)
+    se = (9 / 99 / 100) ** 0.5
     lo, hi = -10 - 196 * se, -10 + 196 * se
     assert table[ROWS[3]]["LoRA r=8 (3 seeds)"] == f"-10.00 pp [{lo:+.2f}, {hi:+.2f}]"  # identical seeds: no ± 0
     # in-domain: PEFT is better by 5, 10, 15 pp: positive sign, mean 10, sd 5
@@ -420,3 +421,15 @@ def test_index_html_renders_in_headless_chromium(report, tmp_path):
     widths = [int(re.search(r'data-width="(\d+)"', img).group(1)) for img in images]
     assert all(w > 0 for w in widths), images
     shutil.rmtree(tmp_path / "chromium", ignore_errors=True)
+
+
+def test_a_gap_on_a_single_seed_says_so(tmp_path):
+    results = tmp_path / "results"
+    make_record(results, "full", mmlu_correct=_answers(80))
+    make_record(results, "lora", rank=8, mmlu_correct=_answers(70))
+    table = _table(build_report(results, tmp_path / "reports")[AT_A_GLANCE].read_text())
+    assert table[ROWS[3]]["LoRA r=8"].endswith("(1 seed: training noise not estimated)")
+    make_record(results, "full", seed=1, mmlu_correct=_answers(80))
+    make_record(results, "lora", rank=8, seed=1, mmlu_correct=_answers(71))
+    table = _table(build_report(results, tmp_path / "reports2")[AT_A_GLANCE].read_text())
+    assert "1 seed" not in table[ROWS[3]]["LoRA r=8 (2 seeds)"]

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from harness.records import REQUIRED_METRICS, load_records, run_id_for, stable_hash, write_items, write_record
-from harness.stats import comparable_key, mcnemar_exact_p, pair_gaps, paired_gap, seed_summary
+from harness.stats import comparable_key, mcnemar_exact_p, pair_gaps, paired_gap, seed_noise, seed_summary
 
 
 def items(task: str, correct: list[bool], prefix: str = "q") -> list[dict]:
@@ -142,22 +142,26 @@ def test_pair_gaps_pairs_only_ok_peft_with_full(tmp_path):
     assert (mmlu["peft_run_id"], mmlu["full_run_id"]) == (lora["run_id"], full["run_id"])
     assert (mmlu["method"], mmlu["rank"], mmlu["seed"], mmlu["model"], mmlu["data"]) == ("lora", 8, 0, "tiny", "demo")
     assert indomain["gap"] == pytest.approx(-0.05) and indomain["se"] == pytest.approx(0.05)
-    assert mmlu["key"] == comparable_key(lora)
+    assert mmlu["key"] == comparable_key(lora, full)
 
 
-def _gap(seed, gap, se, method="lora"):
+def _gap(seed, gap, se, method="lora", answers=None):
     return {
         "key": f"k-{method}",
+        "group": f"g-{method}",
+        "arm": f"a-{method}",
         "model": "m",
         "data": "d",
         "eval": {},
+        "settings": {},
         "method": method,
         "rank": 8,
         "seed": seed,
         "task": "mmlu",
         "gap": gap,
         "se": se,
-        "paired": True,
+        "paired": answers is not None,
+        "answers": answers,
         "peft_run_id": f"p{seed}",
         "full_run_id": f"f{seed}",
         "lm_eval": ["0.4.9"],
@@ -165,7 +169,7 @@ def _gap(seed, gap, se, method="lora"):
     }
 
 
-def test_seed_summary_mean_sd_se():
+def test_seed_summary_unpaired_mean_sd_se():
     rows = seed_summary(
         [_gap(0, -0.02, 0.01), _gap(1, -0.04, 0.02), _gap(2, -0.06, 0.02), _gap(0, 0.1, 0.05, method="qlora")]
     )
@@ -173,16 +177,42 @@ def test_seed_summary_mean_sd_se():
     assert lora["n_seeds"] == 3
     assert lora["gap"] == pytest.approx(-0.04)
     assert lora["sd"] == pytest.approx(0.02)  # deviations -+0.02, 0: sqrt(0.0008 / 2)
-    assert lora["se"] == pytest.approx(math.sqrt(0.01**2 + 0.02**2 + 0.02**2) / 3)
+    # question noise as one seed's (mean of the squares), plus the spread over k seeds
+    assert lora["se"] == pytest.approx(math.sqrt((0.01**2 + 0.02**2 + 0.02**2) / 3 + 0.02**2 / 3))
     assert lora["seeds"] == {0: -0.02, 1: -0.04, 2: -0.06}
     qlora = next(r for r in rows if r["method"] == "qlora")
     assert qlora["n_seeds"] == 1 and qlora["sd"] is None and qlora["se"] == pytest.approx(0.05)
 
 
-def test_comparable_key_ignores_seed_not_settings():
-    base = record("lora", 8, 0)
-    assert comparable_key(base) == comparable_key(record("lora", 8, 1))
-    assert comparable_key(base) != comparable_key(record("lora", 16, 0))
-    assert comparable_key(base) != comparable_key(record("qlora", 8, 0))
-    assert comparable_key(base) != comparable_key(record("lora", 8, 0, evals={"mmlu_limit": 50}))
-    assert comparable_key(base) != comparable_key(record("lora", 8, 0, model="other"))
+def _paired(peft: list[bool], full: list[bool]) -> dict:
+    ids = [f"q{i}" for i in range(len(peft))]
+    return {"ids": ids, "targets": [0] * len(ids), "peft": peft, "full": full}
+
+
+@pytest.mark.parametrize("k", [1, 2, 8])
+def test_seeds_never_shrink_question_noise(k):
+    # every seed answers identically: the question noise is one seed's, for any number of seeds
+    one = paired_gap(items("mmlu", PEFT), items("mmlu", FULL), "mmlu")
+    gaps = [_gap(s, one["gap"], one["se"], answers=_paired(PEFT, FULL)) for s in range(k)]
+    (row,) = seed_summary(gaps)
+    assert row["n_seeds"] == k and row["paired"] and row["n"] == 20
+    assert row["gap"] == pytest.approx(0.3)
+    assert row["se"] == pytest.approx(one["se"])
+    assert row["se_q"] == pytest.approx(one["se"])
+
+
+def test_seed_noise_by_hand():
+    # 2 seeds, 4 questions; seed 0 d = (1, 0, 0, -1), seed 1 d = (1, 1, 1, 0)
+    noise = seed_noise([[1, 0, 0, -1], [1, 1, 1, 0]])
+    # gaps 0 and 0.75: s_g^2 = (0.375^2 * 2) / 1 = 0.28125
+    assert noise["s2_gap"] == pytest.approx(0.28125)
+    # per question var across 2 seeds (ddof 1): 0, 0.5, 0.5, 0.5: w = 1.5 / 4 = 0.375; w / n = 0.09375
+    assert noise["w"] == pytest.approx(0.375)
+    assert noise["v_seed"] == pytest.approx(0.28125)  # the spread is larger than the flips explain
+    # dbar = (1, .5, .5, -.5), mean .375: sd^2 = (.390625 + .015625 * 2 + .765625) / 3 = 0.395833
+    se_q = math.sqrt(0.3958333333 / 4)
+    assert noise["se_q"] == pytest.approx(se_q)
+    assert noise["se"] == pytest.approx(math.sqrt(se_q**2 + (0.28125 - 0.09375) / 2))
+    # flips alone (no seed-level shift): the spread is floored at what the flips explain
+    flips = seed_noise([[1, 0, 1, 0], [0, 1, 0, 1]])
+    assert flips["s2_gap"] == 0 and flips["v_seed"] == pytest.approx(flips["w"] / 4) and flips["v_seed"] > 0

@@ -1,0 +1,231 @@
+"""What makes two runs the same run, a fair pair, and one comparison group (the one place).
+
+Every stage asks this module: ``run.plan`` (config_hash, run_id, pair_key, base_key), the gap
+statistics and the gate (comparison groups), and the report (tables and their arms).
+
+    result config   the resolved config without what cannot change a result (NON_RESULT_KEYS at
+                    the top level, NON_RESULT_PATHS inside groups): results/report paths, force,
+                    isolate, report, prices and their source, latency-probe settings, progress bars
+    config_hash     hash of the result config: equal hash, same run (skip-on-rerun, run_id)
+    pair_key        hash of the result config without ``method``: model, data, seed, training
+                    budget and schedule, eval settings, hardware, distributed strategy and world
+                    size. Arms with equal pair_key are a fair pair: same examples, same order,
+                    same questions, same devices.
+    setting_key     pair_key without the seed: one report table (its arms are compared there)
+    arm             the method and every setting of it (name, rank, alpha, learning rate, target
+                    modules, ...): a learning-rate or alpha sweep of one method is several arms
+    group_key       setting_key + arm: one comparison group. Its runs differ only in the seed,
+                    so they are pooled as seeds; nothing else is.
+
+A PEFT arm's gap is taken against the full fine-tuning run of the same pair_key. Several full
+runs (e.g. a full-FT learning-rate sweep) under one pair_key make that reference ambiguous;
+``full_references`` reports it rather than picking one, unless the caller names the reference.
+
+Top-level keys that steer the harness without changing a result (a launcher, a thread budget, a
+lock timeout) go into NON_RESULT_KEYS, and only here.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from harness.records import run_id_for, stable_hash
+
+# Top-level config keys that steer the harness but do not change a result.
+NON_RESULT_KEYS = ("hydra", "results_dir", "reports_dir", "force", "isolate", "report", "projected_tokens", "parallel")
+# Settings inside config groups that do not change a result.
+NON_RESULT_PATHS = (
+    ("eval", "latency"),  # the latency probe runs after evaluation and changes no accuracy or training figure
+    ("hardware", "price_per_device_hour_usd"),
+    ("hardware", "price_source"),
+    ("hardware", "price_date"),
+    ("hardware", "match"),
+    ("train", "tqdm"),
+    ("distributed", "main_process_ip"),  # where the processes meet, not how many or how they split the work
+    ("distributed", "main_process_port"),
+    ("distributed", "machine_rank"),  # differs per machine of one multi-node job
+)
+# Method settings an arm label can show, with their short names (e.g. "lora r16 lr 0.001")
+ARM_LABEL_FIELDS = (("learning_rate", "lr"), ("alpha", "alpha"), ("target_modules", "targets"), ("dropout", "dropout"))
+
+
+def result_config(cfg: dict) -> dict:
+    """``cfg`` without what does not change a result (a copy; ``cfg`` is left as it is)."""
+    out = {k: copy.deepcopy(v) for k, v in cfg.items() if k not in NON_RESULT_KEYS}
+    for path in NON_RESULT_PATHS:
+        node = out
+        for part in path[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(path[-1], None)
+    return out
+
+
+def config_hash(cfg: dict) -> str:
+    return stable_hash(result_config(cfg))
+
+
+def pair_config(cfg: dict) -> dict:
+    return {k: v for k, v in result_config(cfg).items() if k != "method"}
+
+
+def pair_key(cfg: dict) -> str:
+    return stable_hash(pair_config(cfg))
+
+
+def setting_config(cfg: dict) -> dict:
+    """What one report table shares: the pair config without the seed."""
+    return {k: v for k, v in pair_config(cfg).items() if k != "seed"}
+
+
+def setting_key(cfg: dict) -> str:
+    return stable_hash(setting_config(cfg))
+
+
+def base_key(cfg: dict) -> str:
+    """The base model's evaluation: model, eval settings and the held-out data (all seeds, arms)."""
+    result = result_config(cfg)
+    return stable_hash({"model": result.get("model"), "eval": result.get("eval"), "data": result.get("data")})
+
+
+def run_id(method: str, rank: int | None, cfg: dict) -> str:
+    return run_id_for(method, rank, config_hash(cfg))
+
+
+# ---------------------------------------------------------------- records
+
+
+def _config(record: dict) -> dict:
+    return record.get("config") or {}
+
+
+def arm_config(record: dict) -> dict:
+    """The method and all its settings (the part of the config a pair's arms differ in)."""
+    method = _config(record).get("method")
+    method = dict(method) if isinstance(method, dict) else {}
+    method.setdefault("name", record.get("method"))
+    return method
+
+
+def arm_key(record: dict) -> str:
+    return stable_hash(arm_config(record))
+
+
+def group_key(record: dict) -> str:
+    """One comparison group: every setting but the seed, arm included."""
+    return stable_hash({"setting": setting_config(_config(record)), "arm": arm_config(record)})
+
+
+def model_name(record: dict) -> str:
+    model = _config(record).get("model")
+    name = model.get("name") if isinstance(model, dict) else model
+    return str(name or (record.get("model") or {}).get("name") or "?")
+
+
+def data_name(record: dict) -> str:
+    data = _config(record).get("data")
+    name = data.get("name") if isinstance(data, dict) else data
+    return str(name or "-")
+
+
+def arm_text(record: dict, fields: Iterable[str] | None = None) -> str:
+    """``lora r16`` and, for ``fields`` (default: learning rate), their values: ``lora r16 lr 0.001``."""
+    method = arm_config(record)
+    text = str(record.get("method") or method.get("name"))
+    if record.get("rank") is not None:
+        text += f" r{record['rank']}"
+    wanted = set(fields) if fields is not None else {"learning_rate"}
+    for key, short in ARM_LABEL_FIELDS:
+        if key in wanted and method.get(key) is not None:
+            text += f" {short} {method[key]}"
+    return text
+
+
+def group_label(record: dict) -> str:
+    """Readable and unique: ``smollm2-135m · demo · lora r16 lr 0.001 · 1a2b3c4d`` (no "|")."""
+    return f"{model_name(record)} · {data_name(record)} · {arm_text(record)} · {group_key(record)[:8]}"
+
+
+def differing_fields(configs: list[dict], prefix: str = "") -> list[str]:
+    """Dotted names of the settings whose values are not the same in all ``configs``."""
+    keys = sorted({k for c in configs for k in c})
+    out = []
+    for k in keys:
+        values = [c.get(k) for c in configs]
+        if all(isinstance(v, dict) for v in values):
+            out += differing_fields(values, f"{prefix}{k}.")
+        elif len({stable_hash(v) for v in values}) > 1:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def lookup(cfg: dict, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def full_references(records: Iterable[dict], chosen: Iterable[str] = ()) -> tuple[dict[str, dict], dict[str, list[str]]]:
+    """The full fine-tuning reference of each pair_key, and the pair_keys where it is ambiguous.
+
+    Returns ``(reference by pair_key, {pair_key: [run ids]} for pairs with several ok full runs
+    of different settings)``. A run id in ``chosen`` settles its pair: the explicit choice.
+    """
+    chosen = set(chosen)
+    by_pair: dict[str, dict[str, dict]] = {}
+    for rec in records:
+        if rec.get("status") == "ok" and rec.get("method") == "full" and rec.get("pair_key"):
+            by_pair.setdefault(rec["pair_key"], {})[rec["config_hash"]] = rec
+    refs, ambiguous = {}, {}
+    for key, runs in by_pair.items():
+        picked = [r for r in runs.values() if r["run_id"] in chosen]
+        if len(picked) == 1:
+            refs[key] = picked[0]
+        elif len(runs) == 1:
+            refs[key] = next(iter(runs.values()))
+        else:
+            ambiguous[key] = sorted(r["run_id"] for r in runs.values())
+    return refs, ambiguous
+
+
+def gap_key(peft: dict, full: dict) -> str:
+    """The comparison group of a gap: the PEFT arm's group and the full reference's settings."""
+    return stable_hash({"group": group_key(peft), "reference": arm_config(full)})
+
+
+def gap_label(peft: dict, full: dict) -> str:
+    """``smollm2-135m · demo · lora r16 lr 0.001 vs full lr 0.0001 · 1a2b3c4d`` (unique, no "|")."""
+    return f"{model_name(peft)} · {data_name(peft)} · {arm_text(peft)} vs {arm_text(full)} · {gap_key(peft, full)[:8]}"
+
+
+def provenance_changes(record: dict, repo: str | Path) -> list[str]:
+    """How the code and stack now differ from what ``record`` was made with: the git commit of
+    ``repo`` and the versions of the packages its ``env`` names ([] when nothing differs).
+
+    The config_hash does not cover them (a rerun on a new commit is the same experiment), so a
+    skip-on-rerun says so rather than pass an old result off as the current code's.
+    """
+    import importlib.metadata as md
+    import subprocess
+
+    env = record.get("env") or {}
+    changes = []
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=repo, timeout=10)
+        commit = out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    if env.get("git_commit") and commit and env["git_commit"] != commit:
+        changes.append(f"git commit {env['git_commit'][:10]} -> {commit[:10]}")
+    for pkg, old in sorted((env.get("versions") or {}).items()):
+        try:
+            new = md.version(pkg)
+        except md.PackageNotFoundError:
+            new = None
+        if old != new:
+            changes.append(f"{pkg} {old} -> {new}")
+    return changes
