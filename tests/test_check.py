@@ -121,7 +121,7 @@ def test_missing_answers_cannot_judge(tmp_path, baseline, capsys):
 
 def test_other_questions_cannot_judge(tmp_path, baseline, capsys):
     cur = write_sweep(tmp_path / "cur")
-    for path in cur.glob("*.items.jsonl.gz"):  # same count, other questions under other ids
+    for path in cur.glob("*.items*.jsonl.gz"):  # same count, other questions under other ids
         import gzip
 
         lines = gzip.decompress(path.read_bytes()).decode().replace("heldout-", "other-")
@@ -156,7 +156,7 @@ def test_cannot_judge_wins_over_regression(tmp_path, capsys):
     assert check(path, ref, "--update-baseline") == 0
     cur = write_sweep(tmp_path / "cur", lora_right=60)  # r16 regressed
     write_sweep(cur, rank=8)
-    next(cur.glob("lora-r8-*.items.jsonl.gz")).unlink()  # r8 unpaired
+    next(cur.glob("lora-r8-*.items*.jsonl.gz")).unlink()  # r8 unpaired
     assert check(path, cur) == 2
     captured = capsys.readouterr()
     assert "REGRESSION" in captured.out and "lora r8" in captured.err and "unpaired" in captured.err
