@@ -117,7 +117,8 @@ def _run(model, tokenizer, tasks: list, num_fewshot: int, limit, batch_size: int
 
 def _items(results: dict, subject_of: dict[str, str], task_kind: str, categories: dict[str, str]) -> list[dict]:
     items = []
-    for name, samples in sorted(results.get("samples", {}).items()):
+    # lm-eval returns None on processes with LOCAL_RANK > 0 (they ran the same forwards; rank 0 records)
+    for name, samples in sorted((results or {}).get("samples", {}).items()):
         if name not in subject_of:
             continue
         subject = subject_of[name]

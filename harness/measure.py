@@ -186,6 +186,7 @@ class MemoryBreakdown(TorchDispatchMode):
     def _track(self, t: Any, category: str, relabel: bool = False) -> None:
         if not isinstance(t, torch.Tensor) or t.device.type == "meta":
             return
+        t = getattr(t, "_local_tensor", t)  # a sharded DTensor (FSDP2): this rank's shard
         try:
             st = t.untyped_storage()
         except (RuntimeError, NotImplementedError):  # sparse / nested tensors have no plain storage
@@ -239,6 +240,10 @@ class MemoryBreakdown(TorchDispatchMode):
             self._track_optimizer_state(self.optimizer)
 
         def pre_step(opt, args, kwargs):
+            # FSDP2 sets each sharded .grad after its reduce-scatter, outside autograd's hook
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    self._track(p.grad, "gradients", relabel=True)
             self._track_optimizer_state(opt)
             self._in_optimizer = True
 
@@ -684,12 +689,15 @@ def _is_peft(model: Any) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_nb_trainable_parameters")
 
 
-def adapter_bytes(model: torch.nn.Module) -> int | None:
-    """Bytes on disk of the saved adapter (``save_pretrained`` with safetensors); None if not PEFT."""
+def adapter_bytes(model: torch.nn.Module, state_dict: dict | None = None) -> int | None:
+    """Bytes on disk of the saved adapter (``save_pretrained`` with safetensors); None if not PEFT.
+
+    ``state_dict``: the full (gathered) state dict of a sharded model, from which peft saves.
+    """
     if not _is_peft(model):
         return None
     with tempfile.TemporaryDirectory(prefix="harness-adapter-") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         # several adapters are saved in sub-folders, one adapter_model.safetensors each
         return sum(p.stat().st_size for p in Path(tmp).rglob("adapter_model*.safetensors"))
 
@@ -701,7 +709,8 @@ def full_checkpoint_bytes(n_params: int, dtype: torch.dtype, saved_bytes: int | 
     return int(n_params) * dtype.itemsize, True
 
 
-def footprint_metrics(model: torch.nn.Module, dtype: torch.dtype, saved_full_bytes: int | None = None) -> dict:
+def footprint_metrics(model: torch.nn.Module, dtype: torch.dtype, saved_full_bytes: int | None = None,
+                      state_dict: dict | None = None) -> dict:
     """adapter_bytes, full_checkpoint_bytes and full_checkpoint_bytes_estimated for the record.
 
     The full checkpoint is what serving a fully fine-tuned (or merged) model stores: the base
@@ -712,7 +721,7 @@ def footprint_metrics(model: torch.nn.Module, dtype: torch.dtype, saved_full_byt
     n = counts["total_params"] - (counts["trainable_params"] if _is_peft(model) else 0)
     full, estimated = full_checkpoint_bytes(n, dtype, saved_full_bytes)
     return {
-        "adapter_bytes": adapter_bytes(model),
+        "adapter_bytes": adapter_bytes(model, state_dict),
         "full_checkpoint_bytes": full,
         "full_checkpoint_bytes_estimated": estimated,
     }

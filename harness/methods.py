@@ -55,17 +55,23 @@ def compute_dtype(method_cfg: dict) -> str:
     return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
 
 
-def quantization_config(method_cfg: dict):
-    """bitsandbytes 4-bit config for QLoRA (NF4, double quantization, bf16 compute), else None."""
+def quantization_config(method_cfg: dict, sharded: bool = False):
+    """bitsandbytes 4-bit config for QLoRA (NF4, double quantization, bf16 compute), else None.
+
+    ``sharded`` (FSDP): the packed 4-bit weights are stored in the compute dtype
+    (``bnb_4bit_quant_storage``), since FSDP cannot shard the default uint8 storage.
+    """
     if method_cfg.get("quantize") != "nf4":
         return None
     from transformers import BitsAndBytesConfig
 
+    dtype = getattr(torch, compute_dtype(method_cfg))
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=getattr(torch, compute_dtype(method_cfg)),
+        bnb_4bit_compute_dtype=dtype,
+        **({"bnb_4bit_quant_storage": dtype} if sharded else {}),
     )
 
 

@@ -184,8 +184,13 @@ def model_folder(model_cfg: dict) -> tuple[str, bool]:
     raise ModelSourceError(f"model.source={source!r} is unknown; valid: hub, gguf, config")
 
 
-def load_model(model_cfg: dict, dtype: torch.dtype = torch.float32, quantization_config=None) -> LoadedModel:
-    """Load the base model (optionally 4-bit) and its tokenizer."""
+def load_model(model_cfg: dict, dtype: torch.dtype = torch.float32, quantization_config=None,
+               device: str | torch.device | None = None) -> LoadedModel:
+    """Load the base model (optionally 4-bit) and its tokenizer.
+
+    ``device``: where the weights go; default the current CUDA device when there is one. A
+    sharded job (FSDP, ZeRO-3) passes "cpu": sharding moves each rank's part to its device.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, random_weights = model_folder(model_cfg)
@@ -193,13 +198,16 @@ def load_model(model_cfg: dict, dtype: torch.dtype = torch.float32, quantization
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     kwargs = {"dtype": dtype}
+    if device is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    device = torch.device(device) if device is not None else None
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
-        if torch.cuda.is_available():
-            kwargs["device_map"] = {"": 0}
+        if device is not None and device.type == "cuda":
+            kwargs["device_map"] = {"": device.index}
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    if quantization_config is None and torch.cuda.is_available():
-        model = model.to("cuda")
+    if quantization_config is None and device is not None and device.type == "cuda":
+        model = model.to(device)
     model.config.pad_token_id = tokenizer.pad_token_id
     return LoadedModel(
         model=model,

@@ -390,9 +390,10 @@ def _column(table: Table, arm: Arm) -> list[str]:
         first = arm.runs[0]
         return [failure_text(first)] + [failure_text(first, short=True)] * (len(ROWS) - 1)
     memory = arm.values("peak_memory_bytes")
+    devices = max(arm.values("world_size"), default=1)  # the largest rank's peak, on each of N devices
     return [
         _trainable_cell(arm),
-        fmt_bytes(memory) if memory else DASH,
+        (fmt_bytes(memory) + (f" per GPU × {devices}" if devices > 1 else "")) if memory else DASH,
         _cost_cell(arm),
         _gap_cell(table, arm, "mmlu"),
         _gap_cell(table, arm, "indomain"),

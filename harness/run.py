@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,6 +47,7 @@ def usage_exit(message: str) -> None:
 
 def plan(cfg: dict) -> dict:
     """Resolved config -> job: normalized config, hashes, run ids. Raises UsageError on bad input."""
+    from harness import distributed
     from harness.measure import PriceTableError, device_name, load_price_table, resolve_hardware
     from harness.methods import MethodError, normalize, rank_of, validate
 
@@ -53,9 +55,10 @@ def plan(cfg: dict) -> dict:
     cfg["method"] = normalize(cfg["method"])
     try:
         validate(cfg["method"])
+        distributed.validate(cfg["distributed"])
         # hardware=auto becomes the detected entry, so runs on other hardware are other runs
         entry = resolve_hardware(cfg["hardware"], load_price_table(CONF_DIR))
-    except (MethodError, PriceTableError) as exc:
+    except (MethodError, PriceTableError, distributed.DistributedError) as exc:
         raise UsageError(str(exc)) from exc
     cfg["hardware"] = entry or {"name": f"unpriced ({device_name()})", "price_per_device_hour_usd": None}
     method = cfg["method"]["name"]
@@ -207,24 +210,33 @@ def base_record(job: dict, cfg: dict, heldout: list[dict], env: dict) -> dict:
     return rec
 
 
-def execute(job: dict) -> dict:
-    """Run one planned job end to end and write its record, whatever happens."""
+def execute(job: dict) -> dict | None:
+    """Run one planned job end to end on this process; rank 0 writes the one record.
+
+    Every rank of a distributed job runs this: each trains and measures its own part, and the
+    figures of all ranks are gathered to rank 0. One process (world size 1) records its own
+    failures; in a job of several processes a failing rank writes its error beside the job
+    (``HARNESS_JOB_ERROR_DIR``) and exits, so that the launcher stops the other ranks and the
+    parent writes the record.
+    """
     import datasets
     import torch
     import transformers
     from transformers import set_seed
 
-    from harness import measure
+    from harness import distributed, measure
     from harness.data import load_examples
     from harness.methods import apply_method, quantization_config
     from harness.models import load_model
-    from harness.train import build_trainer, token_budget, use_bf16
+    from harness.train import build_trainer, token_budget, training_arguments, use_bf16
 
     # progress of this harness (steps, loss, ETA) rather than a bar per file loaded
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     cfg = job["config"]
+    strategy = distributed.strategy_of(cfg)
+    sharded = strategy in distributed.SHARDED
     results_dir = cfg["results_dir"]
     label = job["run_id"]
     env = environment()
@@ -232,80 +244,136 @@ def execute(job: dict) -> dict:
     t_run = time.perf_counter()
     record = new_record(job, env)
     metrics = record["metrics"]
+    mine: dict = {"device": None}  # this rank's figures, gathered to rank 0
+    skipped: dict = {}
     try:
         set_seed(int(cfg["seed"]))
         examples, heldout = load_examples(cfg["data"])
         evaluate = should_evaluate(cfg, record["model"]["random_weights"])
         base = None
         if evaluate:
-            base = records.find_ok(results_dir, job["base_run_id"]) or base_record(job, cfg, heldout, env)
+            base = records.find_ok(results_dir, job["base_run_id"])
+            if base is None and distributed.world_size() > 1:
+                raise RuntimeError(f"base-model record {job['base_run_id']} is missing; the launcher writes it first")
+            base = base or base_record(job, cfg, heldout, env)
             record["base_run_id"] = base["run_id"]
+        # before the model: starts the process group and puts this process on its device
+        args = training_arguments(cfg["train"], float(cfg["method"]["learning_rate"]), int(cfg["seed"]))
+        world = args.world_size
+        env.update(device_count=world, visible_device_count=torch.cuda.device_count() if torch.cuda.is_available() else 1)
+        mine["device"] = distributed.device_label(args.device)
         set_seed(int(cfg["seed"]))  # the same initial RNG state for every arm, base eval or not
-        loaded = load_model(cfg["model"], quantization_config=quantization_config(cfg["method"]))
+        qlora_sharded = sharded and bool(cfg["method"].get("quantize"))
+        loaded = load_model(cfg["model"], quantization_config=quantization_config(cfg["method"], sharded=sharded),
+                            device="cpu" if sharded else args.device,
+                            # FSDP shards QLoRA's 4-bit weights stored in the compute dtype: load in it
+                            **({"dtype": getattr(torch, cfg["method"]["compute_dtype"])} if qlora_sharded else {}))
         record["model"]["total_params"] = loaded.total_params
         model = apply_method(loaded.model, cfg["method"], bool(cfg["train"]["gradient_checkpointing"]))
         metrics.update(measure.param_counts(model))
         trainable, total = metrics["trainable_params"], metrics["total_params"]
-        print(f"[{label}] trainable params: {trainable:,} || all params: {total:,} || "
-              f"trainable%: {100 * trainable / total:.4f}", flush=True)
+        embedding = measure.embedding_params(model)  # before sharding turns weights into shards
+        distributed.print0(f"[{label}] trainable params: {trainable:,} || all params: {total:,} || "
+                           f"trainable%: {100 * trainable / total:.4f} || {strategy} over {world} process(es)")
 
         probe = measure.MeasureCallback(warmup_steps=int(cfg["train"]["warmup_steps_excluded"]))
         trainer = build_trainer(model, loaded.tokenizer, examples, cfg["train"], float(cfg["method"]["learning_rate"]),
-                                int(cfg["seed"]), callbacks=[probe], label=label)
+                                int(cfg["seed"]), callbacks=[probe], label=label, args=args)
         try:
             trainer.train()
         finally:  # stop the probe's hooks and keep what it measured, even when training fails
             probe.close()
-            metrics.update(probe.metrics(train_tokens=token_budget(cfg["train"])))
-        metrics["token_budget"] = token_budget(cfg["train"])
+            # tokens counted by the Trainer on every rank and summed over the ranks
+            metrics.update(probe.metrics(train_tokens=int(trainer.state.num_input_tokens_seen) or None))
+        metrics["token_budget"] = token_budget(cfg["train"])  # per process
+        for key in ("peak_memory_bytes", "peak_memory_reserved_bytes", "memory_breakdown_bytes"):
+            mine[key] = metrics[key]
 
-        # MFU: the device's peak measured now, in the training dtype, by a timed matmul
-        device = next(model.parameters()).device
+        # MFU: each device's peak measured now, in the training dtype, by a timed matmul
+        device = args.device
         train_dtype = torch.bfloat16 if use_bf16(str(cfg["train"]["precision"])) else torch.float32
         arch = model.config
         fpt = measure.flops_per_token(
-            job["method"], total, trainable, embedding_params=measure.embedding_params(model),
-            n_layers=arch.num_hidden_layers, seq_len=int(cfg["train"]["seq_len"]), hidden_size=arch.hidden_size)
-        metrics.update(measure.flops_metrics(fpt, metrics["tokens_per_s"], measure.measure_peak_flops(device, train_dtype),
-                                             env["device_count"]))
+            job["method"], total, trainable, embedding_params=embedding, n_layers=arch.num_hidden_layers,
+            seq_len=int(cfg["train"]["seq_len"]), hidden_size=arch.hidden_size)
+        mine["peak_flops_per_s"] = measure.measure_peak_flops(device, train_dtype)
         metrics["train_dtype"] = str(train_dtype).removeprefix("torch.")
 
         if evaluate:
+            # every rank evaluates the same questions: a sharded model's forward needs them all
             with measure.eval_peak_memory(device) as eval_mem:
                 acc, items = evaluate_all(model, loaded.tokenizer, cfg, heldout)
             metrics.update(acc)
-            metrics.update(eval_mem)
+            mine["eval_peak_memory_bytes"] = eval_mem["eval_peak_memory_bytes"]
             for task in ("mmlu", "indomain"):
                 if metrics.get(f"{task}_acc") is not None and base["metrics"].get(f"{task}_acc") is not None:
                     metrics[f"{task}_gain_vs_base"] = metrics[f"{task}_acc"] - base["metrics"][f"{task}_acc"]
-            record["items_file"] = records.write_items(results_dir, job["run_id"], items)
+            if distributed.is_main():
+                record["items_file"] = records.write_items(results_dir, job["run_id"], items)
 
         # serving: adapter vs full checkpoint on disk (the full one estimated in the compute dtype:
         # fp32 on CPU, bf16 where training ran in bf16; QLoRA: its compute dtype), latency
         serve_dtype = getattr(torch, cfg["method"]["compute_dtype"]) if cfg["method"].get("quantize") else train_dtype
-        metrics.update(measure.footprint_metrics(model, serve_dtype))
+        # a sharded adapter is saved from its parameters gathered by every rank
+        state_dict = (distributed.adapter_state_dict(trainer.accelerator, model, strategy)
+                      if sharded and trainable < total else None)
+        if distributed.is_main():
+            metrics.update(measure.footprint_metrics(model, serve_dtype, state_dict=state_dict))
         lat = cfg["eval"]["latency"]
-        if lat["enabled"]:
+        if lat["enabled"] and sharded:
+            # merging adapters into sharded weights is not supported by peft; a sharded forward
+            # is not a serving latency either
+            skipped["latency"] = f"not measured under distributed={strategy}: peft cannot merge adapters into " \
+                                 "sharded weights; measure serving latency with distributed=none"
+        elif lat["enabled"] and distributed.is_main():
             prompts = [ex["prompt"] for ex in examples[: int(lat["prompts"])]]
             metrics.update(measure.compare_latency(model, loaded.tokenizer, prompts, n_reps=int(lat["reps"]),
                                                    gen_tokens=int(lat["gen_tokens"])))
+        per_rank = distributed.gather(mine)
+        metrics.update(distributed.combine(per_rank, strategy))
+        peaks = [p for p in metrics["peak_flops_per_s_per_rank"] if p]
+        metrics.update(measure.flops_metrics(fpt, metrics["tokens_per_s"], statistics.fmean(peaks) if peaks else None,
+                                             world))
+        metrics["tokens_per_s_per_device"] = metrics["tokens_per_s"] / world if metrics["tokens_per_s"] else None
+        metrics["achieved_flops_per_s_per_device"] = (metrics["achieved_flops_per_s"] / world
+                                                      if metrics["achieved_flops_per_s"] else None)
     except Exception as exc:  # record every failure; the sweep goes on
         traceback.print_exc()
         oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
         record["status"] = "oom" if oom else "failed"
         record["error"] = f"{type(exc).__name__}: {exc}".strip()[:2000]
+        if distributed.world_size() > 1:
+            write_rank_error(record["status"], record["error"])
+            sys.stdout.flush()
+            os._exit(1)  # the launcher stops the other ranks; the parent writes the record
+    if not distributed.is_main():
+        return None
+    metrics["skipped_measurements"] = skipped or None
+    metrics.setdefault("world_size", 1)
+    metrics.setdefault("strategy", strategy)
     metrics["run_wall_s"] = time.perf_counter() - t_run
-    # cost_usd: the fine-tuning itself (training phase); run_cost_usd: the whole run with evals
+    # cost_usd: the fine-tuning itself (training phase); run_cost_usd: the whole run with evals;
+    # both × the devices used (one per process), not the devices visible
+    devices_used = metrics["world_size"]
     hardware = cfg["hardware"] if cfg["hardware"].get("price_per_device_hour_usd") else None
-    metrics.update(measure.cost_metrics(hardware, metrics.get("train_wall_excl_probe_s"), env["device_count"],
+    metrics.update(measure.cost_metrics(hardware, metrics.get("train_wall_excl_probe_s"), devices_used,
                                         dataset_tokens=cfg.get("projected_tokens"),
                                         tokens_per_s=metrics.get("tokens_per_s")))
     metrics["run_cost_usd"] = (measure.cost_usd(metrics["run_wall_s"], hardware["price_per_device_hour_usd"],
-                                                env["device_count"]) if hardware else None)
+                                                devices_used) if hardware else None)
     env.update(started_at=started, ended_at=now_iso())
     records.write_record(results_dir, record)
     print(f"[{label}] {record['status']}: record {records.record_path(results_dir, job['run_id'])}", flush=True)
     return record
+
+
+def write_rank_error(status: str, error: str) -> None:
+    """Leave this rank's failure where the parent of a distributed job finds it."""
+    from harness import distributed
+
+    folder = os.environ.get("HARNESS_JOB_ERROR_DIR")
+    if folder:
+        Path(folder, f"rank{distributed.rank()}.json").write_text(json.dumps({"status": status, "error": error}))
 
 
 def execute_base(job: dict) -> None:
@@ -316,31 +384,36 @@ def execute_base(job: dict) -> None:
     base_record(job, job["config"], heldout, environment())
 
 
-def execute_file(path: str, entry: str = "execute") -> None:
-    """Entry of the isolated child process: run the job planned in ``path``."""
-    globals()[entry](json.loads(Path(path).read_text()))
+def run_isolated(job: dict, base: bool = False) -> None:
+    """Run the job in fresh processes (``python -m harness.job``, under ``accelerate launch`` for
+    several); if an arm's processes end without a record, write one from what they left."""
+    from harness import distributed
 
-
-def run_isolated(job: dict, entry: str = "execute") -> None:
-    """Run the job in a fresh interpreter; if an arm's child dies without a record, write one."""
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
-        json.dump(job, fh)
-    results_dir = job["config"]["results_dir"]
+    cfg = job["config"]
+    results_dir = cfg["results_dir"]
     before = records.record_stamp(results_dir, job["run_id"])
-    try:
-        code = f"from harness.run import execute_file; execute_file({fh.name!r}, {entry!r})"
-        proc = subprocess.run([sys.executable, "-c", code], cwd=os.getcwd())
-    finally:
-        os.unlink(fh.name)
-    if entry == "execute" and proc.returncode != 0 and records.record_stamp(results_dir, job["run_id"]) == before:
-        # killed (e.g. by the kernel's OOM killer: -9) before it could write its record
+    with tempfile.TemporaryDirectory(prefix="harness-job-") as tmp:
+        job_file = str(Path(tmp, "job.json"))
+        Path(job_file).write_text(json.dumps(job))
+        env = {**distributed.launch_env(cfg, base), "HARNESS_JOB_ERROR_DIR": tmp}
+        proc = subprocess.run(distributed.launch_command(job_file, cfg, base), cwd=os.getcwd(), env=env)
+        # the first rank to fail is the cause; the others then lose their peers
+        errors = [json.loads(p.read_text())
+                  for p in sorted(Path(tmp).glob("rank*.json"), key=lambda p: p.stat().st_mtime_ns)]
+    # on several machines, machine 0 (where rank 0 runs) records the job
+    if (not base and proc.returncode != 0 and records.record_stamp(results_dir, job["run_id"]) == before
+            and not cfg["distributed"].get("machine_rank")):
         if records.find_ok(results_dir, job["run_id"]):  # a force=true rerun died: the ok record stays
             print(f"[{job['run_id']}] rerun died (exit code {proc.returncode}); the earlier ok record is kept",
                   flush=True)
             return
-        status = "oom" if proc.returncode in (-9, 137) else "failed"
+        if errors:  # a rank's own account: status and error
+            status, error = errors[0]["status"], errors[0]["error"]
+        else:  # killed (e.g. by the kernel's OOM killer: -9) before it could say why
+            status = "oom" if proc.returncode in (-9, 137) else "failed"
+            error = f"job process exited with code {proc.returncode}"
         rec = new_record(job, sweep.launch_env())
-        rec.update(status=status, error=f"job process exited with code {proc.returncode}")
+        rec.update(status=status, error=error)
         records.write_record(results_dir, rec)
 
 
@@ -429,20 +502,21 @@ def run_job(job: dict, stack: contextlib.ExitStack) -> None:
     print(f"[{job['run_id']}] {job['method']}{rank_text} model={cfg['model']['name']} "
           f"seed={cfg['seed']}", flush=True)
     random_weights = cfg["model"]["source"] == "config"
+    distributed = cfg["distributed"]["strategy"] != "none"  # always its own processes (accelerate launch)
     if should_evaluate(cfg, random_weights):
         # exactly once per folder: jobs running at once wait here for the one evaluating it
         with records.run_lock(results_dir, job["base_run_id"]):
             if not records.find_ok(results_dir, job["base_run_id"]):
                 # its own process too when isolated, so its evaluation leaves nothing in the
                 # process whose training memory is measured
-                if cfg["isolate"]:
-                    run_isolated(job, "execute_base")
+                if cfg["isolate"] or distributed:
+                    run_isolated(job, base=True)
                 else:
                     try:
                         execute_base(job)
                     except Exception:  # the arm tries again in execute() and records the failure
                         traceback.print_exc()
-    if cfg["isolate"]:
+    if cfg["isolate"] or distributed:
         run_isolated(job)
     else:
         execute(job)

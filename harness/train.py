@@ -1,6 +1,7 @@
 """Training through transformers' Trainer: a fixed token budget, seeded, same order for all arms.
 
-The token budget is ``max_steps × batch_size × grad_accum × seq_len``: every sequence is padded
+The token budget is ``max_steps × batch_size × grad_accum × seq_len`` per process (a data-parallel
+job of N processes trains on N times that, a global batch of N × batch_size): every sequence is padded
 to ``seq_len`` so every arm of a pair processes exactly the same positions, and the Trainer's
 sampler is seeded by ``seed`` (and ``data_seed``) so every arm sees the same examples in the
 same order.
@@ -18,6 +19,7 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, Train
 from transformers.trainer_callback import PrinterCallback
 
 from harness.data import tokenize_examples
+from harness.distributed import print0, world_size
 
 
 def use_bf16(precision: str) -> bool:
@@ -48,22 +50,21 @@ class ProgressPrinter(TrainerCallback):
             return
         elapsed = time.perf_counter() - self.start
         eta = elapsed / max(state.global_step, 1) * (state.max_steps - state.global_step)
-        print(
+        print0(
             f"[{self.label}] step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
             f"elapsed {elapsed:.0f}s eta {eta:.0f}s",
-            flush=True,
         )
 
 
-def build_trainer(model, tokenizer, examples: list[dict], train_cfg: dict, learning_rate: float, seed: int,
-                  callbacks: list | None = None, label: str = "train", output_dir: str | None = None) -> Trainer:
-    seq_len = int(train_cfg["seq_len"])
-    features = tokenize_examples(examples, tokenizer, seq_len)
-    dataset = Dataset.from_list(features)
-    n_needed = int(train_cfg["max_steps"]) * int(train_cfg["batch_size"]) * int(train_cfg["grad_accum"])
-    if len(dataset) < n_needed:
-        # repeat the data (in order) rather than end early: the budget is in steps
-        dataset = Dataset.from_list(features * math.ceil(n_needed / len(dataset)))
+def training_arguments(train_cfg: dict, learning_rate: float, seed: int, output_dir: str | None = None,
+                       single_device: bool = True) -> TrainingArguments:
+    """The Trainer's arguments. Build them before loading the model in a distributed job: that
+    starts the process group, puts this process on its own device, and lets transformers load
+    the weights the strategy's way (ZeRO-3 partitioned init, FSDP rank-0-only loading).
+
+    ``single_device``: one process trains on one device even when more are visible (transformers
+    would otherwise wrap the model in ``DataParallel`` over every visible GPU).
+    """
     args = TrainingArguments(
         output_dir=output_dir or tempfile.mkdtemp(prefix="harness-train-"),
         max_steps=int(train_cfg["max_steps"]),
@@ -84,7 +85,27 @@ def build_trainer(model, tokenizer, examples: list[dict], train_cfg: dict, learn
         disable_tqdm=not bool(train_cfg.get("tqdm", False)),
         dataloader_num_workers=0,
         remove_unused_columns=False,
+        # every position counted on every rank and summed across ranks by the Trainer
+        include_num_input_tokens_seen="all",
     )
+    if single_device and args.n_gpu > 1:
+        args._n_gpu = 1  # as Trainer itself does under model parallelism: no DataParallel
+    return args
+
+
+def build_trainer(model, tokenizer, examples: list[dict], train_cfg: dict, learning_rate: float, seed: int,
+                  callbacks: list | None = None, label: str = "train", output_dir: str | None = None,
+                  args: TrainingArguments | None = None) -> Trainer:
+    seq_len = int(train_cfg["seq_len"])
+    features = tokenize_examples(examples, tokenizer, seq_len)
+    dataset = Dataset.from_list(features)
+    # sequences the whole job takes, over all data-parallel processes
+    n_needed = int(train_cfg["max_steps"]) * int(train_cfg["batch_size"]) * int(train_cfg["grad_accum"]) * world_size()
+    if len(dataset) < n_needed:
+        # repeat the data (in order) rather than end early: the budget is in steps
+        dataset = Dataset.from_list(features * math.ceil(n_needed / len(dataset)))
+    if args is None:
+        args = training_arguments(train_cfg, learning_rate, seed, output_dir)
     collator = DataCollatorForSeq2Seq(
         tokenizer, padding="max_length", max_length=seq_len, label_pad_token_id=-100, return_tensors="pt"
     )

@@ -47,7 +47,7 @@ def job_processes(results: Path, method: str) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmd = " ".join(proc.info["cmdline"] or [])
-        if "execute_base" in cmd:
+        if "execute_base" in cmd or "--base" in cmd:
             continue
         for path in re.findall(r"(/[^\s'\"]+\.json)", cmd):
             try:

@@ -1,0 +1,349 @@
+"""One job over several processes: accelerate launch flags, identity, per-rank records; DDP and
+FSDP2 for real on 2 CPU processes (gloo).
+
+accelerate (1.15) turns ``--use_fsdp`` into FSDP only on GPU-like processes; the 2-process FSDP
+tests put tests/cpu_fsdp (a sitecustomize that adds MULTI_CPU to that list) on PYTHONPATH. That
+patch lives in this test launcher only, never in the product.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, TINY, harness_run
+
+from harness import distributed, records
+from harness.run import new_record, plan, run_isolated
+
+CPU_FSDP_PATCH = ROOT / "tests" / "cpu_fsdp"
+LOCK = "/tmp/harness-cpu.lock"
+# 4 steps of a global batch of 4 sequences: 2 processes x 2, or 1 process x 4
+TINY_DIST = [a for a in TINY if not a.startswith(("train.max_steps", "train.batch_size"))] + [
+    "train.max_steps=4",
+    "train.warmup_steps_excluded=1",
+]
+
+
+def compose(*overrides: str) -> dict:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+@pytest.fixture(scope="module")
+def cpu_lock():
+    """Hold the machine's CPU lock while 2-process jobs run (HARNESS_CPU_LOCK_HELD=1: the caller
+    already holds it, e.g. ``flock /tmp/harness-cpu.lock env HARNESS_CPU_LOCK_HELD=1 pytest ...``)."""
+    if os.environ.get("HARNESS_CPU_LOCK_HELD"):
+        yield
+        return
+    import fcntl
+
+    with open(LOCK, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def harness_run_procs(*args: str, fsdp_patch: bool = False, timeout: int = 600) -> subprocess.CompletedProcess:
+    """harness-run with one thread per process; FSDP on CPU through the test patch."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [*([str(CPU_FSDP_PATCH)] if fsdp_patch else []), str(ROOT), env.get("PYTHONPATH", "")]
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "harness.run", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+# ---------------------------------------------------------------- launching (no processes)
+
+
+def test_none_is_plain_python_on_exactly_one_device(monkeypatch):
+    cfg = compose("model=tiny-random")
+    assert distributed.launch_command("/tmp/j.json", cfg) == [sys.executable, "-m", "harness.job", "/tmp/j.json"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert distributed.launch_env(cfg)["CUDA_VISIBLE_DEVICES"] == "3"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert distributed.launch_env(cfg)["CUDA_VISIBLE_DEVICES"] == "0"
+    # the base-model evaluation of a distributed sweep is one process on one device too
+    fsdp = compose("model=tiny-random", "distributed=fsdp")
+    assert distributed.launch_command("/tmp/j.json", fsdp, base=True)[1:] == [
+        "-m",
+        "harness.job",
+        "/tmp/j.json",
+        "--base",
+    ]
+
+
+def _accelerate_env(cfg: dict) -> dict:
+    """What accelerate's own launcher makes of our flags: the environment its processes get."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    cmd = distributed.launch_command("/tmp/j.json", cfg)
+    assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and cmd[-3:] == ["-m", "harness.job", "/tmp/j.json"]
+    args = launch_command_parser().parse_args(cmd[3:])
+    args, _, _ = _validate_launch_command(args)
+    return args, prepare_multi_gpu_env(args)
+
+
+def test_fsdp_flags_build_accelerates_fsdp2_plugin(monkeypatch):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    cfg = compose(
+        "model=tiny-random", "distributed=fsdp", "distributed.num_processes=8", "distributed.main_process_port=29777"
+    )
+    args, env = _accelerate_env(cfg)
+    assert args.use_fsdp and args.num_processes == 8 and args.nproc_per_node == "8"
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin()  # built from the launcher's environment, as Accelerator does
+    assert plugin.fsdp_version == 2
+    assert plugin.reshard_after_forward is True  # FSDP2's FULL_SHARD
+    assert "transformer_auto_wrap_policy" in str(plugin.auto_wrap_policy)
+    assert "SHARDED_STATE_DICT" in str(plugin.state_dict_type)
+    assert plugin.cpu_ram_efficient_loading  # weights read once, on rank 0
+
+
+def test_multi_node_flags_and_zero3_flags():
+    cfg = compose(
+        "model=tiny-random",
+        "distributed=ddp",
+        "distributed.num_processes=16",
+        "distributed.num_machines=2",
+        "distributed.machine_rank=1",
+        "distributed.main_process_ip=10.0.0.1",
+    )
+    args, _ = _accelerate_env(cfg)
+    assert args.multi_gpu and args.nnodes == "2" and args.nproc_per_node == "8" and args.node_rank == 1
+    flags = distributed.accelerate_flags(
+        compose("distributed=zero3", "train.grad_accum=4")["distributed"], {"grad_accum": 4}
+    )
+    text = " ".join(flags)
+    assert "--use_deepspeed" in text and "--zero_stage 3" in text and "--gradient_accumulation_steps 4" in text
+
+
+def test_strategy_and_world_size_are_in_the_identity_rendezvous_is_not():
+    base = plan(compose("model=tiny-random", "distributed=fsdp"))
+    other_machine = plan(
+        compose(
+            "model=tiny-random", "distributed=fsdp", "distributed.machine_rank=1", "distributed.main_process_port=30000"
+        )
+    )
+    assert other_machine["run_id"] == base["run_id"] and other_machine["pair_key"] == base["pair_key"]
+    for change in (["distributed=ddp"], ["distributed=fsdp", "distributed.num_processes=4"], []):
+        job = plan(compose("model=tiny-random", *change))
+        assert job["pair_key"] != base["pair_key"], change
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["distributed.num_processes=2"], "distributed.num_processes=2 with distributed=none"),
+        (
+            [
+                "distributed=ddp",
+                "distributed.num_processes=3",
+                "distributed.num_machines=2",
+                "distributed.main_process_ip=h",
+            ],
+            "distributed.num_processes=3 is not a multiple",
+        ),
+        (
+            ["distributed=fsdp", "distributed.num_machines=2", "distributed.num_processes=4"],
+            "distributed.main_process_ip is empty",
+        ),
+    ],
+)
+def test_bad_distributed_settings_exit_2_and_write_nothing(tmp_path, args, needle):
+    results = tmp_path / "results"
+    proc = harness_run("model=tiny-random", *args, f"results_dir={results}", "report=false")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+    assert not results.exists()
+
+
+def test_zero3_without_deepspeed_is_a_usage_error():
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is not None:
+        pytest.skip("deepspeed is installed here")
+    with pytest.raises(Exception, match="pip install 'peft-harness\\[deepspeed\\]'"):
+        plan(compose("model=tiny-random", "distributed=zero3"))
+
+
+def test_qlora_under_fsdp_stores_4bit_weights_in_the_compute_dtype():
+    from harness.methods import normalize, quantization_config
+
+    method = normalize(compose("method=qlora")["method"])
+    assert quantization_config(method).bnb_4bit_quant_storage == torch.uint8
+    sharded = quantization_config(method, sharded=True)
+    assert sharded.bnb_4bit_quant_storage == sharded.bnb_4bit_compute_dtype == getattr(torch, method["compute_dtype"])
+
+
+def test_combine_takes_the_largest_rank_and_counts_devices_used():
+    ranks = [
+        {"device": "h/cuda:0", "peak_memory_bytes": 5, "peak_memory_reserved_bytes": 7, "peak_flops_per_s": 1.0},
+        {"device": "h/cuda:1", "peak_memory_bytes": 9, "peak_memory_reserved_bytes": 8, "peak_flops_per_s": 1.0},
+    ]
+    out = distributed.combine(ranks, "fsdp")
+    assert out["world_size"] == 2 and out["devices"] == ["h/cuda:0", "h/cuda:1"]
+    assert out["peak_memory_bytes_per_rank"] == [5, 9] and out["peak_memory_bytes"] == 9
+    assert out["peak_memory_reserved_bytes"] == 8
+    assert distributed.gather({"a": 1}) == [{"a": 1}]  # no process group: this process only
+
+
+# ---------------------------------------------------------------- the parent's record of a dead job
+
+
+def _fake_launch(monkeypatch, code: str) -> None:
+    monkeypatch.setattr(distributed, "launch_command", lambda job_file, cfg, base=False: [sys.executable, "-c", code])
+
+
+def test_parent_records_a_killed_job(tmp_path, monkeypatch):
+    job = plan(compose("model=tiny-random", "distributed=ddp", f"results_dir={tmp_path}"))
+    _fake_launch(monkeypatch, "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    run_isolated(job)
+    rec = records.load_record(records.record_path(tmp_path, job["run_id"]))
+    assert rec["status"] == "oom" and "exited with code -9" in rec["error"]
+
+
+def test_parent_records_a_failing_ranks_own_error(tmp_path, monkeypatch):
+    job = plan(compose("model=tiny-random", "distributed=fsdp", f"results_dir={tmp_path}"))
+    # what execute() leaves when rank 1 of a job runs out of memory, then the launcher's exit code
+    code = (
+        "import json, os, pathlib; d = pathlib.Path(os.environ['HARNESS_JOB_ERROR_DIR']); "
+        "(d / 'rank1.json').write_text(json.dumps({'status': 'oom', 'error': 'OutOfMemoryError: rank 1'})); "
+        "raise SystemExit(1)"
+    )
+    _fake_launch(monkeypatch, code)
+    run_isolated(job)
+    rec = records.load_record(records.record_path(tmp_path, job["run_id"]))
+    assert rec["status"] == "oom" and rec["error"] == "OutOfMemoryError: rank 1"
+
+
+def test_parent_leaves_an_existing_record_alone(tmp_path, monkeypatch):
+    job = plan(compose("model=tiny-random", "distributed=ddp", f"results_dir={tmp_path}"))
+    records.write_record(tmp_path, new_record(job, {}))
+    _fake_launch(monkeypatch, "raise SystemExit(3)")
+    run_isolated(job)
+    assert records.load_record(records.record_path(tmp_path, job["run_id"]))["status"] == "ok"
+
+
+# ---------------------------------------------------------------- 2 CPU processes, for real
+
+
+def _arms(results: Path) -> dict:
+    return {r["method"]: r for r in records.load_records(results) if r["method"] != "base"}
+
+
+def _sharded_state_bytes(rec: dict, rank: int) -> int:
+    parts = rec["metrics"]["memory_breakdown_bytes_per_rank"][rank]
+    return parts["parameters"] + parts["gradients"] + parts["optimizer_state"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory, cpu_lock):
+    """FSDP2 over 2 CPU processes (full and LoRA), and the same full arm in one process."""
+    results = tmp_path_factory.mktemp("fsdp")
+    # evaluation on (random) weights too: every rank evaluates the sharded model in step
+    proc = harness_run_procs(
+        "-m",
+        "method=full,lora",
+        *TINY_DIST,
+        "train.batch_size=2",
+        "distributed=fsdp",
+        "distributed.num_processes=2",
+        "distributed.main_process_port=29631",
+        "eval.on_random_weights=true",
+        "eval.indomain.batch_size=8",
+        f"results_dir={results}",
+        fsdp_patch=True,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    single = tmp_path_factory.mktemp("single")
+    proc = harness_run_procs("method=full", *TINY_DIST, "train.batch_size=2", f"results_dir={single}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return _arms(results), _arms(single)
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_write_one_record_per_arm_with_per_rank_figures(fsdp_runs):
+    sharded, _ = fsdp_runs
+    assert sorted(sharded) == ["full", "lora"]
+    for rec in sharded.values():
+        m = rec["metrics"]
+        assert rec["status"] == "ok", rec["error"]
+        assert m["world_size"] == 2 and m["strategy"] == "fsdp" and len(m["devices"]) == 2
+        assert len(m["peak_memory_bytes_per_rank"]) == 2
+        assert m["peak_memory_bytes"] == max(m["peak_memory_bytes_per_rank"])
+        assert m["train_tokens"] == 2 * m["token_budget"]  # counted on both ranks
+        assert m["tokens_per_s_per_device"] == pytest.approx(m["tokens_per_s"] / 2)
+        assert m["cost_usd"] == pytest.approx(m["train_wall_excl_probe_s"] / 3600 * m["price_per_device_hour_usd"] * 2)
+        assert "latency" in m["skipped_measurements"]  # merging into sharded weights: skipped, said why
+        assert rec["env"]["device_count"] == 2
+        assert m["indomain_n"] == 8 and len(m["eval_peak_memory_bytes_per_rank"]) == 2
+    assert sharded["lora"]["metrics"]["adapter_bytes"] > 0  # saved from its gathered shards
+
+
+@pytest.mark.slow
+def test_fsdp_shards_parameters_gradients_and_optimizer_state(fsdp_runs):
+    sharded, single = fsdp_runs
+    one = _sharded_state_bytes(single["full"], 0)
+    for rank in (0, 1):
+        ratio = _sharded_state_bytes(sharded["full"], rank) / one
+        assert 0.4 <= ratio <= 0.65, (rank, ratio)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, cpu_lock):
+    """DDP over 2 CPU processes, batch 2 each (a global batch of 4)."""
+    ddp = tmp_path_factory.mktemp("ddp")
+    proc = harness_run_procs("method=lora", *TINY_DIST, "train.batch_size=2", "distributed=ddp",
+                             "distributed.main_process_port=29632", f"results_dir={ddp}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return _arms(ddp)["lora"]
+
+
+def test_ddp_two_processes_write_one_record_counting_tokens_on_both_ranks(ddp_run):
+    m = ddp_run["metrics"]
+    assert ddp_run["status"] == "ok", ddp_run["error"]
+    assert m["world_size"] == 2 and m["strategy"] == "ddp" and len(m["devices"]) == 2
+    assert len(m["peak_memory_bytes_per_rank"]) == 2 and m["peak_memory_bytes"] == max(m["peak_memory_bytes_per_rank"])
+    assert m["train_tokens"] == 2 * m["token_budget"]
+    assert m["latency_base_ms"] is not None  # DDP keeps whole weights: rank 0 measures latency
+
+
+@pytest.mark.slow
+def test_ddp_trains_like_one_process_on_the_same_global_batch(ddp_run, tmp_path, cpu_lock):
+    proc = harness_run_procs("method=lora", *TINY_DIST, "train.batch_size=4", f"results_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    single = _arms(tmp_path)["lora"]["metrics"]
+    assert ddp_run["metrics"]["train_tokens"] == single["train_tokens"]
+    losses = [loss for _, loss in ddp_run["metrics"]["loss_curve"]]
+    expected = [loss for _, loss in single["loss_curve"]]
+    # fp32; gloo sums the two halves of the batch in another order: Adam amplifies the last bits
+    assert losses == pytest.approx(expected, rel=1e-3, abs=1e-3)
+
+
+def test_report_shows_the_memory_of_a_multi_device_run_per_gpu(tmp_path):
+    from test_report import GiB, _table, make_record
+
+    from harness.report import AT_A_GLANCE, ROWS, build_report
+
+    make_record(tmp_path / "r", "full", trainable_params=1_000_000, peak_memory_bytes=10 * GiB, world_size=8)
+    make_record(tmp_path / "r", "lora", rank=8, trainable_params=10_000, peak_memory_bytes=2 * GiB, world_size=1)
+    table = _table(build_report(tmp_path / "r", tmp_path / "out")[AT_A_GLANCE].read_text())
+    assert table[ROWS[1]]["full FT"] == "10.0 GiB per GPU × 8"
+    assert table[ROWS[1]]["LoRA r=8"] == "2.00 GiB"
