@@ -30,8 +30,6 @@ from typing import Any
 
 STRATEGIES = ("none", "ddp", "fsdp", "zero3")
 SHARDED = ("fsdp", "zero3")
-# Keys that say where and how to rendezvous, not what runs: the same job on every machine.
-LAUNCH_ONLY_KEYS = ("machine_rank", "main_process_ip", "main_process_port")
 
 
 class DistributedError(ValueError):
@@ -96,11 +94,6 @@ def validate(dist: dict) -> None:
         raise DistributedError("distributed.main_process_ip is empty with num_machines > 1; give machine 0's address")
     if strategy == "zero3" and importlib.util.find_spec("deepspeed") is None:
         raise DistributedError("distributed=zero3 needs deepspeed; pip install 'peft-harness[deepspeed]'")
-
-
-def result_fields(dist: dict) -> dict:
-    """The distributed settings that change a result (hashed into the run's identity)."""
-    return {k: v for k, v in dist.items() if k not in LAUNCH_ONLY_KEYS}
 
 
 def _flags(values: dict) -> list[str]:
