@@ -17,8 +17,8 @@ from hydra import compose, initialize_config_dir
 from test_faults import ENV, job_processes, no_temp_files, wait_for
 
 from harness import records, sweep
-from harness.report import build_report
 from harness.identity import NON_RESULT_KEYS
+from harness.report import build_report
 from harness.run import plan
 
 EVAL_TINY = ["eval.on_random_weights=true", "eval.indomain.batch_size=8"]
