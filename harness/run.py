@@ -448,27 +448,10 @@ def run_job(job: dict, stack: contextlib.ExitStack) -> None:
         execute(job)
 
 
-def _precheck_argv(argv: list[str]) -> None:
-    """Names of config-group options and r values, checked before Hydra prints a stack of text."""
-    for arg in argv:
-        if arg.startswith("-") or "=" not in arg:
-            continue
-        key, _, value = arg.partition("=")
-        key = key.lstrip("+~")
-        values = [v.strip() for v in value.split(",")]
-        if key in GROUPS:
-            options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
-            bad = [v for v in values if v and v not in options and v != "null"]
-            if bad:
-                usage_exit(f"{key}={bad[0]!r} is unknown; valid: {', '.join(options)}")
-        if key == "method.r":
-            for v in values:
-                if v != "null" and (not v.lstrip("-").isdigit() or int(v) <= 0):
-                    usage_exit(f"method.r={v!r} is invalid; give a positive integer (for example 8, 16, 64)")
-
-
 def main() -> None:
-    _precheck_argv(sys.argv[1:])
+    from harness import preflight
+
+    preflight.check(sys.argv[1:], CONF_DIR)  # every job of the command, before the first one runs
     hydra_main()
 
 
