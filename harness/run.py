@@ -27,7 +27,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness import identity, records, sweep
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# The configs: packaged inside harness/ by `pip install .` (setup.py), conf/ in a checkout.
+CONF_DIR = next(d for d in (Path(__file__).resolve().parent / "conf", Path(__file__).resolve().parent.parent / "conf")
+                if (d / "config.yaml").is_file())
 LOCK_PROBE_S = 2.0  # how long a job waits for its run id's lock before leaving it to the holder
 GROUPS = ("model", "method", "data", "train", "eval", "hardware", "distributed", "experiment")
 
