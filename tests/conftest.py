@@ -92,7 +92,7 @@ def _skipped(session) -> list[tuple[str, str]]:
     out = []
     for rep in (reporter.stats.get("skipped", []) if reporter else []):
         reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
-        out.append((rep.nodeid, reason))
+        out.append((rep.nodeid, reason.removeprefix("Skipped: ")))
     return out
 
 
