@@ -37,3 +37,17 @@ def test_strict_mode_fails_a_run_with_an_unlisted_skip(tmp_path):
                             text=True, timeout=120)
     assert strict.returncode == 1
     assert "not on tests/conftest.py ALLOWED_SKIPS: test_skips.py::test_x: no widget here" in strict.stderr
+
+
+def test_a_file_left_in_the_checkout_fails_the_session(tmp_path):
+    """The conftest check that keeps the suite hermetic, caught in the act."""
+    probe = ROOT / "left-by-a-test.tmp"
+    (tmp_path / "test_leaves.py").write_text(f"def test_x():\n    open({str(probe)!r}, 'w').close()\n")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{ROOT}"}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider",
+                               "--rootdir", str(tmp_path), str(tmp_path / "test_leaves.py")],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        probe.unlink(missing_ok=True)
+    assert proc.returncode == 1 and "the tests left files in the checkout: left-by-a-test.tmp" in proc.stderr
