@@ -9,7 +9,6 @@ from test_data_files import fuzz_files
 from harness import preflight
 from harness.run import CONF_DIR
 
-
 FILE_TINY = [a for a in TINY if not a.startswith("data.")]  # data=file has no n_train / n_heldout
 
 
