@@ -9,7 +9,6 @@ is imported) with the fault. The harness itself has no hook for it.
 import json
 import os
 
-import pytest
 from conftest import ROOT, TINY, harness_run
 
 from harness import records
@@ -18,7 +17,8 @@ FAULT_HOOK = '''
 # Test-only fault injection (tests/test_crash.py); not part of the harness.
 import importlib.abc, importlib.util, os, signal, sys
 
-_FAULT = os.environ.get("HARNESS_TEST_FAULT")
+# one fault per seed: HARNESS_TEST_FAULT=oom,sigkill,exit137 gives seed 0 "oom", seed 1 "sigkill", ...
+_FAULTS = os.environ.get("HARNESS_TEST_FAULT", "").split(",")
 
 
 class _FaultInTrainingStep(importlib.abc.MetaPathFinder):
@@ -33,12 +33,13 @@ class _FaultInTrainingStep(importlib.abc.MetaPathFinder):
             run_module(module)
 
             def training_step(self, *args, **kwargs):
-                if _FAULT == "oom":
+                fault = _FAULTS[self.args.seed]
+                if fault == "oom":
                     import torch
                     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
-                if _FAULT == "sigkill":
+                if fault == "sigkill":
                     os.kill(os.getpid(), signal.SIGKILL)
-                if _FAULT == "exit137":
+                if fault == "exit137":
                     os._exit(137)
 
             module.Trainer.training_step = training_step
@@ -47,37 +48,28 @@ class _FaultInTrainingStep(importlib.abc.MetaPathFinder):
         return spec
 
 
-if _FAULT:
+if any(_FAULTS):
     sys.meta_path.insert(0, _FaultInTrainingStep())
 '''
 
 
-def run_with_fault(tmp_path, fault: str, *args: str):
+def test_oom_and_killed_job_processes_each_get_a_record(tmp_path):
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(FAULT_HOOK)
-    env = {**os.environ, "HARNESS_TEST_FAULT": fault, "PYTHONPATH": f"{hook}{os.pathsep}{ROOT}"}
+    env = {**os.environ, "HARNESS_TEST_FAULT": "oom,sigkill,exit137", "PYTHONPATH": f"{hook}{os.pathsep}{ROOT}"}
     results = tmp_path / "results"
-    proc = harness_run("method=lora", *TINY, f"results_dir={results}", *args, cwd=tmp_path, env=env)
-    return proc, results
-
-
-def test_out_of_memory_inside_a_run_is_recorded_as_oom(tmp_path):
-    proc, results = run_with_fault(tmp_path, "oom", "isolate=true")
-    assert proc.returncode == 0, proc.stderr[-3000:]  # a failed run is recorded; the sweep goes on
-    (rec,) = records.load_records(results)
-    assert rec["status"] == "oom" and rec["method"] == "lora"
-    assert rec["error"].startswith("OutOfMemoryError: CUDA out of memory")
-    assert "] oom: record" in proc.stdout
-
-
-@pytest.mark.parametrize("fault,code", [("sigkill", -9), ("exit137", 137)])
-def test_a_killed_job_process_gets_its_record_from_the_parent(tmp_path, fault, code):
-    proc, results = run_with_fault(tmp_path, fault, "isolate=true")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (path,) = results.glob("lora-*.json")
-    rec = json.loads(path.read_text())
-    # killed outright (the kernel's OOM killer sends SIGKILL): counted as out of memory
-    assert rec["status"] == "oom" and f"exited with code {code}" in rec["error"]
-    assert rec["method"] == "lora" and rec["run_id"] == path.stem
-    assert not list(results.glob("*.tmp*"))  # nothing half-written beside it
+    # one job per seed, each in its own process (isolate=true), each with its fault
+    proc = harness_run("-m", "method=lora", "seed=0,1,2", *TINY, f"results_dir={results}", "isolate=true",
+                       cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]  # failed runs are recorded; the sweep goes on
+    recs = {r["config"]["seed"]: r for r in records.load_records(results)}
+    assert sorted(recs) == [0, 1, 2] and all(r["method"] == "lora" for r in recs.values())
+    # an OutOfMemoryError raised inside the run: the job's own record says oom
+    assert recs[0]["status"] == "oom" and recs[0]["error"].startswith("OutOfMemoryError: CUDA out of memory")
+    # killed outright (the kernel's OOM killer sends SIGKILL), or exit 137 as a shell reports it:
+    # the parent writes the record, counted as out of memory
+    for seed, code in ((1, -9), (2, 137)):
+        assert recs[seed]["status"] == "oom" and f"exited with code {code}" in recs[seed]["error"], recs[seed]
+        assert json.loads(records.record_path(results, recs[seed]["run_id"]).read_text()) == recs[seed]
+    assert not [p for p in results.iterdir() if p.suffix != ".json"]  # nothing half-written beside them
