@@ -10,6 +10,8 @@ input ends the command: one line, exit code 2, nothing written.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import sys
 from pathlib import Path
@@ -21,8 +23,9 @@ def _args(argv: list[str]):
     from hydra._internal.utils import get_args_parser
 
     try:
-        return get_args_parser().parse_args(argv)
-    except SystemExit:  # argparse printed its usage line: let Hydra print it the same way
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            return get_args_parser().parse_args(argv)
+    except SystemExit:  # --version or a bad flag: Hydra prints its answer once, as it always does
         return None
 
 

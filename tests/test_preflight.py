@@ -107,3 +107,12 @@ def test_a_users_config_folder_adds_options(tmp_path):
     assert [p.name.split("-")[0] for p in results.glob("*.json")] == ["lora"]
     proc = harness_run("model=my-tiny", f"results_dir={results}", cwd=tmp_path)  # without the folder: unknown
     assert "model='my-tiny' is unknown" in one_error_line(proc)
+
+
+def test_hydras_own_flags_answer_once(tmp_path):
+    proc = harness_run("--version", cwd=tmp_path)
+    assert proc.returncode == 0 and (proc.stdout + proc.stderr).count("Hydra 1.") == 1
+    proc = harness_run("--no-such-flag", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("usage:") == 1
+    proc = harness_run("--cfg", "job", "model=hub", cwd=tmp_path)  # shows the config; nothing runs, nothing checked
+    assert proc.returncode == 0 and "path: ???" in proc.stdout
