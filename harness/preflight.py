@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import sys
 from pathlib import Path
@@ -128,6 +129,7 @@ def _check(argv: list[str], conf_dir: Path) -> None:
         configs = job_configs(argv, conf_dir)
     except Exception as exc:  # a composition error (unknown key, bad override): Hydra's message, one line
         usage_exit(_one_line(exc))
+    checked: set[str] = set()
     for cfg in configs:
         job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
         missing = _missing(OmegaConf.to_container(job_cfg, resolve=False))
@@ -139,6 +141,9 @@ def _check(argv: list[str], conf_dir: Path) -> None:
         resolved = OmegaConf.to_container(job_cfg, resolve=True)
         try:
             job = plan(resolved)
-            check_inputs(job["config"])
+            inputs = json.dumps([job["config"][k] for k in ("model", "data", "eval")], sort_keys=True, default=str)
+            if inputs not in checked:  # a sweep over methods or seeds reads each data file once
+                check_inputs(job["config"])
+                checked.add(inputs)
         except UsageError as exc:
             usage_exit(str(exc))
