@@ -21,14 +21,17 @@ MMLU_DIR = Path(os.environ.get("HARNESS_MMLU_DIR", ROOT.parent / "shared" / "dat
 # matplotlib caches, the home folder, temporary folders (the Trainer's output_dir) and the
 # working folder of harness-run (Hydra's .hydra-runs/, default results/ and reports/) all live
 # in one temporary folder, removed at the end. pytest_sessionfinish checks the checkout.
-SESSION_TMP = Path(tempfile.mkdtemp(prefix="harness-tests-"))
+# A second import of this file (`from tests.conftest import ...`) reuses the first one's folder.
+_first = next((m for m in (sys.modules.get("conftest"), sys.modules.get("tests.conftest"))
+               if m is not None and getattr(m, "SESSION_TMP", None)), None)
+SESSION_TMP = _first.SESSION_TMP if _first else Path(tempfile.mkdtemp(prefix="harness-tests-"))
 RUN_CWD = SESSION_TMP / "cwd"
 for _name, _sub in (("PEFT_HARNESS_CACHE", "cache/peft-harness"), ("HF_HOME", "cache/huggingface"),
                     ("XDG_CACHE_HOME", "cache"), ("MPLCONFIGDIR", "cache/matplotlib"), ("HOME", "home"),
                     ("TMPDIR", "tmp")):
     (SESSION_TMP / _sub).mkdir(parents=True, exist_ok=True)
     os.environ[_name] = str(SESSION_TMP / _sub)
-RUN_CWD.mkdir()
+RUN_CWD.mkdir(exist_ok=True)
 tempfile.tempdir = None  # tempfile reads TMPDIR again
 # harness-run from RUN_CWD still imports this checkout's harness
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
