@@ -9,6 +9,7 @@ split is evaluated in-domain through lm-eval (see evaluate.py).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from pathlib import Path
@@ -96,30 +97,135 @@ def mc_to_example(row: dict) -> dict:
             "completion": " " + LETTERS[int(row["answer"])]}
 
 
-def _row_to_example(row: dict, path: str) -> dict:
+# ---------------------------------------------------------------- user files (JSONL, CSV)
+# Every row is checked; a bad one is a DataError naming the file, the line and the field.
+MC_FIELDS = ("question", "choices", "answer")
+FORMATS = "instruction/input/output, prompt/completion, or question/choices/answer (choices: a list, or columns A-D)"
+
+
+def _where(path: Path, line: int, field: str | None = None) -> str:
+    return f"{path}, line {line}" + (f", field {field!r}" if field else "")
+
+
+def _text(row: dict, field: str, path: Path, line: int, required: bool = True) -> str | None:
+    value = row.get(field)
+    if value is None:
+        if required:
+            raise DataError(f"{_where(path, line, field)}: missing; rows need {FORMATS}")
+        return None
+    if not isinstance(value, str):
+        raise DataError(f"{_where(path, line, field)}: {type(value).__name__} {value!r:.40}; give text (a string)")
+    if required and not value.strip():
+        raise DataError(f"{_where(path, line, field)}: empty")
+    return value
+
+
+def _choices(row: dict, path: Path, line: int) -> list[str]:
+    if "choices" not in row and all(k in row for k in LETTERS):  # CSV columns A, B, C, D (MMLU's layout)
+        choices = [row[k] for k in LETTERS]
+        for letter, c in zip(LETTERS, choices):
+            if c is None or not str(c).strip():
+                raise DataError(f"{_where(path, line, letter)}: empty")
+        return [str(c) for c in choices]
+    choices = row.get("choices")
+    if choices is None:
+        raise DataError(f"{_where(path, line, 'choices')}: missing; give a list of 4 choices (or columns A, B, C, D)")
+    if isinstance(choices, str):  # a CSV cell holds a JSON list
+        try:
+            choices = json.loads(choices)
+        except json.JSONDecodeError:
+            raise DataError(f"{_where(path, line, 'choices')}: {choices!r:.40} is not a JSON list "
+                            '(write it as ["a", "b", "c", "d"], or use columns A, B, C, D)') from None
+    if not isinstance(choices, list) or len(choices) != len(LETTERS):
+        raise DataError(f"{_where(path, line, 'choices')}: {choices!r:.60}; give a list of exactly 4 choices")
+    for c in choices:
+        if isinstance(c, bool) or not isinstance(c, str | int | float) or not str(c).strip():
+            raise DataError(f"{_where(path, line, 'choices')}: choice {c!r:.40} is not text (or is empty)")
+    return [str(c) for c in choices]
+
+
+def _answer(row: dict, path: Path, line: int) -> int:
+    answer = row.get("answer")
+    if isinstance(answer, str) and answer.strip().upper() in LETTERS:
+        return LETTERS.index(answer.strip().upper())
+    if isinstance(answer, str) and answer.strip() in {"0", "1", "2", "3"}:
+        return int(answer)
+    if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(LETTERS):
+        return answer
+    shown = "missing" if answer is None else f"{answer!r:.40}"
+    raise DataError(f"{_where(path, line, 'answer')}: {shown}; give a letter A-D or an index 0-3")
+
+
+def parse_mc(row: dict, path: Path, line: int) -> dict:
+    """A checked multiple-choice row: {question, choices (4), answer (index), subject?, id?}."""
+    out = {"question": _text(row, "question", path, line), "choices": _choices(row, path, line),
+           "answer": _answer(row, path, line)}
+    if _text(row, "subject", path, line, required=False):
+        out["subject"] = row["subject"]
+    if row.get("id") is not None:
+        out["id"] = str(row["id"])
+    return out
+
+
+def _row_to_example(row: dict, path: Path, line: int) -> dict:
     """Alpaca-style (instruction/input/output), prompt/completion, or multiple-choice rows."""
-    if "prompt" in row and "completion" in row:
-        return {"prompt": str(row["prompt"]), "completion": str(row["completion"])}
-    if "instruction" in row and "output" in row:
-        prompt = str(row["instruction"])
-        if row.get("input"):
-            prompt += "\n\n" + str(row["input"])
-        return {"prompt": prompt + "\n\n", "completion": str(row["output"])}
-    if "question" in row and "choices" in row and "answer" in row:
-        return mc_to_example(row)
-    raise DataError(
-        f"{path}: a row has columns {sorted(row)}; expected instruction/input/output, "
-        "prompt/completion, or question/choices/answer"
-    )
+    if any(k in row for k in MC_FIELDS):
+        return mc_to_example(parse_mc(row, path, line))
+    if "prompt" in row or "completion" in row:
+        return {"prompt": _text(row, "prompt", path, line), "completion": _text(row, "completion", path, line)}
+    if "instruction" in row or "output" in row:
+        prompt = _text(row, "instruction", path, line)
+        if extra := _text(row, "input", path, line, required=False):
+            prompt += "\n\n" + extra
+        return {"prompt": prompt + "\n\n", "completion": _text(row, "output", path, line)}
+    raise DataError(f"{_where(path, line)}: a row has columns {sorted(map(str, row))}; expected {FORMATS}")
 
 
-def _read_rows(path: Path) -> list[dict]:
+def _read_rows(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) for every row of a .jsonl or .csv file."""
+    if path.suffix not in (".jsonl", ".csv"):
+        raise DataError(f"{path}: unknown extension {path.suffix!r}; use .jsonl or .csv")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise DataError(f"{_where(path, line)}: byte {exc.object[exc.start]:#04x} is not UTF-8; save the file as UTF-8") from None
+    rows: list[tuple[int, dict]] = []
     if path.suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if path.suffix == ".csv":
-        with path.open(newline="") as fh:
-            return list(csv.DictReader(fh))
-    raise DataError(f"data.path={str(path)!r} has an unknown extension; use .jsonl or .csv")
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{_where(path, n)}: not a JSON object ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{_where(path, n)}: a row must be a JSON object, not {type(row).__name__}")
+            rows.append((n, row))
+    else:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        try:
+            for row in reader:
+                if None in row:
+                    raise DataError(f"{_where(path, reader.line_num)}: more fields than the header names")
+                missing = [k for k, v in row.items() if v is None]
+                if missing:
+                    raise DataError(f"{_where(path, reader.line_num, missing[0])}: missing (the row has fewer "
+                                    "fields than the header)")
+                rows.append((reader.line_num, row))
+        except csv.Error as exc:
+            raise DataError(f"{_where(path, reader.line_num)}: not valid CSV ({exc})") from None
+    if not rows:
+        raise DataError(f"{path}: no rows; expected {FORMATS}")
+    return rows
+
+
+def _file(data_cfg: dict, key: str) -> Path:
+    value = data_cfg.get(key)
+    path = Path(str(value or "")).expanduser()
+    if not value or not path.is_file():
+        raise DataError(f"data.{key}={value!r} does not exist; give a .jsonl or .csv file")
+    return path
 
 
 def load_examples(data_cfg: dict) -> tuple[list[dict], list[dict]]:
@@ -133,32 +239,20 @@ def load_examples(data_cfg: dict) -> tuple[list[dict], list[dict]]:
         train_rows, heldout = make_demo(int(data_cfg["n_train"]), int(data_cfg["n_heldout"]), int(data_cfg["seed"]))
         return [mc_to_example(r) for r in train_rows], heldout
     if kind == "file":
-        path = Path(str(data_cfg.get("path") or ""))
-        if not data_cfg.get("path") or not path.is_file():
-            raise DataError(f"data.path={data_cfg.get('path')!r} does not exist; give a .jsonl or .csv file")
-        rows = _read_rows(path)
+        path = _file(data_cfg, "path")
+        examples = [_row_to_example(row, path, n) for n, row in _read_rows(path)]
         heldout: list[dict] = []
         if data_cfg.get("heldout_path"):
-            hpath = Path(str(data_cfg["heldout_path"]))
-            if not hpath.is_file():
-                raise DataError(f"data.heldout_path={str(hpath)!r} does not exist")
-            heldout = [_parse_mc(r) for r in _read_rows(hpath)]
-        return [_row_to_example(r, str(path)) for r in rows], heldout
+            hpath = _file(data_cfg, "heldout_path")
+            heldout = [parse_mc(row, hpath, n) for n, row in _read_rows(hpath)]
+        return examples, heldout
     if kind == "hub":
         import datasets
 
         ds = datasets.load_dataset(str(data_cfg["dataset"]), split=str(data_cfg.get("split", "train")))
-        return [_row_to_example(dict(r), str(data_cfg["dataset"])) for r in ds], []
+        name = Path(str(data_cfg["dataset"]))
+        return [_row_to_example(dict(r), name, i + 1) for i, r in enumerate(ds)], []
     raise DataError(f"data.kind={kind!r} is unknown; valid: demo, file, hub")
-
-
-def _parse_mc(row: dict) -> dict:
-    choices = row["choices"]
-    if isinstance(choices, str):  # CSV cells hold a JSON list
-        choices = json.loads(choices)
-    answer = row["answer"]
-    answer = LETTERS.index(answer) if answer in LETTERS else int(answer)
-    return {**row, "choices": list(choices), "answer": answer}
 
 
 def tokenize_examples(examples: list[dict], tokenizer, seq_len: int) -> list[dict]:

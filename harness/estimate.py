@@ -630,9 +630,10 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    from harness.run import _precheck_argv
+    from harness.preflight import check_names
+    from harness.run import usage_exit
 
-    _precheck_argv(sys.argv[1:])
+    check_names(sys.argv[1:], CONF_DIR, usage_exit)  # option names and r values, before Hydra's own text
     hydra_main()
 
 

@@ -28,7 +28,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness import identity, records, sweep
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# The configs: packaged inside harness/ by `pip install .` (setup.py), conf/ in a checkout.
+CONF_DIR = next(d for d in (Path(__file__).resolve().parent / "conf", Path(__file__).resolve().parent.parent / "conf")
+                if (d / "config.yaml").is_file())
 LOCK_PROBE_S = 2.0  # how long a job waits for its run id's lock before leaving it to the holder
 GROUPS = ("model", "method", "data", "train", "eval", "hardware", "distributed", "experiment")
 
@@ -522,27 +524,10 @@ def run_job(job: dict, stack: contextlib.ExitStack) -> None:
         execute(job)
 
 
-def _precheck_argv(argv: list[str]) -> None:
-    """Names of config-group options and r values, checked before Hydra prints a stack of text."""
-    for arg in argv:
-        if arg.startswith("-") or "=" not in arg:
-            continue
-        key, _, value = arg.partition("=")
-        key = key.lstrip("+~")
-        values = [v.strip() for v in value.split(",")]
-        if key in GROUPS:
-            options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
-            bad = [v for v in values if v and v not in options and v != "null"]
-            if bad:
-                usage_exit(f"{key}={bad[0]!r} is unknown; valid: {', '.join(options)}")
-        if key == "method.r":
-            for v in values:
-                if v != "null" and (not v.lstrip("-").isdigit() or int(v) <= 0):
-                    usage_exit(f"method.r={v!r} is invalid; give a positive integer (for example 8, 16, 64)")
-
-
 def main() -> None:
-    _precheck_argv(sys.argv[1:])
+    from harness import preflight
+
+    preflight.check(sys.argv[1:], CONF_DIR)  # every job of the command, before the first one runs
     hydra_main()
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from harness import estimate, measure
 from harness.records import write_record
-from tests.conftest import ROOT
+from tests.conftest import RUN_CWD
 
 
 def cfg_for(*overrides: str) -> dict:
@@ -19,7 +19,7 @@ def cfg_for(*overrides: str) -> dict:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harness.estimate", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "harness.estimate", *args], cwd=RUN_CWD, capture_output=True,
                           text=True, timeout=300)
 
 

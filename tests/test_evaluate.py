@@ -11,11 +11,12 @@ TINY = {"name": "tiny-random", "source": "config", "arch": "tiny-random"}
 
 def test_local_mmlu_folder_gives_one_task_per_subject(mmlu_dir):
     tasks, subject_of = mmlu_tasks({"dir": str(mmlu_dir)})
-    assert len(tasks) == len(mmlu_subjects()) == 57
-    anatomy = next(t for t in tasks if t["task"] == "mmlu_local_anatomy")
-    assert anatomy["dataset_kwargs"]["data_files"]["test"].endswith("test/anatomy_test.csv")
-    assert anatomy["fewshot_split"] == "dev"
-    assert subject_of["mmlu_local_anatomy"] == "anatomy"
+    assert len(mmlu_subjects()) == 57
+    assert [t["task"] for t in tasks] == [f"mmlu_local_{s}" for s in ("astronomy", "marketing", "philosophy", "sociology")]
+    astronomy = next(t for t in tasks if t["task"] == "mmlu_local_astronomy")
+    assert astronomy["dataset_kwargs"]["data_files"]["test"].endswith("test/astronomy_test.csv")
+    assert astronomy["fewshot_split"] == "dev"
+    assert subject_of["mmlu_local_astronomy"] == "astronomy"
 
 
 def test_missing_mmlu_folder_is_a_clear_error(tmp_path):
@@ -31,14 +32,16 @@ def test_hub_mmlu_is_lm_evals_own_task():
 def test_mmlu_subset_scores_and_categories_add_up(mmlu_dir):
     loaded = load_model(TINY)
     metrics, items = evaluate_mmlu(loaded.model, loaded.tokenizer,
-                                   {"dir": str(mmlu_dir), "limit": 1, "num_fewshot": 0, "batch_size": 16})
-    assert metrics["mmlu_n"] == len(items) == 57 and metrics["mmlu_subset"] is True
-    assert len({it["id"] for it in items}) == 57
+                                   {"dir": str(mmlu_dir), "limit": 3, "num_fewshot": 1, "batch_size": 16})
+    # 4 subjects (one per category) x 3 questions; 4 of MMLU's 57 subjects: a subset
+    assert metrics["mmlu_n"] == len(items) == 12 and metrics["mmlu_subset"] is True
+    assert len({it["id"] for it in items}) == 12
+    assert all(metrics["mmlu_category_n"][c] == 3 for c in CATEGORY_NAMES)
     # categories weighted by their question counts add back up to the overall accuracy
     n = metrics["mmlu_category_n"]
     weighted = sum(metrics["mmlu_categories"][c] * n[c] for c in CATEGORY_NAMES) / sum(n.values())
     assert weighted == pytest.approx(metrics["mmlu_acc"])
-    assert metrics["mmlu_acc"] == sum(it["correct"] for it in items) / 57
+    assert metrics["mmlu_acc"] == sum(it["correct"] for it in items) / 12
 
 
 def test_indomain_eval_on_the_demo_heldout_split(tmp_path):

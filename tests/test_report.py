@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+import json
 import logging
 import re
 import shutil
@@ -16,7 +18,7 @@ from harness.report import AT_A_GLANCE, ROWS, build_report, main, pareto_front
 
 GiB = 2**30
 MiB = 2**20
-CHROMIUM = Path("/usr/bin/chromium")
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -380,47 +382,67 @@ def test_deterministic(tmp_path):
         assert first[name].read_bytes() == second[name].read_bytes(), name
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is absent (Debian package `chromium`)")
-def test_index_html_renders_in_headless_chromium(report, tmp_path):
+def find_browser() -> str | None:
+    """A Chromium-family browser on PATH (.ci/run installs Debian's `chromium` where none is)."""
+    for name in BROWSERS:
+        if path := shutil.which(name):
+            return path
+    return None
+
+
+# Runs after the page's load event: what a person would see, as JSON in a data attribute.
+PROBE = """<script>window.addEventListener('load', () => {
+  const rows = [...document.querySelectorAll('table tbody tr')].map(tr => tr.querySelector('th').textContent);
+  const images = [...document.images].map(i => ({src: i.getAttribute('src'), complete: i.complete,
+    width: i.naturalWidth, height: i.naturalHeight, shown: i.getBoundingClientRect().width}));
+  document.body.dataset.probe = JSON.stringify({rows, images, tables: document.querySelectorAll('table').length,
+    text: document.body.innerText});
+})</script>"""
+
+
+@pytest.mark.skipif(find_browser() is None, reason=f"no browser on PATH ({', '.join(BROWSERS)}); .ci/run installs one")
+def test_index_html_renders_in_a_headless_browser(report, tmp_path):
     _, reports, written = report
     page = written["index.html"].read_text()
-    # a probe copy beside index.html (same relative image paths) records whether each image loaded
+    # a probe copy beside index.html (same relative image paths) reports what the page shows
     probe = reports / "_probe.html"
-    script = (
-        "<script>window.addEventListener('load',()=>{for(const i of document.images)"
-        "i.dataset.width=String(i.naturalWidth);document.body.dataset.checked='yes'})</script>"
-    )
-    probe.write_text(page.replace("</body>", script + "</body>"))
+    probe.write_text(page.replace("</body>", PROBE + "</body>"))
     try:
-        dom = subprocess.run(
-            [
-                str(CHROMIUM),
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-                f"--user-data-dir={tmp_path / 'chromium'}",
-                "--dump-dom",
-                probe.as_uri(),
-            ],
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=90,
-        ).stdout
+        proc = subprocess.run(
+            [find_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'browser'}",
+             "--window-size=1280,2000", "--dump-dom", probe.as_uri()],
+            check=False, capture_output=True, text=True, timeout=120,
+        )
     finally:
         probe.unlink()
-    assert 'data-checked="yes"' in dom
-    assert dom.count("<table>") == 1 and "did not fit on 1x NVIDIA H200" in dom
-    images = re.findall(r"<img [^>]*>", dom)
-    plots = [n for n in written if n.endswith(".png")]
-    assert len(images) == len(plots) == 5
-    widths = [int(re.search(r'data-width="(\d+)"', img).group(1)) for img in images]
-    assert all(w > 0 for w in widths), images
-    shutil.rmtree(tmp_path / "chromium", ignore_errors=True)
+    found = re.search(r'data-probe="([^"]*)"', proc.stdout)
+    assert found, proc.stdout[-2000:] + proc.stderr[-2000:]
+    seen = json.loads(html.unescape(found.group(1)))
+    # the at-a-glance table with every row, by its label
+    assert seen["tables"] == 1 and seen["rows"] == list(ROWS)
+    assert "did not fit on 1x NVIDIA H200" in seen["text"]
+    # every plot written is on the page, loaded (decoded, non-zero size) and laid out
+    plots = sorted(n for n in written if n.endswith(".png"))
+    assert len(plots) == 5 and sorted(i["src"] for i in seen["images"]) == plots
+    broken = [i for i in seen["images"] if not (i["complete"] and i["width"] > 0 and i["height"] > 0 and i["shown"] > 0)]
+    assert not broken, broken
+
+
+def test_a_broken_image_is_caught_by_the_render_probe(report, tmp_path):
+    """The probe itself: an image whose file is missing shows up with naturalWidth 0."""
+    browser = find_browser()
+    if browser is None:
+        pytest.skip(f"no browser on PATH ({', '.join(BROWSERS)}); .ci/run installs one")
+    page = tmp_path / "page.html"
+    page.write_text(f'<html><body><img src="missing.png">{PROBE}</body></html>')
+    dom = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         f"--user-data-dir={tmp_path / 'browser'}", "--dump-dom", page.as_uri()],
+        check=False, capture_output=True, text=True, timeout=120,
+    ).stdout
+    seen = json.loads(html.unescape(re.search(r'data-probe="([^"]*)"', dom).group(1)))
+    assert [i["width"] for i in seen["images"]] == [0]
 
 
 def test_a_gap_on_a_single_seed_says_so(tmp_path):

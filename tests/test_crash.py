@@ -1,0 +1,76 @@
+"""Crashes inside a job, black-box through harness-run: out of memory, and a job process killed.
+
+The fault is injected from outside the harness: a ``sitecustomize.py`` put first on PYTHONPATH
+(test-only, below) is loaded by every Python process the command starts, and when
+HARNESS_TEST_FAULT is set it replaces transformers' ``Trainer.training_step`` (as the module
+is imported) with the fault. The harness itself has no hook for it.
+"""
+
+import json
+import os
+
+from conftest import ROOT, TINY, harness_run
+
+from harness import records
+
+FAULT_HOOK = '''
+# Test-only fault injection (tests/test_crash.py); not part of the harness.
+import importlib.abc, importlib.util, os, signal, sys
+
+# one fault per seed: HARNESS_TEST_FAULT=oom,sigkill,exit137 gives seed 0 "oom", seed 1 "sigkill", ...
+_FAULTS = os.environ.get("HARNESS_TEST_FAULT", "").split(",")
+
+
+class _FaultInTrainingStep(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "transformers.trainer":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run_module = spec.loader.exec_module
+
+        def exec_module(module):
+            run_module(module)
+
+            def training_step(self, *args, **kwargs):
+                fault = _FAULTS[self.args.seed]
+                if fault == "oom":
+                    import torch
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
+                if fault == "sigkill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if fault == "exit137":
+                    os._exit(137)
+
+            module.Trainer.training_step = training_step
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if any(_FAULTS):
+    sys.meta_path.insert(0, _FaultInTrainingStep())
+'''
+
+
+def test_oom_and_killed_job_processes_each_get_a_record(tmp_path):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FAULT_HOOK)
+    env = {**os.environ, "HARNESS_TEST_FAULT": "oom,sigkill,exit137", "PYTHONPATH": f"{hook}{os.pathsep}{ROOT}"}
+    results = tmp_path / "results"
+    # one job per seed, each in its own process (isolate=true), each with its fault
+    proc = harness_run("-m", "method=lora", "seed=0,1,2", *TINY, f"results_dir={results}", "isolate=true",
+                       cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]  # failed runs are recorded; the sweep goes on
+    recs = {r["config"]["seed"]: r for r in records.load_records(results)}
+    assert sorted(recs) == [0, 1, 2] and all(r["method"] == "lora" for r in recs.values())
+    # an OutOfMemoryError raised inside the run: the job's own record says oom
+    assert recs[0]["status"] == "oom" and recs[0]["error"].startswith("OutOfMemoryError: CUDA out of memory")
+    # killed outright (the kernel's OOM killer sends SIGKILL), or exit 137 as a shell reports it:
+    # the parent writes the record, counted as out of memory
+    for seed, code in ((1, -9), (2, 137)):
+        assert recs[seed]["status"] == "oom" and f"exited with code {code}" in recs[seed]["error"], recs[seed]
+        assert json.loads(records.record_path(results, recs[seed]["run_id"]).read_text()) == recs[seed]
+    # nothing half-written beside them (.locks/ and .sweeps/ are the sweep's bookkeeping folders)
+    assert not [p for p in results.iterdir() if p.is_file() and p.suffix != ".json"]
