@@ -53,9 +53,15 @@ def test_method_settings_are_other_runs_of_one_pair(override):
 
 
 @pytest.mark.parametrize("override", ["seed=1", "train.max_steps=7", "data.n_heldout=8", "eval.mmlu.limit=2",
-                                      "distributed=ddp", "distributed.num_processes=4"])
+                                      "distributed=ddp"])
 def test_what_the_arms_share_is_the_pair(override):
     a, b = job("method=lora"), job("method=lora", override)
+    assert a["pair_key"] != b["pair_key"]
+
+
+def test_world_size_is_part_of_the_pair():
+    a = job("method=lora", "distributed=ddp", "distributed.num_processes=2")
+    b = job("method=lora", "distributed=ddp", "distributed.num_processes=4")
     assert a["pair_key"] != b["pair_key"]
 
 
