@@ -116,24 +116,38 @@ def _gguf_folder(gguf_path: Path) -> Path:
 
     stat = gguf_path.stat()
     folder = cache_dir() / "gguf" / f"{gguf_path.stem}-{stat.st_size}"
+
+    def convert(tmp: Path) -> None:
+        log.info("converting %s to %s (once)", gguf_path.name, folder)
+        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        # A GGUF-loaded model carries an hf_quantizer that refuses save_pretrained; the weights are
+        # already dequantized, so drop it before saving.
+        model.hf_quantizer = None
+        model.config.quantization_config = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    return _build_once(folder, convert)
+
+
+def _build_once(folder: Path, build) -> Path:
+    """Build a cache folder once. The ranks of a distributed job and parallel jobs start at the
+    same moment on a cold cache: they wait on a lock for the first builder, then reuse its folder."""
+    from filelock import FileLock
+
     if (folder / "config.json").exists():
         return folder
-    log.info("converting %s to %s (once)", gguf_path.name, folder)
-    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
-    )
-    # A GGUF-loaded model carries an hf_quantizer that refuses save_pretrained; the weights are
-    # already dequantized, so drop it before saving.
-    model.hf_quantizer = None
-    model.config.quantization_config = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if not folder.exists():  # another process may have finished first
-        tmp.replace(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / "config.json").exists():
+            tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+            build(tmp)
+            tmp.replace(folder)
     return folder
 
 
@@ -153,17 +167,15 @@ def _arch_folder(arch: str) -> Path:
     spec = json.loads(path.read_text())
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
     folder = cache_dir() / "arch" / f"{arch}-seed{ARCH_INIT_SEED}-{digest}"
-    if (folder / "config.json").exists():
-        return folder
-    config = AutoConfig.for_model(**spec)
-    torch.manual_seed(ARCH_INIT_SEED)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    byte_tokenizer().save_pretrained(tmp)
-    if not folder.exists():
-        tmp.replace(folder)
-    return folder
+
+    def materialize(tmp: Path) -> None:
+        config = AutoConfig.for_model(**spec)
+        torch.manual_seed(ARCH_INIT_SEED)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.save_pretrained(tmp)
+        byte_tokenizer().save_pretrained(tmp)
+
+    return _build_once(folder, materialize)
 
 
 def model_folder(model_cfg: dict) -> tuple[str, bool]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY, harness_run
+from conftest import ROOT, RUN_CWD, TINY, harness_run
 
 from harness import distributed, records
 from harness.run import new_record, plan, run_isolated
@@ -61,7 +61,7 @@ def harness_run_procs(*args: str, fsdp_patch: bool = False, timeout: int = 600) 
         [*([str(CPU_FSDP_PATCH)] if fsdp_patch else []), str(ROOT), env.get("PYTHONPATH", "")]
     )
     return subprocess.run(
-        [sys.executable, "-m", "harness.run", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "harness.run", *args], cwd=RUN_CWD, env=env, capture_output=True, text=True, timeout=timeout
     )
 
 

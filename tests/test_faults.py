@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT, TINY, harness_run
+from conftest import ROOT, RUN_CWD, TINY, harness_run
 
 from harness import records
 
@@ -165,7 +165,7 @@ def test_a_sweep_killed_mid_job_reruns_only_what_did_not_finish(tmp_path):
     args = ["-m", "method=full,lora,qlora", *TINY, *EVAL_TINY, f"results_dir={results}", "train.max_steps=40"]
     sweep = subprocess.Popen(
         [sys.executable, "-m", "harness.run", *args],
-        cwd=ROOT,
+        cwd=RUN_CWD,
         env=ENV,
         text=True,
         stdout=subprocess.PIPE,
@@ -188,7 +188,7 @@ def test_a_sweep_killed_mid_job_reruns_only_what_did_not_finish(tmp_path):
     assert held_locks(results) == []
     status = subprocess.run(
         [sys.executable, "-m", "harness.status", "--results", str(results)],
-        cwd=ROOT,
+        cwd=RUN_CWD,
         env=ENV,
         capture_output=True,
         text=True,
@@ -208,7 +208,7 @@ def test_a_sweep_killed_mid_job_reruns_only_what_did_not_finish(tmp_path):
     assert len([r for r in records.load_records(results) if r["method"] == "base"]) == 1
     status = subprocess.run(
         [sys.executable, "-m", "harness.status", "--results", str(results)],
-        cwd=ROOT,
+        cwd=RUN_CWD,
         env=ENV,
         capture_output=True,
         text=True,
@@ -227,7 +227,7 @@ def test_a_force_rerun_that_dies_keeps_the_earlier_ok_record(tmp_path):
 
     rerun = subprocess.Popen(
         [sys.executable, "-m", "harness.run", *args, "force=true"],
-        cwd=ROOT,
+        cwd=RUN_CWD,
         env=ENV,
         text=True,
         stdout=subprocess.PIPE,
@@ -252,7 +252,7 @@ def test_two_sweeps_at_once_over_one_folder_run_each_job_and_the_base_model_once
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "harness.run", *args],
-            cwd=ROOT,
+            cwd=RUN_CWD,
             env=ENV,
             text=True,
             stdout=subprocess.PIPE,

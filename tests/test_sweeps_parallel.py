@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import ROOT, TINY, harness_run
+from conftest import ROOT, RUN_CWD, TINY, harness_run
 from hydra import compose, initialize_config_dir
 from test_faults import ENV, job_processes, no_temp_files, wait_for
 
@@ -32,7 +32,7 @@ def compose_cfg(*overrides: str, hydra: bool = True):
 def status_of(results: Path) -> str:
     proc = subprocess.run(
         [sys.executable, "-m", "harness.status", "--results", str(results)],
-        cwd=ROOT,
+        cwd=RUN_CWD,
         env=ENV,
         capture_output=True,
         text=True,
@@ -159,7 +159,7 @@ def test_slurm_submission_carries_partition_gpus_time_limit_and_requeue(tmp_path
             "seed=0,1",
             f"results_dir={tmp_path / 'results'}",
         ],
-        cwd=ROOT,
+        cwd=RUN_CWD,
         env=env,
         capture_output=True,
         text=True,
@@ -255,7 +255,7 @@ def test_a_job_killed_like_the_oom_killer_in_a_parallel_sweep_gets_an_oom_record
             f"hydra.sweep.dir={sweep_dir}",
             "train.max_steps=40",
         ],
-        cwd=ROOT,
+        cwd=RUN_CWD,
         env=ENV,
         text=True,
         stdout=subprocess.PIPE,
