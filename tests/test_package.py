@@ -28,6 +28,9 @@ def sh(*cmd, cwd, env=None, timeout=600):
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("package")
+    # without the session's PYTHONPATH (this checkout): pip would take the checkout's
+    # peft_harness.egg-info (from `pip install -e .`) for an installed copy and install nothing
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     files = sh("git", "ls-files", "-co", "--exclude-standard", cwd=ROOT).stdout.splitlines()
     src = tmp / "src"
     for name in files:
@@ -35,7 +38,7 @@ def venv(tmp_path_factory):
             (src / name).parent.mkdir(parents=True, exist_ok=True)
             (src / name).write_bytes((ROOT / name).read_bytes())
     sh(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", tmp / "dist",
-       src, cwd=tmp)
+       src, cwd=tmp, env=env)
     (wheel,) = (tmp / "dist").glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {f"harness/{n}" for n in sh("git", "ls-files", "conf", cwd=ROOT).stdout.split()} <= set(names)
@@ -46,8 +49,7 @@ def venv(tmp_path_factory):
     # the dependencies: this environment's site-packages, after the venv's own
     with open(os.path.join(purelib, "deps.pth"), "w") as fh:
         fh.write(sysconfig.get_paths()["purelib"] + "\n")
-    sh(sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", wheel, cwd=tmp)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    sh(sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", wheel, cwd=tmp, env=env)
     elsewhere = tmp / "elsewhere"
     elsewhere.mkdir()
     return env_dir / "bin", env, elsewhere
