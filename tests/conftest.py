@@ -76,6 +76,15 @@ def harness_run(*args: str, cwd: Path | None = None, timeout: int = 600,
     )
 
 
+def start_harness_run(*args: str, env: dict | None = None, new_session: bool = False) -> subprocess.Popen:
+    """Start harness-run in the background (output in ``.stdout``), for tests that kill or race it;
+    ``new_session``: its own process group, so the whole sweep can be killed at once."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "harness.run", *args], cwd=RUN_CWD, env=env, text=True, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, start_new_session=new_session,
+    )
+
+
 # ---------------------------------------------------------------- skips in CI
 # .ci/run sets HARNESS_STRICT_SKIPS=1: a skipped test fails the run unless it is listed here,
 # with the reason printed. Keep this list short.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT, RUN_CWD, TINY, harness_run
+from conftest import ROOT, RUN_CWD, TINY, harness_run, start_harness_run
 
 from harness import records
 
@@ -163,15 +163,7 @@ def test_a_rerun_never_overwrites_the_answers_of_the_record_in_place(tmp_path):
 def test_a_sweep_killed_mid_job_reruns_only_what_did_not_finish(tmp_path):
     results = tmp_path / "results"
     args = ["-m", "method=full,lora,qlora", *TINY, *EVAL_TINY, f"results_dir={results}", "train.max_steps=40"]
-    sweep = subprocess.Popen(
-        [sys.executable, "-m", "harness.run", *args],
-        cwd=RUN_CWD,
-        env=ENV,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    sweep = start_harness_run(*args, env=ENV, new_session=True)
     # mid-job: the full arm is recorded and the next arm's lock is held (its process training)
     first = wait_for(lambda: list(results.glob("full-*.json")), what="the first arm's record")[0]
     running = wait_for(lambda: [r for r in held_locks(results) if not r.startswith("full-")], what="the next job")
@@ -225,14 +217,7 @@ def test_a_force_rerun_that_dies_keeps_the_earlier_ok_record(tmp_path):
     path = next(results.glob("lora-*.json"))
     before = {p.name: p.read_bytes() for p in results.iterdir() if p.is_file()}
 
-    rerun = subprocess.Popen(
-        [sys.executable, "-m", "harness.run", *args, "force=true"],
-        cwd=RUN_CWD,
-        env=ENV,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    rerun = start_harness_run(*args, "force=true", env=ENV)
     child = wait_for(lambda: job_processes(results, "lora"), what="the rerun's job process")[0]
     time.sleep(0.5)  # still importing or training: it has written nothing yet
     child.send_signal(signal.SIGKILL)  # as the OOM killer does: the job process only
@@ -249,17 +234,7 @@ def test_a_force_rerun_that_dies_keeps_the_earlier_ok_record(tmp_path):
 def test_two_sweeps_at_once_over_one_folder_run_each_job_and_the_base_model_once(tmp_path):
     results = tmp_path / "results"
     args = ["-m", "method=full,lora,qlora", *TINY, *EVAL_TINY, f"results_dir={results}"]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "harness.run", *args],
-            cwd=RUN_CWD,
-            env=ENV,
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for _ in range(2)
-    ]
+    procs = [start_harness_run(*args, env=ENV) for _ in range(2)]
     outs = [p.communicate(timeout=900)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     both = "".join(outs)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import ROOT, RUN_CWD, TINY, harness_run
+from conftest import ROOT, RUN_CWD, TINY, harness_run, start_harness_run
 from hydra import compose, initialize_config_dir
 from test_faults import ENV, job_processes, no_temp_files, wait_for
 
@@ -241,26 +241,9 @@ def test_four_jobs_in_parallel_into_one_folder(tmp_path):
 @pytest.mark.slow
 def test_a_job_killed_like_the_oom_killer_in_a_parallel_sweep_gets_an_oom_record(tmp_path):
     results, sweep_dir = tmp_path / "results", tmp_path / "sweep"
-    sweep_proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "harness.run",
-            "-m",
-            "hydra/launcher=parallel",
-            "parallel.jobs=2",
-            "method=full,lora",
-            *TINY,
-            f"results_dir={results}",
-            f"hydra.sweep.dir={sweep_dir}",
-            "train.max_steps=40",
-        ],
-        cwd=RUN_CWD,
-        env=ENV,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    sweep_proc = start_harness_run(
+        "-m", "hydra/launcher=parallel", "parallel.jobs=2", "method=full,lora", *TINY, f"results_dir={results}",
+        f"hydra.sweep.dir={sweep_dir}", "train.max_steps=40", env=ENV, new_session=True,
     )
     try:
         victim = wait_for(lambda: job_processes(results, "full"), what="the full arm's job process")[0]
