@@ -1,4 +1,6 @@
+import csv
 import fnmatch
+import json
 import os
 import shutil
 import subprocess
@@ -9,8 +11,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# A tiny MMLU stand-in in the release layout (our own questions): every MMLU test runs on it.
-MMLU_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "mmlu"
+# A tiny MMLU stand-in (our own questions), kept as rows in fixtures/mmlu.json and written out in
+# the release layout below (MMLU_FIXTURE): every MMLU test runs on it.
+MMLU_ROWS = Path(__file__).resolve().parent / "fixtures" / "mmlu.json"
 # The full offline MMLU copy beside the project (../shared/data/mmlu), for the slow demo only;
 # HARNESS_MMLU_DIR overrides.
 MMLU_DIR = Path(os.environ.get("HARNESS_MMLU_DIR", ROOT.parent / "shared" / "data" / "mmlu"))
@@ -32,6 +35,21 @@ for _name, _sub in (("PEFT_HARNESS_CACHE", "cache/peft-harness"), ("HF_HOME", "c
     (SESSION_TMP / _sub).mkdir(parents=True, exist_ok=True)
     os.environ[_name] = str(SESSION_TMP / _sub)
 RUN_CWD.mkdir(exist_ok=True)
+
+
+def _write_mmlu_fixture(folder: Path) -> Path:
+    """fixtures/mmlu.json as MMLU's release layout: <split>/<subject>_<split>.csv, no header."""
+    for subject, splits in json.loads(MMLU_ROWS.read_text())["subjects"].items():
+        for split, rows in splits.items():
+            (folder / split).mkdir(parents=True, exist_ok=True)
+            with open(folder / split / f"{subject}_{split}.csv", "w", newline="") as fh:
+                csv.writer(fh).writerows(rows)
+    return folder
+
+
+MMLU_FIXTURE = SESSION_TMP / "mmlu"
+if not (MMLU_FIXTURE / "test").is_dir():
+    _write_mmlu_fixture(MMLU_FIXTURE)
 tempfile.tempdir = None  # tempfile reads TMPDIR again
 # harness-run from RUN_CWD still imports this checkout's harness
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
@@ -74,6 +92,14 @@ def harness_run(*args: str, cwd: Path | None = None, timeout: int = 600,
         [sys.executable, "-m", "harness.run", *args], cwd=cwd or RUN_CWD, capture_output=True, text=True,
         timeout=timeout, env=env,
     )
+
+
+def harness_status(results: Path, env: dict | None = None) -> str:
+    """harness-status over ``results``: its output (exit code 0 asserted)."""
+    proc = subprocess.run([sys.executable, "-m", "harness.status", "--results", str(results)], cwd=RUN_CWD,
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
 
 
 def start_harness_run(*args: str, env: dict | None = None, new_session: bool = False) -> subprocess.Popen:

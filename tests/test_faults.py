@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT, RUN_CWD, TINY, harness_run, start_harness_run
+from conftest import ROOT, TINY, harness_run, harness_status, start_harness_run
 
 from harness import records
 
@@ -178,16 +178,9 @@ def test_a_sweep_killed_mid_job_reruns_only_what_did_not_finish(tmp_path):
     assert not records.record_path(results, interrupted).exists()  # no half-written record
     assert no_temp_files(results)
     assert held_locks(results) == []
-    status = subprocess.run(
-        [sys.executable, "-m", "harness.status", "--results", str(results)],
-        cwd=RUN_CWD,
-        env=ENV,
-        capture_output=True,
-        text=True,
-    )
-    assert status.returncode == 0
-    assert re.search(rf"missing\s+{interrupted}\s+method=\w+\s+\[interrupted", status.stdout), status.stdout
-    assert "1 done, 0 running, 0 failed, 0 oom, 2 missing" in status.stdout
+    status = harness_status(results, env=ENV)
+    assert re.search(rf"missing\s+{interrupted}\s+method=\w+\s+\[interrupted", status), status
+    assert "1 done, 0 running, 0 failed, 0 oom, 2 missing" in status
 
     rerun = harness_run(*args)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -198,14 +191,8 @@ def test_a_sweep_killed_mid_job_reruns_only_what_did_not_finish(tmp_path):
     assert sorted(r["method"] for r in arms) == ["full", "lora", "qlora"]
     assert all(r["status"] == "ok" for r in arms)
     assert len([r for r in records.load_records(results) if r["method"] == "base"]) == 1
-    status = subprocess.run(
-        [sys.executable, "-m", "harness.status", "--results", str(results)],
-        cwd=RUN_CWD,
-        env=ENV,
-        capture_output=True,
-        text=True,
-    )
-    assert "3 done, 0 running, 0 failed, 0 oom, 0 missing" in status.stdout, status.stdout
+    status = harness_status(results, env=ENV)
+    assert "3 done, 0 running, 0 failed, 0 oom, 0 missing" in status, status
 
 
 @pytest.mark.slow

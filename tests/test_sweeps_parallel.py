@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import ROOT, RUN_CWD, TINY, harness_run, start_harness_run
+from conftest import ROOT, RUN_CWD, TINY, harness_run, harness_status, start_harness_run
 from hydra import compose, initialize_config_dir
 from test_faults import ENV, job_processes, no_temp_files, wait_for
 
@@ -30,15 +30,7 @@ def compose_cfg(*overrides: str, hydra: bool = True):
 
 
 def status_of(results: Path) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", "harness.status", "--results", str(results)],
-        cwd=RUN_CWD,
-        env=ENV,
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
+    return harness_status(results, env=ENV)
 
 
 # ---------------------------------------------------------------- presets and slots (fast)
