@@ -25,13 +25,14 @@ import time
 
 import torch
 
-from harness import estimate, measure
+from harness import estimate
 from harness.data import load_examples
+from harness.measure import callback, flops, memory
 from harness.methods import apply_method, normalize, quantization_config
 from harness.models import load_model
 from harness.train import build_trainer
 
-CATEGORIES = measure.CATEGORIES
+CATEGORIES = memory.CATEGORIES
 MODELS = ("tiny-random", "tiny-qwen2", "smollm2-135m")
 METHODS = ("full", "lora", "qlora")
 BASE = {"train.batch_size": 2, "train.seq_len": 64, "train.gradient_checkpointing": False, "method.r": 8}
@@ -69,7 +70,7 @@ def measure_point(cfg: dict) -> dict:
     torch.manual_seed(0)
     loaded = load_model(cfg["model"], quantization_config=quantization_config(method))
     model = apply_method(loaded.model, method, bool(cfg["train"]["gradient_checkpointing"]))
-    probe = measure.MeasureCallback(warmup_steps=1, breakdown_step=1)
+    probe = callback.MeasureCallback(warmup_steps=1, breakdown_step=1)
     trainer = build_trainer(model, loaded.tokenizer, examples, cfg["train"], float(method["learning_rate"]), seed=0,
                             callbacks=[probe], label="bench")
     try:
@@ -77,7 +78,7 @@ def measure_point(cfg: dict) -> dict:
     finally:
         probe.close()
     out = {"breakdown": probe.breakdown["memory_breakdown_bytes"], "peak": probe.breakdown["memory_breakdown_peak_bytes"],
-           "params": measure.param_counts(model)}
+           "params": flops.param_counts(model)}
     del trainer, model, loaded
     gc.collect()
     return out

@@ -21,8 +21,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from harness import measure
 from harness.data import load_examples
+from harness.measure import callback
 from harness.methods import apply_method, quantization_config
 from harness.models import load_model
 from harness.run import CONF_DIR
@@ -45,7 +45,7 @@ def fresh_model(cfg: dict):
 
 def harness_step_times(cfg: dict, examples: list[dict]) -> list[float]:
     model, tok = fresh_model(cfg)
-    probe = measure.MeasureCallback(warmup_steps=int(cfg["train"]["warmup_steps_excluded"]))
+    probe = callback.MeasureCallback(warmup_steps=int(cfg["train"]["warmup_steps_excluded"]))
     trainer = build_trainer(model, tok, examples, cfg["train"], float(cfg["method"]["learning_rate"]), seed=0,
                             callbacks=[probe], label="harness")
     trainer.train()

@@ -10,13 +10,13 @@ and builds the model, with the method applied, on the meta device: no weights, n
 Estimated per job (``estimate_job``), every figure labelled as an estimate:
 
 - trainable / total parameters: exact, peft's own count on the meta-device model;
-- peak training memory per device, in the memory tracker's categories (``measure.CATEGORIES``),
+- peak training memory per device, in the memory tracker's categories (``measure.memory.CATEGORIES``),
   from the model's shapes and an activation model of the Llama family as transformers runs it
   (pre-norm RMSNorm, SwiGLU MLP, grouped-query attention through SDPA, rotary embeddings), taken
   at the largest of the step's phases (see ``memory_breakdown``); plus, on a GPU, the CUDA
   context and the caching allocator's reserve (``CUDA_CONTEXT_BYTES``, ``ALLOCATOR_RESERVE``);
 - whether that fits the hardware, and the fewest devices (sharded with FSDP) that it needs;
-- training time and cost for ``projected_tokens``: ``measure.flops_per_token`` (the formula the
+- training time and cost for ``projected_tokens``: ``measure.flops.flops_per_token`` (the formula the
   runs use for MFU) over the device's achieved FLOP/s, from ok run records on that hardware in
   ``results_dir`` when there are any, else the datasheet peak times ``DEFAULT_MFU``;
 - serving footprint: the adapter's safetensors file size and the full checkpoint, from shapes.
@@ -37,7 +37,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from harness.measure import CATEGORIES
+from harness.measure.memory import CATEGORIES
 from harness.run import CONF_DIR, UsageError
 
 GIB = 1024**3
@@ -481,7 +481,7 @@ def _device_total(peak: float, s: Setup) -> float:
 
 def estimate_job(cfg: dict) -> dict:
     """The estimated at-a-glance fields of one resolved harness config (see the module doc)."""
-    from harness import measure
+    from harness.measure import flops, pricing
     from harness.methods import MethodError, normalize, rank_of, validate
     from harness.train import token_budget
 
@@ -494,7 +494,7 @@ def estimate_job(cfg: dict) -> dict:
     config = arch_config(cfg["model"])
     s = setup_of(cfg)
     model = meta_model(config, method)
-    counts = measure.param_counts(model)
+    counts = flops.param_counts(model)
     mem = memory_breakdown(model, config, s)
     hw = str(cfg["hardware"].get("name"))
     spec = DEVICES.get(hw)
@@ -504,7 +504,7 @@ def estimate_job(cfg: dict) -> dict:
 
     dims = _dims(config)
     emb = 0 if dims["tied"] else dims["V"] * dims["h"]
-    fpt = measure.flops_per_token(method["name"], counts["total_params"], counts["trainable_params"],
+    fpt = flops.flops_per_token(method["name"], counts["total_params"], counts["trainable_params"],
                                   embedding_params=emb, n_layers=dims["L"], seq_len=s.seq, hidden_size=dims["h"])
     tokens = cfg.get("projected_tokens") or token_budget(cfg["train"])
     measured = _measured_rate(cfg.get("results_dir"), hw, method["name"])
@@ -517,7 +517,7 @@ def estimate_job(cfg: dict) -> dict:
     price = cfg["hardware"].get("price_per_device_hour_usd")
     train_s = tokens * fpt / (rate * s.world) if rate else None
     train_hours = train_s / 3600 if train_s is not None else None
-    cost = measure.cost_usd(train_s, float(price), s.world) if train_s is not None and price else None
+    cost = pricing.cost_usd(train_s, float(price), s.world) if train_s is not None and price else None
 
     import torch
 
@@ -605,7 +605,7 @@ def compose(overrides: list[str]) -> dict:
 
 def resolved(cfg: dict) -> dict:
     """Hardware resolved as harness-run does (auto detects; a name gets its price entry)."""
-    from harness.measure import PriceTableError, load_price_table, resolve_hardware
+    from harness.measure.pricing import PriceTableError, load_price_table, resolve_hardware
 
     cfg = {k: v for k, v in cfg.items() if k != "hydra"}
     try:

@@ -50,7 +50,7 @@ def usage_exit(message: str) -> None:
 def plan(cfg: dict) -> dict:
     """Resolved config -> job: normalized config, hashes, run ids. Raises UsageError on bad input."""
     from harness import distributed
-    from harness.measure import PriceTableError, device_name, load_price_table, resolve_hardware
+    from harness.measure.pricing import PriceTableError, device_name, load_price_table, resolve_hardware
     from harness.methods import MethodError, normalize, rank_of, validate
 
     cfg = {k: v for k, v in cfg.items() if k != "hydra"}
@@ -226,8 +226,9 @@ def execute(job: dict) -> dict | None:
     import transformers
     from transformers import set_seed
 
-    from harness import distributed, measure
+    from harness import distributed
     from harness.data import load_examples
+    from harness.measure import callback, flops, memory, pricing, serving
     from harness.methods import apply_method, quantization_config
     from harness.models import load_model
     from harness.train import build_trainer, token_budget, training_arguments, use_bf16
@@ -272,13 +273,13 @@ def execute(job: dict) -> dict | None:
                             **({"dtype": getattr(torch, cfg["method"]["compute_dtype"])} if qlora_sharded else {}))
         record["model"]["total_params"] = loaded.total_params
         model = apply_method(loaded.model, cfg["method"], bool(cfg["train"]["gradient_checkpointing"]))
-        metrics.update(measure.param_counts(model))
+        metrics.update(flops.param_counts(model))
         trainable, total = metrics["trainable_params"], metrics["total_params"]
-        embedding = measure.embedding_params(model)  # before sharding turns weights into shards
+        embedding = flops.embedding_params(model)  # before sharding turns weights into shards
         distributed.print0(f"[{label}] trainable params: {trainable:,} || all params: {total:,} || "
                            f"trainable%: {100 * trainable / total:.4f} || {strategy} over {world} process(es)")
 
-        probe = measure.MeasureCallback(warmup_steps=int(cfg["train"]["warmup_steps_excluded"]))
+        probe = callback.MeasureCallback(warmup_steps=int(cfg["train"]["warmup_steps_excluded"]))
         trainer = build_trainer(model, loaded.tokenizer, examples, cfg["train"], float(cfg["method"]["learning_rate"]),
                                 int(cfg["seed"]), callbacks=[probe], label=label, args=args)
         try:
@@ -295,15 +296,15 @@ def execute(job: dict) -> dict | None:
         device = args.device
         train_dtype = torch.bfloat16 if use_bf16(str(cfg["train"]["precision"])) else torch.float32
         arch = model.config
-        fpt = measure.flops_per_token(
+        fpt = flops.flops_per_token(
             job["method"], total, trainable, embedding_params=embedding, n_layers=arch.num_hidden_layers,
             seq_len=int(cfg["train"]["seq_len"]), hidden_size=arch.hidden_size)
-        mine["peak_flops_per_s"] = measure.measure_peak_flops(device, train_dtype)
+        mine["peak_flops_per_s"] = flops.measure_peak_flops(device, train_dtype)
         metrics["train_dtype"] = str(train_dtype).removeprefix("torch.")
 
         if evaluate:
             # every rank evaluates the same questions: a sharded model's forward needs them all
-            with measure.eval_peak_memory(device) as eval_mem:
+            with memory.eval_peak_memory(device) as eval_mem:
                 acc, items = evaluate_all(model, loaded.tokenizer, cfg, heldout)
             metrics.update(acc)
             mine["eval_peak_memory_bytes"] = eval_mem["eval_peak_memory_bytes"]
@@ -320,7 +321,7 @@ def execute(job: dict) -> dict | None:
         state_dict = (distributed.adapter_state_dict(trainer.accelerator, model, strategy)
                       if sharded and trainable < total else None)
         if distributed.is_main():
-            metrics.update(measure.footprint_metrics(model, serve_dtype, state_dict=state_dict))
+            metrics.update(serving.footprint_metrics(model, serve_dtype, state_dict=state_dict))
         lat = cfg["eval"]["latency"]
         if lat["enabled"] and sharded:
             # merging adapters into sharded weights is not supported by peft; a sharded forward
@@ -329,12 +330,12 @@ def execute(job: dict) -> dict | None:
                                  "sharded weights; measure serving latency with distributed=none"
         elif lat["enabled"] and distributed.is_main():
             prompts = [ex["prompt"] for ex in examples[: int(lat["prompts"])]]
-            metrics.update(measure.compare_latency(model, loaded.tokenizer, prompts, n_reps=int(lat["reps"]),
+            metrics.update(serving.compare_latency(model, loaded.tokenizer, prompts, n_reps=int(lat["reps"]),
                                                    gen_tokens=int(lat["gen_tokens"])))
         per_rank = distributed.gather(mine)
         metrics.update(distributed.combine(per_rank, strategy))
         peaks = [p for p in metrics["peak_flops_per_s_per_rank"] if p]
-        metrics.update(measure.flops_metrics(fpt, metrics["tokens_per_s"], statistics.fmean(peaks) if peaks else None,
+        metrics.update(flops.flops_metrics(fpt, metrics["tokens_per_s"], statistics.fmean(peaks) if peaks else None,
                                              world))
         metrics["tokens_per_s_per_device"] = metrics["tokens_per_s"] / world if metrics["tokens_per_s"] else None
         metrics["achieved_flops_per_s_per_device"] = (metrics["achieved_flops_per_s"] / world
@@ -358,10 +359,10 @@ def execute(job: dict) -> dict | None:
     # both × the devices used (one per process), not the devices visible
     devices_used = metrics["world_size"]
     hardware = cfg["hardware"] if cfg["hardware"].get("price_per_device_hour_usd") else None
-    metrics.update(measure.cost_metrics(hardware, metrics.get("train_wall_excl_probe_s"), devices_used,
+    metrics.update(pricing.cost_metrics(hardware, metrics.get("train_wall_excl_probe_s"), devices_used,
                                         dataset_tokens=cfg.get("projected_tokens"),
                                         tokens_per_s=metrics.get("tokens_per_s")))
-    metrics["run_cost_usd"] = (measure.cost_usd(metrics["run_wall_s"], hardware["price_per_device_hour_usd"],
+    metrics["run_cost_usd"] = (pricing.cost_usd(metrics["run_wall_s"], hardware["price_per_device_hour_usd"],
                                                 devices_used) if hardware else None)
     env.update(started_at=started, ended_at=now_iso())
     records.write_record(results_dir, record)

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from harness import estimate, measure
+from harness import estimate
+from harness.measure import flops, memory, serving
 from harness.records import write_record
 from tests.conftest import RUN_CWD
 
@@ -34,7 +35,7 @@ def test_param_counts_equal_peft(model, method):
     est = estimate.estimate_job(cfg)
     m = normalize(cfg["method"])
     real = apply_method(load_model(cfg["model"], quantization_config=quantization_config(m)).model, m)
-    counts = measure.param_counts(real)
+    counts = flops.param_counts(real)
     assert (est["trainable_params"], est["total_params"]) == (counts["trainable_params"], counts["total_params"])
 
 
@@ -45,7 +46,7 @@ def test_adapter_bytes_exact():
 
     cfg = cfg_for("model=tiny-random", "method=lora", "method.r=8", "hardware=cpu")
     real = apply_method(load_model(cfg["model"]).model, normalize(cfg["method"]))
-    assert estimate.estimate_job(cfg)["adapter_bytes"] == measure.adapter_bytes(real)
+    assert estimate.estimate_job(cfg)["adapter_bytes"] == serving.adapter_bytes(real)
     assert estimate.estimate_job(cfg_for("model=tiny-random", "method=full", "hardware=cpu"))["adapter_bytes"] is None
 
 
@@ -127,7 +128,7 @@ def test_time_and_cost_use_the_runs_flops_formula(tmp_path):
     base = ["model=llama-2-7b-arch", "method=lora", "hardware=a100-80gb", "projected_tokens=1000000000",
             f"results_dir={tmp_path}"]
     est = estimate.estimate_job(cfg_for(*base))
-    fpt = measure.flops_per_token("lora", est["total_params"], est["trainable_params"],
+    fpt = flops.flops_per_token("lora", est["total_params"], est["trainable_params"],
                                   embedding_params=32000 * 4096, n_layers=32, seq_len=128, hidden_size=4096)
     assert est["flops_per_token"] == fpt
     rate = estimate.DEVICES["a100-80gb"]["peak_flops"] * estimate.DEFAULT_MFU
@@ -156,7 +157,7 @@ def test_cli_json_one_object_per_line():
         for field in ("trainable_params", "total_params", "peak_memory_bytes", "breakdown", "devices_needed",
                       "train_hours", "cost_usd", "adapter_bytes", "checkpoint_bytes"):
             assert field in r
-        assert set(r["breakdown"]) == set(measure.CATEGORIES)
+        assert set(r["breakdown"]) == set(memory.CATEGORIES)
         assert sum(r["breakdown"].values()) == r["peak_memory_bytes"]
         assert r["estimated"] is True
 

@@ -14,26 +14,20 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-from harness import measure
-from harness.measure import (
-    CATEGORIES,
-    MeasureCallback,
-    MemoryBreakdown,
+from harness.measure import memory, serving
+from harness.measure.callback import MeasureCallback
+from harness.measure.flops import embedding_params, flops_metrics, flops_per_token, measure_peak_flops, param_counts
+from harness.measure.memory import CATEGORIES, MemoryBreakdown, eval_peak_memory
+from harness.measure.pricing import (
     PriceTableError,
-    compare_latency,
     cost_metrics,
     cost_usd,
     detect_hardware,
-    eval_peak_memory,
-    flops_metrics,
-    flops_per_token,
-    footprint_metrics,
     load_price_table,
-    measure_peak_flops,
-    param_counts,
     projected_cost,
     resolve_hardware,
 )
+from harness.measure.serving import compare_latency, footprint_metrics
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SEQ = 32
@@ -255,7 +249,7 @@ def test_eval_peak_memory_on_cpu_sees_an_allocation_inside_the_block():
     # 64 MiB: above glibc's largest mmap threshold (32 MiB), so the pages are fresh, not reused heap
     with eval_peak_memory("cpu") as out:
         t = torch.ones(64 * MiB // 4)
-        time.sleep(3 * measure.RSS_INTERVAL_S)  # held longer than the sampling interval, as evaluation is
+        time.sleep(3 * memory.RSS_INTERVAL_S)  # held longer than the sampling interval, as evaluation is
         del t
     assert 56 * MiB <= out["eval_peak_memory_bytes"] <= 96 * MiB
 
@@ -294,7 +288,7 @@ def test_flops_per_token_formulas():
 
 def test_embedding_params_untied_and_tied():
     model = tiny_model()
-    assert measure.embedding_params(model) == 300 * 64
+    assert embedding_params(model) == 300 * 64
     tied = LlamaForCausalLM(
         LlamaConfig(
             hidden_size=64,
@@ -305,7 +299,7 @@ def test_embedding_params_untied_and_tied():
             tie_word_embeddings=True,
         )
     )
-    assert measure.embedding_params(tied) == 0
+    assert embedding_params(tied) == 0
 
 
 def test_measure_peak_flops_and_mfu():
@@ -433,5 +427,5 @@ def test_full_model_latency_is_its_own_base_and_generation_is_timed():
 
 def test_latency_probe_counts_generated_tokens():
     model = lora(tiny_model())
-    r = measure.latency_probe(model, None, [[5, 6, 7]], n_warmup=0, n_reps=2, gen_tokens=3)
+    r = serving.latency_probe(model, None, [[5, 6, 7]], n_warmup=0, n_reps=2, gen_tokens=3)
     assert r["forward_ms"] > 0 and r["gen_tokens_per_s"] > 0

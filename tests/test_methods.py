@@ -6,7 +6,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from harness.data import load_examples
-from harness.measure import param_counts
+from harness.measure.flops import param_counts
 from harness.methods import apply_method, quantization_config
 from harness.models import load_model
 from harness.run import CONF_DIR

@@ -1,0 +1,132 @@
+"""Parameter counts, FLOPs per token, the device's measured matmul peak, throughput and MFU."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from harness.measure.memory import sync
+
+
+def param_counts(model: torch.nn.Module) -> dict:
+    """Trainable and total parameters as peft prints them.
+
+    PEFT models: ``model.get_nb_trainable_parameters()`` (counts a 4-bit packed weight as its
+    unpacked size). Other models: ``requires_grad`` parameters over all parameters.
+    """
+    if hasattr(model, "get_nb_trainable_parameters"):
+        trainable, total = model.get_nb_trainable_parameters()
+    else:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+    return {
+        "trainable_params": int(trainable),
+        "total_params": int(total),
+        "trainable_share": trainable / total if total else None,
+    }
+
+
+def embedding_params(model: torch.nn.Module) -> int:
+    """Parameters of the input embedding when it is a lookup table apart from the output layer.
+
+    A lookup costs no FLOPs, so ``flops_per_token`` subtracts it. Tied embeddings (same storage
+    as the output projection) do a matmul in the output layer and stay counted: returns 0.
+    """
+    try:
+        emb, out = model.get_input_embeddings(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return 0
+    if emb is None or getattr(emb, "weight", None) is None:
+        return 0
+    w_out = getattr(out, "weight", None) if out is not None else None
+    if w_out is not None and w_out.untyped_storage().data_ptr() == emb.weight.untyped_storage().data_ptr():
+        return 0
+    return int(emb.weight.numel())
+
+
+def flops_per_token(
+    method: str,
+    total_params: int,
+    trainable_params: int,
+    *,
+    embedding_params: int = 0,
+    n_layers: int = 0,
+    seq_len: int = 0,
+    hidden_size: int = 0,
+) -> float:
+    """Training FLOPs per token (multiply-add = 2 FLOPs), the dense-matmul estimate.
+
+    With N = total_params - embedding_params (the weights that take part in a matmul, adapters
+    included) and N_t = trainable_params:
+
+    - forward:                          2·N   (every weight does one multiply-add per token)
+    - backward, input gradients:        2·N   (dL/dx through every layer, frozen or not)
+    - backward, weight gradients:       2·N_t (dL/dW only for trainable weights)
+
+    so FLOPs/token = 4·N + 2·N_t. Full fine-tuning (N_t = N) gives the familiar 6·N; LoRA and
+    QLoRA (N_t = adapter params, a small share) give ≈ 4·N + 2·N_adapter, about 2/3 of full FT.
+    The adapter's own forward and input-gradient FLOPs are inside N because its parameters are
+    counted in total_params. QLoRA counts its 4-bit base weights at their unpacked size
+    (dequantization is not counted). Gradient checkpointing recomputes the forward (+2·N) but
+    that is hardware work, not model work, so it is not counted (MFU convention).
+
+    Attention score FLOPs (QKᵀ and AV, no weights) are added when ``n_layers``, ``seq_len`` and
+    ``hidden_size`` are given: 2·2·n_layers·seq_len·hidden_size per token forward (upper bound:
+    causal masking is not discounted), and twice that backward (input gradients only), i.e.
+    12·n_layers·seq_len·hidden_size, the same for every method.
+    """
+    if method == "base":
+        raise ValueError("method 'base' does not train; flops_per_token is for full, lora, qlora or other PEFT")
+    if trainable_params > total_params or trainable_params < 0:
+        raise ValueError(f"trainable_params {trainable_params} must be between 0 and total_params {total_params}")
+    n = total_params - embedding_params
+    n_t = min(trainable_params, n)
+    attention = 12 * n_layers * seq_len * hidden_size
+    return float(4 * n + 2 * n_t + attention)
+
+
+def measure_peak_flops(
+    device: torch.device | str, dtype: torch.dtype, size: int | None = None, reps: int | None = None, warmup: int = 2
+) -> float:
+    """Achievable dense-matmul FLOP/s of one device in ``dtype``: a timed ``size``×``size`` product.
+
+    Defaults: 2048 on CPU, 8192 on CUDA. Each of ``reps`` trials times a batch of products (1 on
+    CPU, 10 on CUDA, synchronized) after ``warmup`` untimed ones; the fastest trial counts.
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    n = size or (8192 if cuda else 2048)
+    reps = reps or (5 if cuda else 3)
+    inner = 10 if cuda else 1
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    c = torch.empty(n, n, device=device, dtype=dtype)
+    for _ in range(warmup):
+        torch.mm(a, b, out=c)
+    sync(device)
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            torch.mm(a, b, out=c)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 * inner / best
+
+
+def flops_metrics(
+    flops_per_token: float, tokens_per_s: float | None, peak_flops_per_s: float | None, device_count: int = 1
+) -> dict:
+    """achieved = flops_per_token × tokens_per_s (all devices); mfu = achieved / (peak × devices)."""
+    achieved = flops_per_token * tokens_per_s if tokens_per_s else None
+    mfu = achieved / (peak_flops_per_s * device_count) if achieved and peak_flops_per_s else None
+    return {
+        "flops_per_token": flops_per_token,
+        "achieved_flops_per_s": achieved,
+        "peak_flops_per_s": peak_flops_per_s,
+        "mfu": mfu,
+    }
+
+
