@@ -282,3 +282,28 @@ def test_console_script_exit_codes(tmp_path, baseline):
     assert run(write_sweep(tmp_path / "ok")) == 0
     assert run(write_sweep(tmp_path / "worse", lora_right=88)) == 1
     assert run(write_sweep(tmp_path / "few", n=8, full_right=8, lora_right=5)) == 2
+
+
+def test_ci_smoke_config_has_a_baseline_group():
+    """The committed baseline must hold the group `make ci-smoke` produces, or CI's gate judges nothing
+    ("new group" passes). Fails when a config key or default that enters run hashes changes without
+    `make refresh-baseline`."""
+    from hydra import compose, initialize_config_dir
+
+    from harness.run import plan
+
+    def job(method: str) -> dict:
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=["experiment=ci-smoke", f"method={method}", "seed=0"])
+        from omegaconf import OmegaConf
+
+        return plan(OmegaConf.to_container(cfg, resolve=True))
+
+    lora, full = job("lora"), job("full")
+    key = identity.gap_key({"config": lora["config"], "method": "lora"}, {"config": full["config"], "method": "full"})
+    baseline = json.loads((ROOT / "results" / "baselines" / "ci-smoke.json").read_text())
+    groups = {g["group"] for g in baseline["groups"]}
+    assert key in groups, (
+        "the ci-smoke config's comparison group is not in results/baselines/ci-smoke.json: "
+        "run `make refresh-baseline`")
+    assert full["pair_key"] == lora["pair_key"]
