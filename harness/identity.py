@@ -11,7 +11,8 @@ statistics and the gate (comparison groups), and the report (tables and their ar
                     budget and schedule, eval settings, hardware, distributed strategy and world
                     size. Arms with equal pair_key are a fair pair: same examples, same order,
                     same questions, same devices.
-    setting_key     pair_key without the seed: one report table (its arms are compared there)
+    setting_key     pair_key without the seed: one report table (its arms are compared there);
+                    table_key names it (model, data, hardware, setting_key)
     arm             the method and every setting of it (name, rank, alpha, learning rate, target
                     modules, ...): a learning-rate or alpha sweep of one method is several arms
     group_key       setting_key + arm: one comparison group. Its runs differ only in the seed,
@@ -129,6 +130,23 @@ def data_name(record: dict) -> str:
     data = _config(record).get("data")
     name = data.get("name") if isinstance(data, dict) else data
     return str(name or "-")
+
+
+def hardware_name(record: dict) -> str:
+    hardware = _config(record).get("hardware")
+    name = hardware.get("name") if isinstance(hardware, dict) else hardware
+    return str(name or (record.get("metrics") or {}).get("hardware") or (record.get("env") or {}).get("device_name")
+               or "-")
+
+
+def seed(record: dict) -> Any:
+    return _config(record).get("seed")
+
+
+def table_key(record: dict) -> tuple[str, str, str, str]:
+    """(model, data, hardware, setting_key): the runs of one report table, whose arms are compared
+    there (equal pair identity but for the seed and the method)."""
+    return (model_name(record), data_name(record), hardware_name(record), setting_key(_config(record)))
 
 
 def arm_text(record: dict, fields: Iterable[str] | None = None) -> str:

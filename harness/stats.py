@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+import statistics
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -279,10 +280,7 @@ def seed_summary(gaps: Iterable[dict]) -> list[dict]:
             noise = seed_noise([[int(p) - int(f) for p, f in zip(a["peft"], a["full"])] for a in answers])
             mean = sum(sum(int(p) - int(f) for p, f in zip(a["peft"], a["full"])) for a in answers) / (k * len(ids))
         else:
-            ses = [r["se"] for r in runs]
-            se = (math.sqrt(sum(x**2 for x in ses) / k + (sd**2 / k if sd is not None else 0.0))
-                  if all(x is not None for x in ses) else None)
-            noise = {"se_q": None, "v_seed": None, "se": se}
+            noise = {"se_q": None, "v_seed": None, "se": _unpaired_se([r["se"] for r in runs], sd)}
         first = runs[0]
         rows.append(
             {
@@ -319,3 +317,106 @@ def _restrict(answers: dict, ids: list[str]) -> dict:
     index = {q: i for i, q in enumerate(answers["ids"])}
     return {f: [answers[f][index[q]] for q in ids] if f != "ids" else list(ids)
             for f in ("ids", "targets", "peft", "full")}
+
+
+# ---------------------------------------------------------------- one arm, and two arms of one setting
+# The report's accuracies and its Pareto front use these: one arm's accuracy over its seeds with
+# the same two noises as a gap (seeds never shrink question noise), and the paired difference of
+# two arms of one setting (equal pair_key per seed), pooled over seeds as seed_summary pools a gap.
+
+
+def mean_sd(values: Iterable[float]) -> tuple[float, float | None]:
+    """Mean and sample sd (ddof=1; None for one value) of what one arm measured over its seeds."""
+    values = list(values)
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _unpaired_se(ses: list[float | None], sd: float | None) -> float | None:
+    """se of a seed mean without per-question answers: one seed's question noise (mean se^2, not
+    shrunk by seeds) plus the spread across seeds (sd^2 / k)."""
+    if not ses or any(s is None for s in ses):
+        return None
+    k = len(ses)
+    return math.sqrt(sum(s**2 for s in ses) / k + (sd**2 / k if sd is not None else 0.0))
+
+
+def interval95(mean: float, se: float | None) -> tuple[float | None, float | None]:
+    return (mean - Z95 * se, mean + Z95 * se) if se is not None else (None, None)
+
+
+def _shared_ids(per_seed: list[dict[str, Any]]) -> list[str]:
+    return sorted(set.intersection(*(set(d) for d in per_seed))) if per_seed else []
+
+
+def accuracy_interval(runs: Iterable[dict], task: str, items: Callable[[dict], list[dict]]) -> dict | None:
+    """Mean accuracy on ``task`` over the ok ``runs`` (the seeds of one arm) and its 95% interval.
+
+    With per-question answers (``items(record)``) for every seed: ``seed_noise`` of the per-question
+    correctness ``c_si`` on the questions all seeds answered (question noise of the seed mean, plus
+    what the seeds move together). Without: from the records' ``<task>_acc``/``<task>_stderr`` as
+    ``sqrt(mean se_s^2 + sd^2 / k)``. Returns None when no run has an accuracy on ``task``.
+    Keys: ``mean``, ``se``, ``ci_low``, ``ci_high``, ``sd`` (across seeds), ``k``, ``n``, ``paired``.
+    """
+    runs = [r for r in runs if r.get("status") == "ok" and r["metrics"].get(f"{task}_acc") is not None]
+    if not runs:
+        return None
+    correct = [{str(it["id"]): bool(it["correct"]) for it in items(r) if it.get("task") == task} for r in runs]
+    ids = _shared_ids(correct) if all(correct) else []
+    if ids:
+        per_seed = [[int(c[q]) for q in ids] for c in correct]
+        noise = seed_noise(per_seed)
+        mean, sd = mean_sd([sum(s) / len(ids) for s in per_seed])
+        se, n = noise["se"], len(ids)
+    else:
+        mean, sd = mean_sd([r["metrics"][f"{task}_acc"] for r in runs])
+        se, n = _unpaired_se([r["metrics"].get(f"{task}_stderr") for r in runs], sd), runs[0]["metrics"].get(f"{task}_n")
+    low, high = interval95(mean, se)
+    return {"mean": mean, "se": se, "ci_low": low, "ci_high": high, "sd": sd, "k": len(runs), "n": n,
+            "paired": bool(ids)}
+
+
+def accuracy_difference(a_runs: Iterable[dict], b_runs: Iterable[dict], task: str,
+                        items: Callable[[dict], list[dict]]) -> dict | None:
+    """``acc(a) - acc(b)`` of two arms of one setting, paired: per seed the runs of equal pair_key,
+    per question with ``paired_gap``; pooled over the seeds with ``seed_noise`` on the questions
+    every seed shares (unpaired from the record metrics, as ``seed_summary``, where answers are
+    missing). None when no seed has both arms with an accuracy.
+
+    Keys: ``diff``, ``se``, ``ci_low``, ``ci_high``, ``paired``, ``n_seeds``, ``n`` and
+    ``significant`` (the 95% interval excludes 0).
+    """
+    by_pair = {r["pair_key"]: r for r in b_runs if r.get("status") == "ok"}
+    gaps = []
+    for a in sorted((r for r in a_runs if r.get("status") == "ok"), key=lambda r: str(r.get("pair_key"))):
+        b = by_pair.get(a.get("pair_key"))
+        if b is None:
+            continue
+        a_items, b_items = items(a), items(b)
+        gap = paired_gap(a_items, b_items, task, a["metrics"], b["metrics"])
+        if gap is not None:
+            gap["answers"] = _answers(a_items, b_items, task) if gap["paired"] else None
+            gaps.append(gap)
+    if not gaps:
+        return None
+    ids = _shared_ids([dict.fromkeys(g["answers"]["ids"]) for g in gaps]) if all(g["paired"] for g in gaps) else []
+    if ids:
+        restricted = [_restrict(g["answers"], ids) for g in gaps]
+        per_seed = [[int(p) - int(f) for p, f in zip(r["peft"], r["full"])] for r in restricted]
+        diff = sum(map(sum, per_seed)) / (len(per_seed) * len(ids))
+        se = seed_noise(per_seed)["se"]
+    else:
+        diff, sd = mean_sd([g["gap"] for g in gaps])
+        se = _unpaired_se([g["se"] for g in gaps], sd)
+    low, high = interval95(diff, se)
+    return {"diff": diff, "se": se, "ci_low": low, "ci_high": high, "paired": bool(ids), "n_seeds": len(gaps),
+            "n": len(ids) or None, "significant": low is not None and (low > 0 or high < 0)}
+
+
+def unpaired_difference(a: dict, b: dict) -> dict:
+    """``a - b`` of two ``accuracy_interval`` results that share no questions or seeds (arms of
+    different settings): ``se = sqrt(se_a^2 + se_b^2)``."""
+    diff = a["mean"] - b["mean"]
+    se = math.sqrt(a["se"] ** 2 + b["se"] ** 2) if a["se"] is not None and b["se"] is not None else None
+    low, high = interval95(diff, se)
+    return {"diff": diff, "se": se, "ci_low": low, "ci_high": high, "paired": False, "n_seeds": None, "n": None,
+            "significant": low is not None and (low > 0 or high < 0)}

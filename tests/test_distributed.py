@@ -340,7 +340,8 @@ def test_ddp_trains_like_one_process_on_the_same_global_batch(ddp_run, tmp_path,
 def test_report_shows_the_memory_of_a_multi_device_run_per_gpu(tmp_path):
     from test_report import GiB, _table, make_record
 
-    from harness.report import AT_A_GLANCE, ROWS, build_report
+    from harness.report import AT_A_GLANCE, build_report
+    from harness.report import ROW_LABELS as ROWS
 
     make_record(tmp_path / "r", "full", trainable_params=1_000_000, peak_memory_bytes=10 * GiB, world_size=8)
     make_record(tmp_path / "r", "lora", rank=8, trainable_params=10_000, peak_memory_bytes=2 * GiB, world_size=1)

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from harness.records import run_id_for, stable_hash, write_items, write_record
-from harness.report import AT_A_GLANCE, ROWS, build_report, main, pareto_front
+from harness.report import AT_A_GLANCE, build_report, main, pareto_front
+from harness.report import ROW_LABELS as ROWS
 
 GiB = 2**30
 MiB = 2**20
@@ -128,6 +129,7 @@ def make_results(results: Path) -> dict[str, dict]:
             trainable_params=1_000_000,
             trainable_share=1.0,
             peak_memory_bytes=4 * GiB,
+            memory_device="cuda",
             run_wall_s=300.0,
             cost_usd=0.5,
             full_checkpoint_bytes=4 * GiB,
@@ -146,6 +148,7 @@ def make_results(results: Path) -> dict[str, dict]:
             trainable_params=10_000,
             trainable_share=0.01,
             peak_memory_bytes=(1 + seed) * GiB,
+            memory_device="cuda",
             run_wall_s=90.0,
             cost_usd=0.0123,
             projected_cost_usd=12.5,
@@ -171,12 +174,32 @@ def make_results(results: Path) -> dict[str, dict]:
     return recs
 
 
+def _first_table(md: str) -> list[str]:
+    """The lines of the first markdown table (the estimated sections may append others)."""
+    lines = md.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return lines[start:end]
+
+
 def _table(md: str) -> dict[str, dict[str, str]]:
     """The first at-a-glance table as {row label: {column header: cell}}."""
-    lines = [ln for ln in md.splitlines() if ln.startswith("|")]
+    lines = _first_table(md)
     split = lambda ln: [c.strip() for c in re.split(r"(?<!\\)\|", ln.strip())[1:-1]]
     header = split(lines[0])
-    return {cells[0]: dict(zip(header[1:], cells[1:])) for cells in map(split, lines[2:])}
+    return {row_name(cells[0]): dict(zip(header[1:], cells[1:])) for cells in map(split, lines[2:])}
+
+
+def row_name(label: str) -> str:
+    """The row a rendered label belongs to: ``peak training memory (CUDA allocated; 1x H200)`` ->
+    ``peak training memory`` (what the row means on these devices is in the parentheses)."""
+    return next((r for r in ROWS if label == r or label.startswith(r + " (")), label)
+
+
+def row_labels(md: str) -> list[str]:
+    """The rendered row labels of the first table."""
+    lines = _first_table(md)
+    return [re.split(r"(?<!\\)\|", ln.strip())[1].strip() for ln in lines[2:]]
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +216,11 @@ def test_six_rows_and_their_values(report):
     md = written[AT_A_GLANCE].read_text()
     table = _table(md)
     assert list(table) == list(ROWS)
+    # rows whose meaning depends on the device say which measure, which device and how many
+    labels = row_labels(md)
+    assert labels[1] == "peak training memory (CUDA allocated; 1x NVIDIA H200)"
+    assert labels[2] == "training wall-clock; cost per run (1x NVIDIA H200)"
+    assert labels[6] == "inference latency overhead vs base (1x NVIDIA H200)"
     columns = list(next(iter(table.values())))
     assert columns == ["base model", "full FT (3 seeds)", "LoRA r=8 (3 seeds)", "LoRA r=64", "QLoRA r=8"]
     lora = {row: cells["LoRA r=8 (3 seeds)"] for row, cells in table.items()}
@@ -204,9 +232,14 @@ def test_six_rows_and_their_values(report):
     full = {row: cells["full FT (3 seeds)"] for row, cells in table.items()}
     assert full[ROWS[0]] == "1.00M (100%)"
     assert full[ROWS[1]] == "4.00 GiB"
-    assert full[ROWS[3]] == "reference: acc 80.0%"
+    # every accuracy with its 95% interval: 3 identical seeds of 80/100 keep one seed's question noise
+    se = (0.16 * 100 / 99) ** 0.5 / 10
+    assert full[ROWS[3]] == f"reference: acc 80.0% [{80 - 196 * se:.1f}, {80 + 196 * se:.1f}]"
     assert full[ROWS[5]] == "full 4.00 GiB"
-    assert table[ROWS[3]]["base model"] == "acc 50.0%"
+    se = (0.25 * 100 / 99) ** 0.5 / 10
+    assert table[ROWS[3]]["base model"] == f"acc 50.0% [{50 - 196 * se:.1f}, {50 + 196 * se:.1f}]"
+    # the base model was not trained: its training rows say so, not 0 and not a wall-clock
+    assert [table[r]["base model"] for r in ROWS[:3]] == ["n/a (not trained)"] * 3
 
 
 def test_gap_sign_interval_and_seed_aggregation(report):
@@ -420,7 +453,7 @@ def test_index_html_renders_in_a_headless_browser(report, tmp_path):
     assert found, proc.stdout[-2000:] + proc.stderr[-2000:]
     seen = json.loads(html.unescape(found.group(1)))
     # the at-a-glance table with every row, by its label
-    assert seen["tables"] == 1 and seen["rows"] == list(ROWS)
+    assert seen["tables"] == 1 and [row_name(r) for r in seen["rows"]] == list(ROWS)
     assert "did not fit on 1x NVIDIA H200" in seen["text"]
     # every plot written is on the page, loaded (decoded, non-zero size) and laid out
     plots = sorted(n for n in written if n.endswith(".png"))
@@ -455,3 +488,46 @@ def test_a_gap_on_a_single_seed_says_so(tmp_path):
     make_record(results, "lora", rank=8, seed=1, mmlu_correct=_answers(71))
     table = _table(build_report(results, tmp_path / "reports2")[AT_A_GLANCE].read_text())
     assert "1 seed" not in table[ROWS[3]]["LoRA r=8 (2 seeds)"]
+
+
+def test_memory_row_names_the_measure_and_the_devices(tmp_path):
+    """memory_measure when the record has it, else named from memory_device; several devices per rank."""
+    results = tmp_path / "results"
+    make_record(results, "full", peak_memory_bytes=GiB, memory_device="cpu", mmlu_correct=_answers(80))
+    make_record(results, "lora", rank=8, peak_memory_bytes=GiB, memory_device="cpu", memory_measure="CPU RSS",
+                world_size=2, mmlu_correct=_answers(80))
+    labels = row_labels(build_report(results, tmp_path / "reports")[AT_A_GLANCE].read_text())
+    assert labels[1] == "peak training memory (CPU RSS / CPU RSS growth; largest rank; 1x NVIDIA H200)"
+
+
+def _cost_front(results: Path) -> dict[str, str]:
+    from harness.report import _load
+    from harness.report.plots import cost_front
+    from harness.report.tables import group
+
+    return {p.arm.label: status for p, status in cost_front(group(_load(results)[0], results))}
+
+
+def test_pareto_front_does_not_crown_a_lead_inside_the_noise(tmp_path):
+    """Two arms of one setting 2 pp apart on 57 questions (the demo): the dearer one's lead is noise,
+    so neither dominates; 30 pp apart it is beyond the noise and the front says so."""
+    noise, clear = tmp_path / "noise", tmp_path / "clear"
+    make_record(noise, "lora", rank=8, cost_usd=0.01, mmlu_correct=_answers(20, 57))
+    make_record(noise, "full", cost_usd=0.02, mmlu_correct=_answers(21, 57))
+    assert _cost_front(noise) == {"LoRA r=8": "front", "full FT": "within noise"}
+    make_record(clear, "lora", rank=8, cost_usd=0.01, mmlu_correct=_answers(20, 57))
+    make_record(clear, "full", cost_usd=0.02, mmlu_correct=_answers(37, 57))
+    assert _cost_front(clear) == {"LoRA r=8": "front", "full FT": "front"}
+    assert "cost_vs_accuracy.png" in build_report(noise, tmp_path / "reports")
+
+
+def test_front_status_rules():
+    from harness.report.plots import front_status
+
+    points = [(1, 50), (2, 60), (2, 55), (3, 61), (0.5, 40)]
+    significant = lambda j, i: points[j][1] - points[i][1] > 3  # a lead over 3 points is beyond the noise
+    # (2, 55) is beaten by (2, 60); (3, 61) leads (2, 60) by 1 only; (0.5, 40) is the cheapest
+    assert front_status(points, significant) == ["front", "front", "dominated", "within noise", "front"]
+    assert front_status(points, lambda j, i: True) == ["front", "front", "dominated", "front", "front"]
+    twins = [(1, 50), (1, 50)]
+    assert front_status(twins, lambda j, i: twins[j][1] - twins[i][1] > 3) == ["within noise", "within noise"]

@@ -1,0 +1,7 @@
+"""``python -m harness.report``: the harness-report command."""
+
+import sys
+
+from harness.report import main
+
+sys.exit(main())

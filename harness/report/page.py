@@ -1,0 +1,16 @@
+"""index.html: the tables and plots on one static page, rendered from templates/report.html.j2
+(Jinja2, autoescaped, StrictUndefined: a name the template uses and the page lacks is an error)."""
+
+from __future__ import annotations
+
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+
+from harness.report.tables import AT_A_GLANCE, GAP_NOTE, RenderedTable
+
+_ENV = Environment(loader=PackageLoader("harness.report", "templates"), autoescape=select_autoescape(["j2", "html"]),
+                   undefined=StrictUndefined, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
+
+
+def render_page(tables: list[RenderedTable], plots: list[tuple[str, str]], skipped: list[str]) -> str:
+    return _ENV.get_template("report.html.j2").render(tables=tables, plots=plots, skipped=skipped,
+                                                      gap_note=GAP_NOTE, at_a_glance=AT_A_GLANCE)
