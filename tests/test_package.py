@@ -42,6 +42,7 @@ def venv(tmp_path_factory):
     (wheel,) = (tmp / "dist").glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {f"harness/{n}" for n in sh("git", "ls-files", "conf", cwd=ROOT).stdout.split()} <= set(names)
+    assert "harness/report/templates/report.html.j2" in names  # the report page's template ships
     env_dir = tmp / "venv"
     sh(sys.executable, "-m", "venv", "--without-pip", env_dir, cwd=tmp)
     python = env_dir / "bin" / "python"

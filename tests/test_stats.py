@@ -216,3 +216,53 @@ def test_seed_noise_by_hand():
     # flips alone (no seed-level shift): the spread is floored at what the flips explain
     flips = seed_noise([[1, 0, 1, 0], [0, 1, 0, 1]])
     assert flips["s2_gap"] == 0 and flips["v_seed"] == pytest.approx(flips["w"] / 4) and flips["v_seed"] > 0
+
+
+def _answered(rec: dict, correct: list[bool], task: str = "mmlu") -> dict:
+    """``rec`` with its answers in memory (an items reader keyed on run_id) and its accuracy."""
+    acc = sum(correct) / len(correct)
+    rec["metrics"] |= {f"{task}_acc": acc, f"{task}_stderr": math.sqrt(acc * (1 - acc) / (len(correct) - 1)),
+                       f"{task}_n": len(correct)}
+    ANSWERS[rec["run_id"]] = items(task, correct)
+    return rec
+
+
+ANSWERS: dict[str, list[dict]] = {}
+
+
+def read(rec: dict) -> list[dict]:
+    return ANSWERS.get(rec["run_id"], [])
+
+
+def test_accuracy_interval_one_seed_is_the_binomial_se_by_hand():
+    from harness.stats import accuracy_interval
+
+    rec = _answered(record("full", None, 0), PEFT)  # 14 of 20
+    acc = accuracy_interval([rec], "mmlu", read)
+    se = math.sqrt(0.7 * 0.3 / 19)  # sample sd of 0/1 answers over sqrt(n), as lm-eval's stderr
+    assert acc["mean"] == pytest.approx(0.7) and acc["se"] == pytest.approx(se) and acc["paired"]
+    assert (acc["ci_low"], acc["ci_high"]) == pytest.approx((0.7 - 1.96 * se, 0.7 + 1.96 * se))
+    # identical seeds: the same questions, so the interval does not shrink
+    twins = [_answered(record("full", None, s), PEFT) for s in (1, 2)]
+    assert accuracy_interval(twins, "mmlu", read)["se"] == pytest.approx(se)
+    # without answers: from the record metrics, sqrt(mean se^2 + sd^2 / k)
+    bare = [record("full", None, s, model="bare", mmlu_acc=a, mmlu_stderr=0.1) for s, a in ((0, 0.5), (1, 0.7))]
+    assert accuracy_interval(bare, "mmlu", read)["se"] == pytest.approx(math.sqrt(0.01 + 0.02 / 2))
+    assert accuracy_interval([record("full", None, 0, model="bare")], "mmlu", read) is None
+
+
+def test_accuracy_difference_is_paired_per_seed_and_question():
+    from harness.stats import accuracy_difference
+
+    peft = _answered(record("lora", 8, 0), PEFT)
+    full = _answered(record("full", None, 0), FULL)
+    diff = accuracy_difference([peft], [full], "mmlu", read)
+    gap = paired_gap(read(peft), read(full), "mmlu")
+    assert diff["diff"] == pytest.approx(gap["gap"]) and diff["se"] == pytest.approx(gap["se"])
+    assert diff["paired"] and diff["n_seeds"] == 1 and diff["significant"] == (gap["ci_low"] > 0)
+    # one question apart of 20 is inside the noise
+    near = _answered(record("lora", 8, 0, model="near"), FULL[:-1] + [True])
+    other = _answered(record("full", None, 0, model="near"), FULL)
+    assert not accuracy_difference([near], [other], "mmlu", read)["significant"]
+    # no seed of equal pair_key: nothing to pair
+    assert accuracy_difference([peft], [_answered(record("full", None, 5), FULL)], "mmlu", read) is None
