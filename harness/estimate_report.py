@@ -6,7 +6,7 @@
 - "Estimate vs measured (GPU runs)": for every ok record whose memory was measured on CUDA, the
   estimate of the same resolved config beside the measured peaks, with the error.
 
-harness/report.py calls ``write_estimates`` once; everything else lives here.
+harness/report/__init__.py calls ``write_estimates`` once; everything else lives here.
 """
 
 from __future__ import annotations
