@@ -325,6 +325,9 @@ def test_plots_written_and_skipped(report, tmp_path):
         "loss_curves.png",
     ):
         assert written[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # one figure helper: every plot is as wide (10 in at 100 dpi), so the page shows them at one scale
+    widths = {int.from_bytes(p.read_bytes()[16:20], "big") for n, p in written.items() if n.endswith(".png")}
+    assert widths == {1000}
     assert "scaling.png" not in written  # one model size only
     # no memory breakdown, loss curves or costs: those plots are skipped, the report still builds
     results = tmp_path / "results"
