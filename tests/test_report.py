@@ -534,3 +534,29 @@ def test_front_status_rules():
     assert front_status(points, lambda j, i: True) == ["front", "front", "dominated", "front", "front"]
     twins = [(1, 50), (1, 50)]
     assert front_status(twins, lambda j, i: twins[j][1] - twins[i][1] > 3) == ["within noise", "within noise"]
+
+
+def test_latency_by_phase_and_one_runs_interval(tmp_path):
+    """Records with prefill and decode timed apart show both; one run shows its probe's interval."""
+    results = tmp_path / "results"
+    make_record(results, "full", mmlu_correct=_answers(80))
+    make_record(results, "lora", rank=8, mmlu_correct=_answers(70), latency_prefill_merged_overhead=0.0,
+                latency_prefill_dynamic_overhead=0.05, latency_decode_merged_overhead=0.004,
+                latency_decode_merged_overhead_ci_low=-0.012, latency_decode_merged_overhead_ci_high=0.021,
+                adapter_bytes=40 * MiB, adapter_serving_bytes=20 * MiB, full_checkpoint_bytes=4 * GiB,
+                serving_dtype="bfloat16")
+    table = _table(build_report(results, tmp_path / "reports")[AT_A_GLANCE].read_text())
+    assert table[ROWS[6]]["LoRA r=8"] == ("prefill: merged +0.0%, dynamic +5.0%; "
+                                          "decode/token: merged +0.4% [-1.2, +2.1]")
+    # the adapter at the serving dtype (20 MiB), not its fp32 file (40 MiB), beside the checkpoint
+    assert table[ROWS[5]]["LoRA r=8"] == "adapter 20.0 MiB (0.488%) vs full 4.00 GiB (bfloat16)"
+
+
+def test_a_failure_names_its_phase_when_recorded(tmp_path):
+    results = tmp_path / "results"
+    make_record(results, "full", mmlu_correct=_answers(80))
+    rec = make_record(results, "lora", rank=8, status="oom", error="CUDA out of memory")
+    rec["failed_phase"] = "eval"  # an out-of-memory during evaluation, after training finished
+    write_record(results, rec)
+    table = _table(build_report(results, tmp_path / "reports")[AT_A_GLANCE].read_text())
+    assert table[ROWS[1]]["LoRA r=8"] == "did not fit on 1x NVIDIA H200 (in eval)"

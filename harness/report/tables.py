@@ -200,11 +200,12 @@ def _devices_qualifier(table: Table, metrics: tuple[str, ...]) -> str:
 def failure_text(record: dict, short: bool = False) -> str:
     """How a run that did not finish shows in its column."""
     env = record.get("env") or {}
+    phase = f" (in {record['failed_phase']})" if record.get("failed_phase") else ""  # where it failed, if recorded
     if record["status"] == "oom":
         device = env.get("device_name") or identity.hardware_name(record)
-        return f"did not fit on {env.get('device_count') or 1}x {device}"
+        return f"did not fit on {env.get('device_count') or 1}x {device}{phase}"
     if short:
-        return "failed"
+        return f"failed{phase}"
     error = " ".join(str(record.get("error") or "unknown error").split())
     return f"failed: {error[:60] + '…' if len(error) > 60 else error}"
 
@@ -255,12 +256,15 @@ def _gap_cell(table: Table, arm: Arm, task: str) -> str:
 def _footprint_cell(table: Table, arm: Arm) -> str:
     full_bytes = arm.values("full_checkpoint_bytes")
     estimated = any(r["metrics"].get("full_checkpoint_bytes_estimated") for r in arm.ok)
+    dtypes = sorted({r["metrics"]["serving_dtype"] for r in arm.ok if r["metrics"].get("serving_dtype")})
+    dtype = f" ({', '.join(dtypes)})" if dtypes else ""
     full_text = (
-        (f"full {'~' if estimated else ''}{fmt_bytes(full_bytes)}" + (" (estimated)" if estimated else ""))
+        (f"full {'~' if estimated else ''}{fmt_bytes(full_bytes)}" + (" (estimated)" if estimated else dtype))
         if full_bytes
         else ""
     )
-    adapter = arm.values("adapter_bytes")
+    # the adapter at the serving dtype, like the checkpoint (older records: the saved file)
+    adapter = arm.values("adapter_serving_bytes") or arm.values("adapter_bytes")
     if adapter and arm.method not in ("full", "base"):
         text = f"adapter {fmt_bytes(adapter)}"
         if full_bytes:
@@ -269,13 +273,31 @@ def _footprint_cell(table: Table, arm: Arm) -> str:
     return full_text or DASH
 
 
+def _overhead_text(arm: Arm, key: str) -> str | None:
+    values = arm.values(key)
+    if not values:
+        return None
+    low, high = arm.values(f"{key}_ci_low"), arm.values(f"{key}_ci_high")
+    if len(values) == 1 and low and high:  # one run: its 95% interval over the probe's repetitions
+        return f"{values[0] * 100:+.1f}% [{low[0] * 100:+.1f}, {high[0] * 100:+.1f}]"
+    return fmt_percent(values, signed=True)
+
+
+LATENCY_PHASES = (("prefill", "prefill"), ("decode", "decode/token"))
+
+
 def _latency_cell(table: Table, arm: Arm) -> str:
-    parts = []
-    for kind in ("merged", "dynamic"):
-        values = arm.values(f"latency_{kind}_overhead")
-        if values:
-            parts.append(f"{kind} {fmt_percent(values, signed=True)}")
-    return ", ".join(parts) or DASH
+    phases = []
+    for phase, label in LATENCY_PHASES:
+        parts = [f"{kind} {text}" for kind in ("merged", "dynamic")
+                 if (text := _overhead_text(arm, f"latency_{phase}_{kind}_overhead"))]
+        if parts:
+            phases.append(f"{label}: {', '.join(parts)}")
+    if not phases:  # records from before prefill and decode were timed apart: one overhead per kind
+        phases = [f"{kind} {text}" for kind in ("merged", "dynamic")
+                  if (text := _overhead_text(arm, f"latency_{kind}_overhead"))]
+        return ", ".join(phases) or DASH
+    return "; ".join(phases)
 
 
 def _cost_cell(table: Table, arm: Arm) -> str:
@@ -322,6 +344,8 @@ class Row:
         return f"{self.label} ({what})" if what else self.label
 
 
+LATENCY_KEYS = tuple(f"latency_{p}{k}_overhead" for p in ("", "prefill_", "decode_") for k in ("merged", "dynamic"))
+
 # The at-a-glance rows, in order; a row is one line (the gap is split by task, one cell each).
 ROWS = (
     Row("trainable parameters (share of all)", _trainable_cell, training=True),
@@ -332,7 +356,7 @@ ROWS = (
     Row("gap vs full FT, in-domain (95% CI)", partial(_gap_cell, task="indomain")),
     Row("serving footprint: adapter vs full checkpoint", _footprint_cell),
     Row("inference latency overhead vs base", _latency_cell,
-        partial(_devices_qualifier, metrics=("latency_merged_overhead", "latency_dynamic_overhead"))),
+        partial(_devices_qualifier, metrics=LATENCY_KEYS)),
 )
 ROW_LABELS = tuple(row.label for row in ROWS)
 
