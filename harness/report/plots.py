@@ -229,6 +229,8 @@ def plot_mmlu_by_rank(tables: list[Table], path: Path) -> Path | None:
         ranks = sorted({a.rank for a in ranked})
         ax.set_xscale("log", base=2)
         ax.set_xticks(ranks, [str(r) for r in ranks])
+        if len(ranks) == 1:  # else the axis spans only the sideways nudge
+            ax.set_xlim(ranks[0] / 2, ranks[0] * 2)
         ax.minorticks_off()
         ax.set_xlabel("rank")
         ax.set_ylabel("MMLU accuracy (%)")
