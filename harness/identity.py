@@ -44,6 +44,12 @@ NON_RESULT_PATHS = (
     ("hardware", "price_source"),
     ("hardware", "price_date"),
     ("hardware", "match"),
+    ("hardware", "price_per_core_hour_usd"),  # how a preset is priced and detected, and its datasheet peak,
+    ("hardware", "exclude"),                  # none of which changes what a run trains or measures
+    ("hardware", "memory_gib"),
+    ("hardware", "datasheet_bf16_dense_tflops"),
+    ("hardware", "datasheet_source"),
+    ("hardware", "price_warning"),
     ("train", "tqdm"),
     ("distributed", "main_process_ip"),  # where the processes meet, not how many or how they split the work
     ("distributed", "main_process_port"),

@@ -50,7 +50,7 @@ def usage_exit(message: str) -> None:
 def plan(cfg: dict) -> dict:
     """Resolved config -> job: normalized config, hashes, run ids. Raises UsageError on bad input."""
     from harness import distributed
-    from harness.measure.pricing import PriceTableError, device_name, load_price_table, resolve_hardware
+    from harness.measure.pricing import PriceTableError, load_price_table, resolve_hardware, unpriced_hardware
     from harness.methods import MethodError, normalize, rank_of, validate
 
     cfg = {k: v for k, v in cfg.items() if k != "hydra"}
@@ -59,10 +59,11 @@ def plan(cfg: dict) -> dict:
         validate(cfg["method"])
         distributed.validate(cfg["distributed"])
         # hardware=auto becomes the detected entry, so runs on other hardware are other runs
-        entry = resolve_hardware(cfg["hardware"], load_price_table(CONF_DIR))
+        table = load_price_table(CONF_DIR)
+        entry = resolve_hardware(cfg["hardware"], table)
     except (MethodError, PriceTableError, distributed.DistributedError) as exc:
         raise UsageError(str(exc)) from exc
-    cfg["hardware"] = entry or {"name": f"unpriced ({device_name()})", "price_per_device_hour_usd": None}
+    cfg["hardware"] = entry or unpriced_hardware(table)  # an unknown device: no neighbour's price, a warning
     method = cfg["method"]["name"]
     rank = rank_of(cfg["method"])
     return {
@@ -286,20 +287,24 @@ def execute(job: dict) -> dict | None:
             trainer.train()
         finally:  # stop the probe's hooks and keep what it measured, even when training fails
             probe.close()
-            # tokens counted by the Trainer on every rank and summed over the ranks
-            metrics.update(probe.metrics(train_tokens=int(trainer.state.num_input_tokens_seen) or None))
+            # padded positions from the steps taken; real tokens counted by the Trainer on every rank
+            metrics.update(probe.metrics(
+                train_tokens=flops.padded_tokens(trainer.state.global_step, args, int(cfg["train"]["seq_len"])),
+                real_tokens=int(trainer.state.num_input_tokens_seen) or None))
         metrics["token_budget"] = token_budget(cfg["train"])  # per process
         for key in ("peak_memory_bytes", "peak_memory_reserved_bytes", "memory_breakdown_bytes"):
             mine[key] = metrics[key]
 
-        # MFU: each device's peak measured now, in the training dtype, by a timed matmul
+        # MFU: each device's matmul peak in the training dtype, measured once per hardware (cached)
         device = args.device
         train_dtype = torch.bfloat16 if use_bf16(str(cfg["train"]["precision"])) else torch.float32
         arch = model.config
         fpt = flops.flops_per_token(
             job["method"], total, trainable, embedding_params=embedding, n_layers=arch.num_hidden_layers,
             seq_len=int(cfg["train"]["seq_len"]), hidden_size=arch.hidden_size)
-        mine["peak_flops_per_s"] = flops.measure_peak_flops(device, train_dtype)
+        peak = flops.device_peak_flops(device, train_dtype)
+        mine["peak_flops_per_s"] = peak.pop("peak_flops_per_s")
+        metrics.update(peak)  # where rank 0's peak came from (measured now / cached, when)
         metrics["train_dtype"] = str(train_dtype).removeprefix("torch.")
 
         if evaluate:
@@ -337,6 +342,8 @@ def execute(job: dict) -> dict | None:
         peaks = [p for p in metrics["peak_flops_per_s_per_rank"] if p]
         metrics.update(flops.flops_metrics(fpt, metrics["tokens_per_s"], statistics.fmean(peaks) if peaks else None,
                                              world))
+        metrics.update(flops.datasheet_metrics(cfg["hardware"], metrics["achieved_flops_per_s"], metrics["train_dtype"],
+                                               world))
         metrics["tokens_per_s_per_device"] = metrics["tokens_per_s"] / world if metrics["tokens_per_s"] else None
         metrics["achieved_flops_per_s_per_device"] = (metrics["achieved_flops_per_s"] / world
                                                       if metrics["achieved_flops_per_s"] else None)
@@ -357,13 +364,13 @@ def execute(job: dict) -> dict | None:
     metrics["run_wall_s"] = time.perf_counter() - t_run
     # cost_usd: the fine-tuning itself (training phase); run_cost_usd: the whole run with evals;
     # both × the devices used (one per process), not the devices visible
+    # (a CPU run: the cores its processes' torch threads used); projected at the real-token rate
     devices_used = metrics["world_size"]
-    hardware = cfg["hardware"] if cfg["hardware"].get("price_per_device_hour_usd") else None
-    metrics.update(pricing.cost_metrics(hardware, metrics.get("train_wall_excl_probe_s"), devices_used,
+    metrics.update(pricing.cost_metrics(cfg["hardware"], metrics.get("train_wall_excl_probe_s"), devices_used,
                                         dataset_tokens=cfg.get("projected_tokens"),
-                                        tokens_per_s=metrics.get("tokens_per_s")))
-    metrics["run_cost_usd"] = (pricing.cost_usd(metrics["run_wall_s"], hardware["price_per_device_hour_usd"],
-                                                devices_used) if hardware else None)
+                                        tokens_per_s=metrics.get("real_tokens_per_s"),
+                                        cpu_cores=pricing.cpu_cores_used(env["cpu_threads"], devices_used),
+                                        run_seconds=metrics["run_wall_s"]))
     env.update(started_at=started, ended_at=now_iso())
     records.write_record(results_dir, record)
     print(f"[{label}] {record['status']}: record {records.record_path(results_dir, job['run_id'])}", flush=True)

@@ -85,8 +85,9 @@ def training_arguments(train_cfg: dict, learning_rate: float, seed: int, output_
         disable_tqdm=not bool(train_cfg.get("tqdm", False)),
         dataloader_num_workers=0,
         remove_unused_columns=False,
-        # every position counted on every rank and summed across ranks by the Trainer
-        include_num_input_tokens_seen="all",
+        # real (attention-mask) tokens counted on every rank and summed across ranks by the Trainer;
+        # the padded positions follow from the steps (measure.flops.padded_tokens)
+        include_num_input_tokens_seen="non_padding",
     )
     if single_device and args.n_gpu > 1:
         args._n_gpu = 1  # as Trainer itself does under model parallelism: no DataParallel

@@ -16,6 +16,7 @@ import torch
 from conftest import ROOT, RUN_CWD, TINY, harness_run
 
 from harness import distributed, records
+from harness.measure import pricing
 from harness.run import new_record, plan, run_isolated
 
 CPU_FSDP_PATCH = ROOT / "tests" / "cpu_fsdp"
@@ -288,9 +289,13 @@ def test_fsdp_two_processes_write_one_record_per_arm_with_per_rank_figures(fsdp_
         assert m["world_size"] == 2 and m["strategy"] == "fsdp" and len(m["devices"]) == 2
         assert len(m["peak_memory_bytes_per_rank"]) == 2
         assert m["peak_memory_bytes"] == max(m["peak_memory_bytes_per_rank"])
-        assert m["train_tokens"] == 2 * m["token_budget"]  # counted on both ranks
+        assert m["train_tokens"] == 2 * m["token_budget"]  # padded positions of both ranks
+        assert 0 < m["train_tokens_real"] <= m["train_tokens"]  # the Trainer sums them over the ranks
         assert m["tokens_per_s_per_device"] == pytest.approx(m["tokens_per_s"] / 2)
-        assert m["cost_usd"] == pytest.approx(m["train_wall_excl_probe_s"] / 3600 * m["price_per_device_hour_usd"] * 2)
+        # a CPU job pays for the cores of both processes (their torch threads, at most the machine's)
+        assert m["priced_unit"] == "cpu core" and m["priced_units"] == pricing.cpu_cores_used(rec["env"]["cpu_threads"], 2)
+        assert m["cost_usd"] == pytest.approx(m["train_wall_excl_probe_s"] / 3600 * m["price_per_core_hour_usd"]
+                                              * m["priced_units"])
         assert "latency" in m["skipped_measurements"]  # merging into sharded weights: skipped, said why
         assert rec["env"]["device_count"] == 2
         assert m["indomain_n"] == 8 and len(m["eval_peak_memory_bytes_per_rank"]) == 2

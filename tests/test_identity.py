@@ -34,7 +34,7 @@ def job(*overrides: str) -> dict:
         "projected_tokens=1000000",
         "eval.latency.reps=9",
         "eval.latency.enabled=false",
-        "hardware.price_per_device_hour_usd=9.5",
+        "hardware.price_per_core_hour_usd=9.5",
         "hardware.price_source=elsewhere",
         "distributed.main_process_port=29600",
     ],

@@ -1,5 +1,5 @@
-"""Measurement probes on a tiny random Llama (no downloads): memory, breakdown, time, FLOPs, cost,
-footprint, latency."""
+"""Measurement probes on a tiny random Llama (no downloads): memory, breakdown, time, FLOPs,
+footprint, latency (cost: test_pricing.py; tokens, matmul peak and MFU: test_throughput.py)."""
 
 from __future__ import annotations
 
@@ -16,17 +16,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback
 
 from harness.measure import memory, serving
 from harness.measure.callback import MeasureCallback
-from harness.measure.flops import embedding_params, flops_metrics, flops_per_token, measure_peak_flops, param_counts
+from harness.measure.flops import embedding_params, flops_per_token, param_counts
 from harness.measure.memory import CATEGORIES, MemoryBreakdown, eval_peak_memory
-from harness.measure.pricing import (
-    PriceTableError,
-    cost_metrics,
-    cost_usd,
-    detect_hardware,
-    load_price_table,
-    projected_cost,
-    resolve_hardware,
-)
 from harness.measure.serving import compare_latency, footprint_metrics
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -300,80 +291,6 @@ def test_embedding_params_untied_and_tied():
         )
     )
     assert embedding_params(tied) == 0
-
-
-def test_measure_peak_flops_and_mfu():
-    peak = measure_peak_flops("cpu", torch.float32, size=256, reps=3)
-    assert 1e7 < peak < 1e14  # a CPU does somewhere between 10 MFLOP/s and 100 TFLOP/s
-    m = flops_metrics(6e6, tokens_per_s=1000.0, peak_flops_per_s=1e10, device_count=2)
-    assert m["achieved_flops_per_s"] == 6e9
-    assert m["mfu"] == pytest.approx(6e9 / 2e10)
-    assert flops_metrics(6e6, None, 1e10)["mfu"] is None
-
-
-# -- cost ----------------------------------------------------------------------------------------
-
-
-def test_cost_arithmetic():
-    assert cost_usd(3600, 2.0, 1) == 2.0
-    assert cost_usd(1800, 4.0, 8) == pytest.approx(16.0)
-    p = projected_cost(tokens=1_000_000, epochs=3, tokens_per_s=1000.0, price=2.0, device_count=2)
-    assert p["projected_tokens"] == 3_000_000
-    assert p["projected_wall_h"] == pytest.approx(3000 / 3600)
-    assert p["projected_cost_usd"] == pytest.approx(3000 / 3600 * 2.0 * 2)
-    entry = {"name": "x", "price_per_device_hour_usd": 3.0, "price_source": "s", "price_date": "d"}
-    c = cost_metrics(entry, 7200, device_count=1, dataset_tokens=3600, epochs=1, tokens_per_s=1.0)
-    assert c["cost_usd"] == 6.0 and c["projected_cost_usd"] == pytest.approx(3.0)
-    assert cost_metrics(None, 7200)["cost_usd"] is None
-
-
-def test_price_table_in_conf_is_valid_and_detects_devices():
-    table = load_price_table(CONF)
-    assert {"a100-80gb", "h100-80gb", "h200", "l40s", "rtx-4090", "cpu"} <= set(table)
-    assert "auto" not in table
-    for name, entry in table.items():
-        assert (CONF / "hardware" / f"{name}.yaml").exists()
-        assert entry["price_per_device_hour_usd"] > 0 and entry["price_source"] and entry["price_date"]
-    cases = {
-        "NVIDIA H100 80GB HBM3": "h100-80gb",
-        "NVIDIA H200": "h200",
-        "NVIDIA A100-SXM4-80GB": "a100-80gb",
-        "NVIDIA L40S": "l40s",
-        "NVIDIA GeForce RTX 4090": "rtx-4090",
-        "cpu": "cpu",
-    }
-    for device, expected in cases.items():
-        assert detect_hardware(table, device)["name"] == expected
-    assert detect_hardware(table, "NVIDIA Tesla T4") is None
-    if not torch.cuda.is_available():
-        assert resolve_hardware({"name": "auto"}, table)["name"] == "cpu"
-    # a shell override of the price wins over the file
-    assert (
-        resolve_hardware({"name": "h200", "price_per_device_hour_usd": 9.5}, table)["price_per_device_hour_usd"] == 9.5
-    )
-    with pytest.raises(PriceTableError, match="'tpu-v9' is not in the price table"):
-        resolve_hardware({"name": "tpu-v9"}, table)
-
-
-@pytest.mark.parametrize(
-    "body, message",
-    [
-        ("name: x\nprice_source: s\nprice_date: '2026-01-01'\n", "price_per_device_hour_usd is missing"),
-        ("name: x\nprice_per_device_hour_usd: 0\nprice_source: s\nprice_date: d\n", "is not a positive number"),
-        ("name: x\nprice_per_device_hour_usd: -1.5\nprice_source: s\nprice_date: d\n", "is not a positive number"),
-        ("name: x\nprice_per_device_hour_usd: cheap\nprice_source: s\nprice_date: d\n", "is not a positive number"),
-        ("name: x\nprice_per_device_hour_usd: 1.0\nprice_date: d\n", "price_source is missing"),
-    ],
-)
-def test_price_table_validation_names_the_file(tmp_path, body, message):
-    (tmp_path / "hardware").mkdir()
-    (tmp_path / "hardware" / "auto.yaml").write_text("name: auto\n")
-    bad = tmp_path / "hardware" / "bad-gpu.yaml"
-    bad.write_text(body)
-    with pytest.raises(PriceTableError) as exc:
-        load_price_table(tmp_path)
-    text = str(exc.value)
-    assert "bad-gpu.yaml" in text and message in text and "\n" not in text
 
 
 # -- footprint and latency -----------------------------------------------------------------------

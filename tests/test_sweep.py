@@ -42,10 +42,11 @@ MEASURED_FIELDS = (
     "trainable_params", "total_params", "trainable_share", "peak_memory_bytes", "eval_peak_memory_bytes",
     "memory_device", "memory_breakdown_bytes", "memory_breakdown_peak_bytes", "run_wall_s", "train_wall_s",
     "step_times_s", "step_time_median_s", "tokens_per_s", "train_tokens", "loss_curve", "flops_per_token",
-    "achieved_flops_per_s", "peak_flops_per_s", "mfu", "hardware", "price_per_device_hour_usd", "price_source",
+    "achieved_flops_per_s", "peak_flops_per_s", "mfu", "hardware", "price_per_core_hour_usd", "price_source",
     "price_date", "cost_usd", "run_cost_usd", "full_checkpoint_bytes", "latency_base_ms", "latency_merged_ms",
     "latency_dynamic_ms", "gen_tokens_per_s_base", "gen_tokens_per_s_merged", "gen_tokens_per_s_dynamic",
     "latency_merged_overhead", "latency_dynamic_overhead", "indomain_acc", "indomain_stderr", "indomain_n",
+    "train_tokens_real", "real_tokens_per_s", "peak_flops_source", "peak_flops_measured_at", "priced_units",
 )
 
 

@@ -3,7 +3,7 @@ curve) as a transformers ``TrainerCallback``.
 
     cb = MeasureCallback(warmup_steps=2)                 # pass to Trainer(callbacks=[cb])
     trainer.train()
-    metrics = cb.metrics(train_tokens=budget)
+    metrics = cb.metrics(train_tokens=padded, real_tokens=non_padding)
 """
 
 from __future__ import annotations
@@ -123,13 +123,15 @@ class MeasureCallback(TrainerCallback):
             self.sampler = None
         self._model = self._optimizer = None
 
-    def metrics(self, train_tokens: int | None = None) -> dict:
+    def metrics(self, train_tokens: int | None = None, real_tokens: int | None = None) -> dict:
         """Record metrics of the training phase.
 
-        ``train_tokens``: tokens trained on (all processed positions); defaults to the Trainer's
-        ``num_input_tokens_seen`` when that was counted. ``tokens_per_s`` divides it by the train
-        wall time less the breakdown probe's extra time (probe step time minus the median step),
-        reported as ``train_wall_excl_probe_s``.
+        ``train_tokens``: token positions trained on, padding included (``flops.padded_tokens``);
+        ``real_tokens``: the non-padding ones (attention-mask sum), by default the Trainer's
+        ``num_input_tokens_seen`` (``include_num_input_tokens_seen="non_padding"``, summed over
+        ranks). ``tokens_per_s`` and ``real_tokens_per_s`` divide them by the train wall time less
+        the breakdown probe's extra time (probe step time minus the median step), reported as
+        ``train_wall_excl_probe_s``.
         """
         timed = [dt for step, dt in self.step_times if step >= self.warmup_steps]
         median = statistics.median(timed) if timed else None
@@ -143,7 +145,8 @@ class MeasureCallback(TrainerCallback):
             overhead = max(self.probe_step_s - typical, 0.0)
         wall = self.train_wall_s
         wall_excl = wall - (overhead or 0.0) if wall is not None else None
-        tokens = train_tokens if train_tokens is not None else (self.num_input_tokens_seen or None)
+        tokens = train_tokens or None
+        real = real_tokens if real_tokens is not None else (self.num_input_tokens_seen or None)
         return {
             "memory_device": self.device.type,
             "peak_memory_bytes": self.peak_memory_bytes,
@@ -158,6 +161,9 @@ class MeasureCallback(TrainerCallback):
             "step_time_median_s": median,
             "train_tokens": tokens,
             "tokens_per_s": tokens / wall_excl if tokens and wall_excl else None,
+            "train_tokens_real": real,
+            "real_tokens_per_s": real / wall_excl if real and wall_excl else None,
+            "padding_share": 1 - real / tokens if real and tokens else None,
             "loss_curve": list(self.loss_curve),
         }
 

@@ -1,9 +1,15 @@
-"""Parameter counts, FLOPs per token, the device's measured matmul peak, throughput and MFU."""
+"""Parameter counts, FLOPs per token, token counts, the device's matmul peak (measured once per
+hardware, cached), throughput and MFU."""
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import math
+import os
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -114,6 +120,95 @@ def measure_peak_flops(
         sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2.0 * n**3 * inner / best
+
+
+# The cached peak: a larger product and more trials than a per-run probe could afford, since it is
+# timed once per hardware (device name, dtype, torch version; on CPU also the thread count).
+PEAK_SIZE = {"cuda": 8192, "cpu": 2048}
+PEAK_REPS = {"cuda": 30, "cpu": 10}
+
+
+def peak_cache_dir() -> Path:
+    """Where measured peaks are kept: ``<harness cache>/peak-flops`` (``PEFT_HARNESS_CACHE``)."""
+    from harness.models import cache_dir
+
+    return cache_dir() / "peak-flops"
+
+
+def peak_hardware(device: torch.device | str, dtype: torch.dtype) -> dict:
+    """What a matmul peak belongs to: the device's name, dtype, torch version (and on CPU the torch
+    thread count, which sets how many cores the product runs on)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        name, threads = torch.cuda.get_device_name(device), None
+    else:
+        from harness.run import cpu_name
+
+        name, threads = cpu_name(), torch.get_num_threads()
+    return {"device": device.type, "device_name": name, "dtype": str(dtype).removeprefix("torch."),
+            "torch": torch.__version__, "threads": threads}
+
+
+def device_peak_flops(device: torch.device | str, dtype: torch.dtype, cache: str | Path | None = None) -> dict:
+    """The device's dense-matmul peak in ``dtype``, measured once per hardware and cached.
+
+    The first call for a hardware (``peak_hardware``) times ``measure_peak_flops`` with
+    ``PEAK_SIZE``/``PEAK_REPS`` under a file lock (so concurrent jobs time it once, not against
+    each other) and writes it atomically to ``<cache>/<key>.json``; every later call reads it.
+    Delete the file to measure again. Returns ``peak_flops_per_s``, ``peak_flops_source``
+    ("measured now" or "cached"), ``peak_flops_measured_at`` (UTC) and ``peak_flops_hardware``.
+    """
+    from filelock import FileLock
+
+    from harness.records import stable_hash
+
+    hardware = peak_hardware(device, dtype)
+    folder = Path(cache) if cache is not None else peak_cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{stable_hash(hardware)[:16]}.json"
+    with FileLock(str(path) + ".lock"):
+        try:
+            saved = json.loads(path.read_text())
+            if saved.get("hardware") == hardware and saved.get("peak_flops_per_s", 0) > 0:
+                return {**_peak_fields(saved), "peak_flops_source": "cached"}
+        except (OSError, ValueError):
+            pass  # not measured yet, or unreadable: measure
+        kind = torch.device(device).type
+        size, reps = PEAK_SIZE.get(kind, 2048), PEAK_REPS.get(kind, 10)
+        saved = {"hardware": hardware, "size": size, "reps": reps,
+                 "peak_flops_per_s": measure_peak_flops(device, dtype, size=size, reps=reps),
+                 "measured_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(saved, fh)
+        os.replace(tmp, path)
+    return {**_peak_fields(saved), "peak_flops_source": "measured now"}
+
+
+def _peak_fields(saved: dict) -> dict:
+    return {"peak_flops_per_s": float(saved["peak_flops_per_s"]), "peak_flops_measured_at": saved["measured_at"],
+            "peak_flops_hardware": saved["hardware"]}
+
+
+def padded_tokens(global_step: int, args, seq_len: int) -> int:
+    """Token positions trained, padding included: optimizer steps × sequences per step (per-device
+    batch × gradient accumulation × processes) × ``seq_len``. Exact here because the collator
+    pads every sequence to ``seq_len`` (``train.build_trainer``)."""
+    per_step = int(args.per_device_train_batch_size) * int(args.gradient_accumulation_steps) * int(args.world_size)
+    return int(global_step) * per_step * int(seq_len)
+
+
+def datasheet_metrics(hardware: dict, achieved_flops_per_s: float | None, train_dtype: str, device_count: int) -> dict:
+    """The datasheet dense bf16 peak of the hardware preset (GPU presets), beside the measured one,
+    and MFU against it (bf16 training only: the datasheet figure is a bf16 one)."""
+    tflops = hardware.get("datasheet_bf16_dense_tflops")
+    peak = float(tflops) * 1e12 if tflops else None
+    return {
+        "datasheet_peak_flops_per_s": peak,
+        "datasheet_peak_source": hardware.get("datasheet_source") if peak else None,
+        "mfu_datasheet": achieved_flops_per_s / (peak * device_count)
+        if peak and achieved_flops_per_s and train_dtype == "bfloat16" else None,
+    }
 
 
 def flops_metrics(

@@ -3,6 +3,8 @@ prices runs without loading it."""
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,24 +15,61 @@ class PriceTableError(ValueError):
     """A hardware price file that is missing a field or has an invalid price."""
 
 
+# The two ways a preset prices a run: per device (GPU instances, one device per process) or per
+# CPU core (a CPU run pays for the cores its processes used, not for a whole instance).
+PRICE_FIELDS = {"price_per_device_hour_usd": "device", "price_per_core_hour_usd": "cpu core"}
+GIB = 1024**3
+
+
+def _positive(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value > 0
+
+
+def _strings(entry: dict, field: str, where: str) -> list[str]:
+    value = entry.get(field) or []
+    value = [value] if isinstance(value, str) else list(value)
+    if not all(isinstance(m, str) and m for m in value):
+        raise PriceTableError(f"{where}: {field} {entry.get(field)!r} must be a list of device-name substrings")
+    return value
+
+
 def _validate_entry(entry: Any, where: str) -> dict:
     if not isinstance(entry, dict):
         raise PriceTableError(f"{where}: expected a mapping with name, price_per_device_hour_usd, ...")
-    price = entry.get("price_per_device_hour_usd")
-    if price is None:
+    given = [f for f in PRICE_FIELDS if entry.get(f) is not None]
+    if not given:
         raise PriceTableError(
-            f"{where}: price_per_device_hour_usd is missing; set a positive USD price per device-hour"
+            f"{where}: price_per_device_hour_usd is missing; set a positive USD price per device-hour "
+            "(or price_per_core_hour_usd for a CPU)"
         )
-    if isinstance(price, bool) or not isinstance(price, (int, float)) or not price > 0:
-        raise PriceTableError(f"{where}: price_per_device_hour_usd {price!r} is not a positive number of USD")
+    if len(given) > 1:
+        raise PriceTableError(f"{where}: both {' and '.join(given)} are set; a preset prices devices or CPU cores")
+    price = entry[given[0]]
+    if not _positive(price):
+        raise PriceTableError(f"{where}: {given[0]} {price!r} is not a positive number of USD")
     for field in ("name", "price_source", "price_date"):
         if not entry.get(field):
             raise PriceTableError(f"{where}: {field} is missing")
-    match = entry.get("match", [])
-    match = [match] if isinstance(match, str) else list(match or [])
-    if not all(isinstance(m, str) and m for m in match):
-        raise PriceTableError(f"{where}: match {entry.get('match')!r} must be a list of device-name substrings")
-    return {**entry, "price_per_device_hour_usd": float(price), "price_date": str(entry["price_date"]), "match": match}
+    memory = entry.get("memory_gib")
+    if memory is not None and not (
+        isinstance(memory, (list, tuple))
+        and len(memory) == 2
+        and all(_positive(m) for m in memory)
+        and memory[0] <= memory[1]
+    ):
+        raise PriceTableError(f"{where}: memory_gib {memory!r} must be [min, max] GiB of device memory")
+    peak = entry.get("datasheet_bf16_dense_tflops")
+    if peak is not None and not (_positive(peak) and entry.get("datasheet_source")):
+        raise PriceTableError(
+            f"{where}: datasheet_bf16_dense_tflops {peak!r} needs a positive value and a datasheet_source"
+        )
+    return {
+        **entry,
+        given[0]: float(price),
+        "price_date": str(entry["price_date"]),
+        "match": _strings(entry, "match", where),
+        "exclude": _strings(entry, "exclude", where),
+    }
 
 
 def load_price_table(conf_dir: str | Path) -> dict[str, dict]:
@@ -55,49 +94,115 @@ def load_price_table(conf_dir: str | Path) -> dict[str, dict]:
     return table
 
 
-def device_name() -> str:
-    """``torch.cuda.get_device_name(0)``, or "cpu" without CUDA (imports torch: call in the job)."""
+def device_identity() -> tuple[str, int | None]:
+    """(name, total memory in bytes) of device 0: ``torch.cuda.get_device_name(0)`` and
+    ``get_device_properties(0).total_memory``, or ("cpu", None) without CUDA. Imports torch (the
+    module does not): call it where a device is looked at anyway."""
     import torch
 
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu", None
+    return torch.cuda.get_device_name(0), int(torch.cuda.get_device_properties(0).total_memory)
 
 
-def detect_hardware(table: dict[str, dict], name: str | None = None) -> dict | None:
-    """The entry whose ``match`` substring (case-insensitive, longest wins) is in the device name.
+def device_name() -> str:
+    """``torch.cuda.get_device_name(0)``, or "cpu" without CUDA (imports torch: call in the job)."""
+    return device_identity()[0]
 
-    ``name`` defaults to ``device_name()``; None when no entry matches (an unknown GPU).
+
+def _fits(entry: dict, name: str, memory_bytes: int | None) -> int:
+    """Length of the longest ``match`` substring of ``entry`` in ``name`` (0: the entry does not
+    apply): no ``exclude`` substring may be in the name, and the device memory must lie in
+    ``memory_gib`` where the entry gives a range (an unknown memory does not fit a range)."""
+    low = name.lower()
+    if any(x.lower() in low for x in entry["exclude"]):
+        return 0
+    memory = entry.get("memory_gib")
+    if memory is not None and (memory_bytes is None or not memory[0] <= memory_bytes / GIB <= memory[1]):
+        return 0
+    return max((len(m) for m in entry["match"] if m.lower() in low), default=0)
+
+
+def detect_hardware(table: dict[str, dict], name: str | None = None, memory_bytes: int | None = None) -> dict | None:
+    """The entry that fits the device (see ``_fits``; the longest ``match`` wins), or None.
+
+    ``name`` and ``memory_bytes`` default to ``device_identity()``. None for an unknown device or
+    when two entries fit equally well: an unpriced run, never a neighbour's price.
     """
-    name = (name or device_name()).lower()
-    best, best_len = None, 0
-    for entry in table.values():
-        for m in entry["match"]:
-            if m.lower() in name and len(m) > best_len:
-                best, best_len = entry, len(m)
-    return best
+    if name is None:
+        name, memory_bytes = device_identity()
+    scores = sorted(((_fits(e, name, memory_bytes), e["name"]) for e in table.values()), reverse=True)
+    if not scores or scores[0][0] == 0 or (len(scores) > 1 and scores[1][0] == scores[0][0]):
+        return None
+    return table[scores[0][1]]
+
+
+def unpriced_warning(table: dict[str, dict], name: str, memory_bytes: int | None = None) -> str:
+    """Why ``name`` got no price: which presets name it but were left out (memory, excluded
+    variant, a tie), and how to price it."""
+    memory = f", {memory_bytes / GIB:.1f} GiB" if memory_bytes else ""
+    near = [e for e in table.values() if any(m.lower() in name.lower() for m in e["match"])]
+    why = "; ".join(
+        f"{e['name']} is for {e['memory_gib'][0]}-{e['memory_gib'][1]} GiB"
+        if e.get("memory_gib") and _fits({**e, "memory_gib": None}, name, memory_bytes)
+        else f"{e['name']} excludes {', '.join(x for x in e['exclude'] if x.lower() in name.lower()) or 'it'}"
+        for e in near
+    )
+    return (
+        f"no price for device {name!r}{memory}"
+        + (f" ({why})" if why else "")
+        + ": cost fields are null; add conf/hardware/<name>.yaml or pass hardware=<name> "
+        "hardware.price_per_device_hour_usd=<USD>"
+    )
 
 
 def resolve_hardware(hardware_cfg: dict, table: dict[str, dict]) -> dict | None:
     """The price entry for a run's ``config["hardware"]``.
 
-    ``name: auto`` detects the device (None for an unknown GPU: cost is then not measured); any
+    ``name: auto`` detects the device (None for an unknown device: cost is then not measured); any
     other name uses the config's own fields (so shell overrides such as
     ``hardware.price_per_device_hour_usd=2.1`` apply), validated like a price file.
     """
     name = hardware_cfg.get("name")
     if name == "auto":
         return detect_hardware(table)
-    if name not in table and "price_per_device_hour_usd" not in hardware_cfg:
+    if name not in table and not any(f in hardware_cfg for f in PRICE_FIELDS):
         raise PriceTableError(f"hardware {name!r} is not in the price table; valid: auto, {', '.join(sorted(table))}")
     return _validate_entry({**table.get(name, {}), **hardware_cfg}, f"hardware {name!r}")
 
 
+def unpriced_hardware(table: dict[str, dict]) -> dict:
+    """The hardware config of a run on an unknown device: its name, no price, the warning
+    (printed here, and recorded as ``price_warning``)."""
+    name, memory = device_identity()
+    warning = unpriced_warning(table, name, memory)
+    print(f"harness: warning: {warning}", file=sys.stderr, flush=True)
+    return {"name": f"unpriced ({name})", "price_per_device_hour_usd": None, "price_warning": warning}
+
+
+def price_of(entry: dict | None) -> tuple[float, str] | None:
+    """(USD per unit-hour, unit) of a hardware entry, unit "device" or "cpu core"; None unpriced."""
+    for field, unit in PRICE_FIELDS.items():
+        if entry and entry.get(field):
+            return float(entry[field]), unit
+    return None
+
+
+def cpu_cores_used(threads_per_process: int, processes: int = 1, available: int | None = None) -> int:
+    """CPU cores a job used: its processes' torch threads, at most the cores it may run on."""
+    if available is None:
+        available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(int(threads_per_process) * int(processes), available))
+
+
 def cost_usd(seconds: float, price_per_hour: float, device_count: int = 1) -> float:
-    """hours × price per device-hour × devices."""
+    """hours × price per unit-hour × units (devices, or CPU cores)."""
     return seconds / 3600.0 * price_per_hour * device_count
 
 
 def projected_cost(tokens: int, epochs: float, tokens_per_s: float, price: float, device_count: int = 1) -> dict:
-    """Projected wall time and cost to train ``epochs`` passes over ``tokens`` at the measured rate."""
+    """Projected wall time and cost to train ``epochs`` passes over ``tokens`` at the measured rate
+    (``tokens_per_s``: real, non-padding tokens, as ``tokens`` counts a data set's tokens)."""
     projected_tokens = tokens * epochs
     wall_h = projected_tokens / tokens_per_s / 3600.0
     return {
@@ -114,26 +219,36 @@ def cost_metrics(
     dataset_tokens: int | None = None,
     epochs: float = 1.0,
     tokens_per_s: float | None = None,
+    cpu_cores: int | None = None,
+    run_seconds: float | None = None,
 ) -> dict:
-    """Cost fields of the record; all None when the hardware is unknown (entry None)."""
+    """Cost fields of the record; all None when the hardware is unknown (entry None or unpriced).
+
+    A per-device price is charged for ``device_count`` devices (those used, one per process); a
+    per-core price for ``cpu_cores`` (``cpu_cores_used``). ``tokens_per_s``: the real-token rate
+    the projection divides by. ``run_seconds``: the whole run, priced as ``run_cost_usd``.
+    """
+    price = price_of(entry)
+    per_hour, unit = price if price else (None, None)
+    units = (cpu_cores if unit == "cpu core" else device_count) if price else None
+    if unit == "cpu core" and not cpu_cores:
+        raise ValueError("a per-core price needs cpu_cores (the cores the job used)")
     out: dict[str, Any] = {
-        "hardware": entry["name"] if entry else None,
-        "price_per_device_hour_usd": entry["price_per_device_hour_usd"] if entry else None,
-        "price_source": entry["price_source"] if entry else None,
-        "price_date": entry["price_date"] if entry else None,
+        "hardware": entry["name"] if price else None,
+        "price_per_device_hour_usd": per_hour if unit == "device" else None,
+        "price_per_core_hour_usd": per_hour if unit == "cpu core" else None,
+        "price_source": entry["price_source"] if price else None,
+        "price_date": entry["price_date"] if price else None,
+        "price_warning": None if price else (entry or {}).get("price_warning") or "no price for this hardware",
         "device_count": device_count,
-        "cost_usd": cost_usd(seconds, entry["price_per_device_hour_usd"], device_count)
-        if entry and seconds is not None
-        else None,
+        "priced_unit": unit,
+        "priced_units": units,
+        "cost_usd": cost_usd(seconds, per_hour, units) if price and seconds is not None else None,
+        "run_cost_usd": cost_usd(run_seconds, per_hour, units) if price and run_seconds is not None else None,
         "projected_tokens": None,
         "projected_wall_h": None,
         "projected_cost_usd": None,
     }
-    if entry and dataset_tokens and tokens_per_s:
-        out.update(
-            projected_cost(dataset_tokens, epochs, tokens_per_s, entry["price_per_device_hour_usd"], device_count)
-        )
+    if price and dataset_tokens and tokens_per_s:
+        out.update(projected_cost(dataset_tokens, epochs, tokens_per_s, per_hour, units))
     return out
-
-
-# Serving footprint
