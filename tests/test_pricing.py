@@ -123,7 +123,7 @@ def test_unknown_device_is_unpriced_with_a_warning_printed_and_recorded(table, m
 
 def test_excluded_variant_says_why(table):
     text = pricing.unpriced_warning(table, "NVIDIA H100 PCIe", int(79.1 * GIB))
-    assert "h100-80gb excludes PCIe" in text and "hardware.price_per_device_hour_usd" in text
+    assert "h100-80gb excludes PCIe" in text and "conf/hardware/<name>.yaml" in text
 
 
 def test_price_table_in_conf_is_valid(table):

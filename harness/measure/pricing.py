@@ -151,8 +151,7 @@ def unpriced_warning(table: dict[str, dict], name: str, memory_bytes: int | None
     return (
         f"no price for device {name!r}{memory}"
         + (f" ({why})" if why else "")
-        + ": cost fields are null; add conf/hardware/<name>.yaml or pass hardware=<name> "
-        "hardware.price_per_device_hour_usd=<USD>"
+        + ": cost fields are null; add conf/hardware/<name>.yaml for it (README: Adding hardware)"
     )
 
 
