@@ -26,7 +26,7 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from harness import identity, records, sweep
+from harness import failure, identity, records, sweep
 
 # The configs: packaged inside harness/ by `pip install .` (setup.py), conf/ in a checkout.
 CONF_DIR = next(d for d in (Path(__file__).resolve().parent / "conf", Path(__file__).resolve().parent.parent / "conf")
@@ -158,7 +158,7 @@ def new_record(job: dict, env: dict) -> dict:
     cfg = job["config"]
     return {
         "schema": records.SCHEMA, "run_id": job["run_id"], "config_hash": job["config_hash"],
-        "pair_key": job["pair_key"], "eval_key": job["eval_key"], "status": "ok", "error": None,
+        "pair_key": job["pair_key"], "eval_key": job["eval_key"], "status": "ok", "error": None, "failed_phase": None,
         "method": job["method"], "rank": job["rank"],
         "model": {"name": cfg["model"]["name"], "source": cfg["model"]["source"], "total_params": None,
                   "random_weights": cfg["model"]["source"] == "config"},
@@ -250,6 +250,7 @@ def execute(job: dict) -> dict | None:
     metrics = record["metrics"]
     mine: dict = {"device": None}  # this rank's figures, gathered to rank 0
     skipped: dict = {}
+    phases = failure.Phases()
     try:
         set_seed(int(cfg["seed"]))
         examples, heldout = load_examples(cfg["data"])
@@ -259,7 +260,10 @@ def execute(job: dict) -> dict | None:
             base = records.find_ok(results_dir, job["base_run_id"])
             if base is None and distributed.world_size() > 1:
                 raise RuntimeError(f"base-model record {job['base_run_id']} is missing; the launcher writes it first")
-            base = base or base_record(job, cfg, heldout, env)
+            if base is None:
+                phases.enter("base_eval")
+                base = base_record(job, cfg, heldout, env)
+                phases.enter("load")
             record["base_run_id"] = base["run_id"]
         # before the model: starts the process group and puts this process on its device
         args = training_arguments(cfg["train"], float(cfg["method"]["learning_rate"]), int(cfg["seed"]))
@@ -283,6 +287,7 @@ def execute(job: dict) -> dict | None:
         probe = callback.MeasureCallback(warmup_steps=int(cfg["train"]["warmup_steps_excluded"]))
         trainer = build_trainer(model, loaded.tokenizer, examples, cfg["train"], float(cfg["method"]["learning_rate"]),
                                 int(cfg["seed"]), callbacks=[probe], label=label, args=args)
+        phases.enter("train")
         try:
             trainer.train()
         finally:  # stop the probe's hooks and keep what it measured, even when training fails
@@ -302,12 +307,14 @@ def execute(job: dict) -> dict | None:
         fpt = flops.flops_per_token(
             job["method"], total, trainable, embedding_params=embedding, n_layers=arch.num_hidden_layers,
             seq_len=int(cfg["train"]["seq_len"]), hidden_size=arch.hidden_size)
+        phases.enter("mfu")
         peak = flops.device_peak_flops(device, train_dtype)
         mine["peak_flops_per_s"] = peak.pop("peak_flops_per_s")
         metrics.update(peak)  # where rank 0's peak came from (measured now / cached, when)
         metrics["train_dtype"] = str(train_dtype).removeprefix("torch.")
 
         if evaluate:
+            phases.enter("eval")
             # every rank evaluates the same questions: a sharded model's forward needs them all
             with memory.eval_peak_memory(device) as eval_mem:
                 acc, items = evaluate_all(model, loaded.tokenizer, cfg, heldout)
@@ -323,6 +330,7 @@ def execute(job: dict) -> dict | None:
         # fp32 on CPU, bf16 where training ran in bf16; QLoRA: its compute dtype), latency
         serve_dtype = getattr(torch, cfg["method"]["compute_dtype"]) if cfg["method"].get("quantize") else train_dtype
         # a sharded adapter is saved from its parameters gathered by every rank
+        phases.enter("footprint")
         state_dict = (distributed.adapter_state_dict(trainer.accelerator, model, strategy)
                       if sharded and trainable < total else None)
         if distributed.is_main():
@@ -334,6 +342,7 @@ def execute(job: dict) -> dict | None:
             skipped["latency"] = f"not measured under distributed={strategy}: peft cannot merge adapters into " \
                                  "sharded weights; measure serving latency with distributed=none"
         elif lat["enabled"] and distributed.is_main():
+            phases.enter("latency")
             prompts = [ex["prompt"] for ex in examples[: int(lat["prompts"])]]
             metrics.update(serving.compare_latency(model, loaded.tokenizer, prompts, n_reps=int(lat["reps"]),
                                                    gen_tokens=int(lat["gen_tokens"])))
@@ -349,13 +358,13 @@ def execute(job: dict) -> dict | None:
                                                       if metrics["achieved_flops_per_s"] else None)
     except Exception as exc:  # record every failure; the sweep goes on
         traceback.print_exc()
-        oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
-        record["status"] = "oom" if oom else "failed"
-        record["error"] = f"{type(exc).__name__}: {exc}".strip()[:2000]
+        record.update(failure.fields(exc, phases.current))
         if distributed.world_size() > 1:
-            write_rank_error(record["status"], record["error"])
+            write_rank_error(record["status"], record["error"], record["failed_phase"])
             sys.stdout.flush()
             os._exit(1)  # the launcher stops the other ranks; the parent writes the record
+        if mine.get("peak_flops_per_s"):  # training finished and the peak was measured: its MFU stands
+            metrics.update(flops.flops_metrics(fpt, metrics["tokens_per_s"], mine["peak_flops_per_s"]))
     if not distributed.is_main():
         return None
     metrics["skipped_measurements"] = skipped or None
@@ -367,23 +376,26 @@ def execute(job: dict) -> dict | None:
     # (a CPU run: the cores its processes' torch threads used); projected at the real-token rate
     devices_used = metrics["world_size"]
     metrics.update(pricing.cost_metrics(cfg["hardware"], metrics.get("train_wall_excl_probe_s"), devices_used,
-                                        dataset_tokens=cfg.get("projected_tokens"),
+                                        # no projection from a run that did not finish
+                                        dataset_tokens=cfg.get("projected_tokens") if record["status"] == "ok" else None,
                                         tokens_per_s=metrics.get("real_tokens_per_s"),
                                         cpu_cores=pricing.cpu_cores_used(env["cpu_threads"], devices_used),
                                         run_seconds=metrics["run_wall_s"]))
     env.update(started_at=started, ended_at=now_iso())
     records.write_record(results_dir, record)
-    print(f"[{label}] {record['status']}: record {records.record_path(results_dir, job['run_id'])}", flush=True)
+    phase = f" in phase {record['failed_phase']}" if record["failed_phase"] else ""
+    print(f"[{label}] {record['status']}{phase}: record {records.record_path(results_dir, job['run_id'])}", flush=True)
     return record
 
 
-def write_rank_error(status: str, error: str) -> None:
+def write_rank_error(status: str, error: str, failed_phase: str) -> None:
     """Leave this rank's failure where the parent of a distributed job finds it."""
     from harness import distributed
 
     folder = os.environ.get("HARNESS_JOB_ERROR_DIR")
     if folder:
-        Path(folder, f"rank{distributed.rank()}.json").write_text(json.dumps({"status": status, "error": error}))
+        Path(folder, f"rank{distributed.rank()}.json").write_text(json.dumps({"status": status, "error": error,
+                                                                               "failed_phase": failed_phase}))
 
 
 def execute_base(job: dict) -> None:
@@ -410,6 +422,7 @@ def run_isolated(job: dict, base: bool = False) -> None:
         # the first rank to fail is the cause; the others then lose their peers
         errors = [json.loads(p.read_text())
                   for p in sorted(Path(tmp).glob("rank*.json"), key=lambda p: p.stat().st_mtime_ns)]
+        died = failure.killed(proc.returncode, tmp)  # where it was, should it have left no account
     # on several machines, machine 0 (where rank 0 runs) records the job
     if (not base and proc.returncode != 0 and records.record_stamp(results_dir, job["run_id"]) == before
             and not cfg["distributed"].get("machine_rank")):
@@ -417,13 +430,9 @@ def run_isolated(job: dict, base: bool = False) -> None:
             print(f"[{job['run_id']}] rerun died (exit code {proc.returncode}); the earlier ok record is kept",
                   flush=True)
             return
-        if errors:  # a rank's own account: status and error
-            status, error = errors[0]["status"], errors[0]["error"]
-        else:  # killed (e.g. by the kernel's OOM killer: -9) before it could say why
-            status = "oom" if proc.returncode in (-9, 137) else "failed"
-            error = f"job process exited with code {proc.returncode}"
         rec = new_record(job, sweep.launch_env())
-        rec.update(status=status, error=error)
+        # a rank's own account, or killed (e.g. by the kernel's OOM killer: -9) before it could say why
+        rec.update({k: errors[0][k] for k in ("status", "error", "failed_phase")} if errors else died)
         records.write_record(results_dir, rec)
 
 

@@ -67,10 +67,13 @@ def test_oom_and_killed_job_processes_each_get_a_record(tmp_path):
     assert sorted(recs) == [0, 1, 2] and all(r["method"] == "lora" for r in recs.values())
     # an OutOfMemoryError raised inside the run: the job's own record says oom
     assert recs[0]["status"] == "oom" and recs[0]["error"].startswith("OutOfMemoryError: CUDA out of memory")
+    assert recs[0]["failed_phase"] == "train" and recs[0]["error"].endswith("(in phase train)")
     # killed outright (the kernel's OOM killer sends SIGKILL), or exit 137 as a shell reports it:
     # the parent writes the record, counted as out of memory
     for seed, code in ((1, -9), (2, 137)):
         assert recs[seed]["status"] == "oom" and f"exited with code {code}" in recs[seed]["error"], recs[seed]
+        # where it died: the phase the job process left beside it before it was killed
+        assert recs[seed]["failed_phase"] == "train" and recs[seed]["error"].endswith("(in phase train)")
         assert json.loads(records.record_path(results, recs[seed]["run_id"]).read_text()) == recs[seed]
     # nothing half-written beside them (.locks/ and .sweeps/ are the sweep's bookkeeping folders)
     assert not [p for p in results.iterdir() if p.is_file() and p.suffix != ".json"]

@@ -1,0 +1,89 @@
+"""A job's failure: the phase it was in, and whether it ran out of memory.
+
+    phases = failure.Phases()            # "load" from the start
+    phases.enter("train")                # at each phase boundary of the job
+    ...
+    except Exception as exc:
+        record.update(failure.fields(exc, phases.current))   # status, error, failed_phase
+
+The job process also leaves its current phase in ``HARNESS_JOB_ERROR_DIR`` (one small file per
+rank), so that when the process is killed outright (the kernel's OOM killer sends SIGKILL) the
+parent that writes its record still knows where it died. No torch import: the parent uses it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# In the order a job runs them. "load": process start, data, base-model record lookup, model and
+# method, trainer; "base_eval": evaluating the base model in the arm's process (its own process
+# failed); "mfu": the device-peak matmul after training; "footprint": adapter/checkpoint sizes.
+PHASES = ("load", "base_eval", "train", "mfu", "eval", "footprint", "latency")
+# What an allocator failure says: CUDA ("CUDA out of memory", "CUDA error: out of memory"), MPS,
+# the CPU allocator ("DefaultCPUAllocator: can't allocate memory: you tried to allocate ..."),
+# C++ std::bad_alloc, cuBLAS workspace allocation.
+OOM_TEXTS = ("out of memory", "can't allocate memory", "cannot allocate memory", "bad_alloc",
+             "cublas_status_alloc_failed")
+# exit codes of a process killed by SIGKILL, as subprocess (-9) or a shell (137) reports it
+KILLED_CODES = (-9, 137)
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for an out-of-memory error on any device: torch.OutOfMemoryError, MemoryError, or an
+    allocator's RuntimeError (the CPU allocator raises a plain RuntimeError)."""
+    if isinstance(exc, MemoryError) or any(c.__name__ == "OutOfMemoryError" for c in type(exc).__mro__):
+        return True
+    return any(text in str(exc).lower() for text in OOM_TEXTS)
+
+
+def error_text(message: str, phase: str) -> str:
+    """The record's error line: the message and the phase it failed in."""
+    return f"{message.strip()[:2000]} (in phase {phase})"
+
+
+def fields(exc: BaseException, phase: str) -> dict:
+    """status, error and failed_phase of a record whose job raised ``exc`` in ``phase``."""
+    return {"status": "oom" if is_oom(exc) else "failed",
+            "error": error_text(f"{type(exc).__name__}: {exc}", phase), "failed_phase": phase}
+
+
+def _phase_file(folder: str | Path, rank: int) -> Path:
+    return Path(folder, f"phase-rank{rank}.txt")
+
+
+class Phases:
+    """The phase a job process is in (``current``), also left in ``HARNESS_JOB_ERROR_DIR``."""
+
+    def __init__(self) -> None:
+        self.current = ""
+        self.enter("load")
+
+    def enter(self, phase: str) -> None:
+        if phase not in PHASES:
+            raise ValueError(f"phase {phase!r} is unknown; valid: {', '.join(PHASES)}")
+        self.current = phase
+        folder = os.environ.get("HARNESS_JOB_ERROR_DIR")
+        if folder:
+            _phase_file(folder, int(os.environ.get("RANK", "0"))).write_text(phase)
+
+
+def last_phase(folder: str | Path) -> str:
+    """The latest phase any rank of a job reached (from the files ``Phases`` left in ``folder``);
+    "load" when none was left (the process died while starting)."""
+    reached = []
+    for path in Path(folder).glob("phase-rank*.txt"):
+        try:
+            reached.append(path.read_text().strip())
+        except OSError:
+            continue
+    reached = [p for p in reached if p in PHASES]
+    return max(reached, key=PHASES.index) if reached else "load"
+
+
+def killed(returncode: int, folder: str | Path) -> dict:
+    """status, error and failed_phase of a job process that ended with ``returncode`` and left no
+    account of its own (killed before it could say why)."""
+    phase = last_phase(folder)
+    return {"status": "oom" if returncode in KILLED_CODES else "failed",
+            "error": error_text(f"job process exited with code {returncode}", phase), "failed_phase": phase}

@@ -1,0 +1,115 @@
+"""A job that fails: the record says how (oom or failed) and in which phase, and carries what was
+measured up to the failure, nothing computed from a budget it never trained.
+
+Each failure is raised inside the real job code (``harness.run.execute`` on a planned tiny job),
+by a monkeypatched function of the stack it calls; a job killed outright is in test_crash.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from conftest import TINY
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from harness import failure, records, run
+from harness.measure import serving
+
+CPU_ALLOC = ("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to "
+             "allocate 7516192768 bytes. Error code 12 (Cannot allocate memory)")
+
+
+def planned(tmp_path, *overrides: str) -> dict:
+    with initialize_config_dir(config_dir=str(run.CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["method=lora", *TINY, f"results_dir={tmp_path}", *overrides])
+    return run.plan(OmegaConf.to_container(cfg, resolve=True))
+
+
+@pytest.mark.parametrize(
+    "exc,oom",
+    [
+        (RuntimeError(CPU_ALLOC), True),
+        (MemoryError(), True),
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+        (RuntimeError("CUDA error: out of memory"), True),
+        (RuntimeError("std::bad_alloc"), True),
+        (RuntimeError("shape mismatch"), False),
+        (ValueError("bad value"), False),
+    ],
+)
+def test_what_counts_as_out_of_memory(exc, oom):
+    assert failure.is_oom(exc) is oom
+
+
+def test_a_cpu_allocation_failure_in_training_records_only_the_steps_it_trained(tmp_path, monkeypatch):
+    job = planned(tmp_path, "projected_tokens=1000000")
+    train_step = transformers.Trainer.training_step
+
+    def fails_at_step_3(self, *args, **kwargs):
+        if self.state.global_step == 3:  # steps 0-2 trained
+            raise RuntimeError(CPU_ALLOC)
+        return train_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.Trainer, "training_step", fails_at_step_3)
+    rec = run.execute(job)
+    assert records.load_record(records.record_path(tmp_path, job["run_id"])) == rec  # as written
+    assert rec["status"] == "oom" and rec["failed_phase"] == "train"
+    assert rec["error"].startswith("RuntimeError: [enforce fail") and rec["error"].endswith("(in phase train)")
+    m = rec["metrics"]
+    # 3 steps × batch 2 × 64 positions were trained; the budget (5 steps) never was
+    assert m["train_tokens"] == 3 * 2 * 64 and m.get("token_budget") is None
+    assert m["tokens_per_s"] == pytest.approx(m["train_tokens"] / m["train_wall_excl_probe_s"])
+    assert len(m["loss_curve"]) == 3 and m["peak_memory_bytes"] is not None
+    # nothing projected from a run that did not finish, and no MFU without a finished training
+    assert m["projected_cost_usd"] is None and m["projected_wall_h"] is None and m.get("mfu") is None
+    assert m["cost_usd"] is not None  # the time it did take is paid for
+
+
+@pytest.mark.parametrize(
+    "phase,target,exc",
+    [
+        ("eval", (run, "evaluate_all"), torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")),
+        ("latency", (serving, "compare_latency"), MemoryError()),
+    ],
+)
+def test_out_of_memory_after_training_names_its_phase_and_keeps_the_training_figures(tmp_path, monkeypatch, phase,
+                                                                                      target, exc):
+    job = planned(tmp_path, "eval.on_random_weights=true", "eval.indomain.batch_size=8")
+    module, name = target
+    real = getattr(module, name)
+
+    def fails_for_the_arm(model, *args, **kwargs):
+        if hasattr(model, "peft_config"):  # the trained arm; the base model's evaluation passes
+            raise exc
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(module, name, fails_for_the_arm)
+    rec = run.execute(job)
+    assert rec["status"] == "oom" and rec["failed_phase"] == phase and rec["error"].endswith(f"(in phase {phase})")
+    m = rec["metrics"]
+    # training finished: its figures are measured and kept, MFU included
+    assert m["train_tokens"] == m["token_budget"] == 5 * 2 * 64
+    assert m["tokens_per_s"] > 0 and m["train_wall_s"] > 0 and m["peak_memory_bytes"] is not None
+    assert m["peak_flops_per_s"] > 0 and m["mfu"] > 0
+    base = records.find_ok(tmp_path, job["base_run_id"])
+    assert base is not None and base["failed_phase"] is None
+
+
+def test_an_ok_run_has_no_failed_phase(tmp_path):
+    rec = run.execute(planned(tmp_path, "eval.latency.enabled=false"))
+    assert rec["status"] == "ok" and rec["failed_phase"] is None and rec["error"] is None
+
+
+def test_the_phase_a_killed_job_was_in_is_read_from_what_it_left(tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_JOB_ERROR_DIR", str(tmp_path))
+    assert failure.killed(-9, tmp_path)["failed_phase"] == "load"  # died while starting
+    phases = failure.Phases()
+    phases.enter("train")
+    phases.enter("eval")
+    died = failure.killed(-9, tmp_path)
+    assert died == {"status": "oom", "error": "job process exited with code -9 (in phase eval)",
+                    "failed_phase": "eval"}
+    assert failure.killed(1, tmp_path)["status"] == "failed"
+    with pytest.raises(ValueError, match="phase 'evaluate' is unknown"):
+        phases.enter("evaluate")
