@@ -30,7 +30,7 @@ from harness.data import load_examples
 from harness.measure import callback, flops, memory
 from harness.methods import apply_method, normalize, quantization_config
 from harness.models import load_model
-from harness.train import build_trainer
+from harness.train import build_trainer, training_features
 
 CATEGORIES = memory.CATEGORIES
 MODELS = ("tiny-random", "tiny-qwen2", "smollm2-135m")
@@ -60,7 +60,7 @@ def padded(cfg: dict) -> bool:
     examples, _ = load_examples(cfg["data"])
     tok = AutoTokenizer.from_pretrained(model_folder(cfg["model"])[0])
     seq = int(cfg["train"]["seq_len"])
-    return any(len(f["input_ids"]) < seq for f in tokenize_examples(examples, tok, seq))
+    return any(len(f["input_ids"]) < seq for f in tokenize_examples(examples, tok, seq, cfg["data"])[0])
 
 
 def measure_point(cfg: dict) -> dict:
@@ -71,7 +71,8 @@ def measure_point(cfg: dict) -> dict:
     loaded = load_model(cfg["model"], quantization_config=quantization_config(method))
     model = apply_method(loaded.model, method, bool(cfg["train"]["gradient_checkpointing"]))
     probe = callback.MeasureCallback(warmup_steps=1, breakdown_step=1)
-    trainer = build_trainer(model, loaded.tokenizer, examples, cfg["train"], float(method["learning_rate"]), seed=0,
+    features, _ = training_features(examples, loaded.tokenizer, cfg["train"], cfg["data"])
+    trainer = build_trainer(model, loaded.tokenizer, features, cfg["train"], float(method["learning_rate"]), seed=0,
                             callbacks=[probe], label="bench")
     try:
         trainer.train()

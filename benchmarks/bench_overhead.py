@@ -26,7 +26,7 @@ from harness.measure import callback
 from harness.methods import apply_method, quantization_config
 from harness.models import load_model
 from harness.run import CONF_DIR
-from harness.train import build_trainer
+from harness.train import build_trainer, training_features
 
 
 def config(model: str, method: str, steps: int, batch: int, seq_len: int) -> dict:
@@ -46,7 +46,8 @@ def fresh_model(cfg: dict):
 def harness_step_times(cfg: dict, examples: list[dict]) -> list[float]:
     model, tok = fresh_model(cfg)
     probe = callback.MeasureCallback(warmup_steps=int(cfg["train"]["warmup_steps_excluded"]))
-    trainer = build_trainer(model, tok, examples, cfg["train"], float(cfg["method"]["learning_rate"]), seed=0,
+    features, _ = training_features(examples, tok, cfg["train"], cfg["data"])
+    trainer = build_trainer(model, tok, features, cfg["train"], float(cfg["method"]["learning_rate"]), seed=0,
                             callbacks=[probe], label="harness")
     trainer.train()
     return [dt for step, dt in probe.step_times if step >= probe.warmup_steps]
@@ -55,7 +56,8 @@ def harness_step_times(cfg: dict, examples: list[dict]) -> list[float]:
 def bare_step_times(cfg: dict, examples: list[dict]) -> list[float]:
     """The same batches (taken from the Trainer's own dataloader) through a plain loop."""
     model, tok = fresh_model(cfg)
-    trainer = build_trainer(model, tok, examples, cfg["train"], float(cfg["method"]["learning_rate"]), seed=0)
+    features, _ = training_features(examples, tok, cfg["train"], cfg["data"])
+    trainer = build_trainer(model, tok, features, cfg["train"], float(cfg["method"]["learning_rate"]), seed=0)
     batches = [b for _, b in zip(range(int(cfg["train"]["max_steps"])), trainer.get_train_dataloader(), strict=False)]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=float(cfg["method"]["learning_rate"]), weight_decay=0.0)

@@ -255,21 +255,64 @@ def load_examples(data_cfg: dict) -> tuple[list[dict], list[dict]]:
     raise DataError(f"data.kind={kind!r} is unknown; valid: demo, file, hub")
 
 
-def tokenize_examples(examples: list[dict], tokenizer, seq_len: int) -> list[dict]:
-    """Token ids of prompt+completion+eos, labels -100 on the prompt (loss on completion only).
+OVERLONG = ("truncate", "drop")  # data.overlong: what becomes of an example longer than train.seq_len
 
-    Sequences are cut to ``seq_len`` and not padded here; the collator pads to ``seq_len``.
+
+def check_fit(data_cfg: dict, seq_len: int) -> None:
+    """data.min_prompt_tokens and data.overlong, against train.seq_len (DataError, one line)."""
+    overlong = data_cfg.get("overlong", "truncate")
+    if overlong not in OVERLONG:
+        raise DataError(f"data.overlong={overlong!r} is unknown; valid: {', '.join(OVERLONG)}")
+    keep = data_cfg.get("min_prompt_tokens", 16)
+    if isinstance(keep, bool) or not isinstance(keep, int) or not 0 <= keep < int(seq_len):
+        raise DataError(f"data.min_prompt_tokens={keep!r} is invalid; give an integer from 0 to train.seq_len - 1 "
+                        f"({int(seq_len) - 1}), so that a completion token still fits")
+
+
+def tokenize_examples(examples: list[dict], tokenizer, seq_len: int, data_cfg: dict | None = None
+                      ) -> tuple[list[dict], dict]:
+    """Token ids of prompt+completion+eos, labels -100 on the prompt (loss on completion only),
+    and how many examples had to be cut or left out to fit ``seq_len``.
+
+    An example longer than ``seq_len`` (``data_cfg``: ``overlong``, ``min_prompt_tokens``):
+    ``truncate`` keeps at least ``min_prompt_tokens`` of its prompt (the end, next to the
+    completion; the whole prompt when shorter) and cuts the prompt's start, then the completion's
+    end, as far as needed; ``drop`` leaves it out. Not padded here: the collator pads to ``seq_len``.
+    Returns (features, {"examples_kept", "examples_truncated", "examples_dropped"}), counted over
+    the examples given (before they are repeated to fill the token budget).
     """
-    out = []
+    data_cfg = data_cfg or {}
+    check_fit(data_cfg, seq_len)
+    min_prompt, drop = int(data_cfg.get("min_prompt_tokens", 16)), data_cfg.get("overlong", "truncate") == "drop"
+    out, truncated, dropped = [], 0, 0
     for ex in examples:
         prompt_ids = tokenizer(ex["prompt"], add_special_tokens=True)["input_ids"]
         completion_ids = tokenizer(ex["completion"], add_special_tokens=False)["input_ids"]
         if tokenizer.eos_token_id is not None:
             completion_ids = completion_ids + [tokenizer.eos_token_id]
-        completion_ids = completion_ids[:seq_len]
-        # too long: drop the start of the prompt, never the completion the loss is on
-        prompt_ids = prompt_ids[max(0, len(prompt_ids) + len(completion_ids) - seq_len):]
+        if len(prompt_ids) + len(completion_ids) > seq_len:
+            if drop:
+                dropped += 1
+                continue
+            truncated += 1
+            keep = min(len(prompt_ids), max(min_prompt, seq_len - len(completion_ids)))
+            prompt_ids = prompt_ids[len(prompt_ids) - keep:]
+            completion_ids = completion_ids[: seq_len - keep]
         ids = prompt_ids + completion_ids
         labels = [-100] * len(prompt_ids) + completion_ids
         out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
-    return out
+    if examples and not out:
+        raise DataError(f"data.overlong=drop left no training example: all {len(examples)} are longer than "
+                        f"train.seq_len={seq_len}; raise train.seq_len or use data.overlong=truncate")
+    return out, {"examples_kept": len(out), "examples_truncated": truncated, "examples_dropped": dropped}
+
+
+def fit_warning(counts: dict, seq_len: int, data_cfg: dict) -> str | None:
+    """The console warning when examples were cut or left out (None when all fit whole)."""
+    cut, left = counts["examples_truncated"], counts["examples_dropped"]
+    if not cut and not left:
+        return None
+    n = counts["examples_kept"] + left
+    what = (f"{cut} truncated (at least {int(data_cfg.get('min_prompt_tokens', 16))} prompt tokens kept, "
+            "the completion cut at its end)" if cut else f"{left} dropped (data.overlong=drop)")
+    return f"warning: {cut + left} of {n} training examples are longer than train.seq_len={seq_len}: {what}"

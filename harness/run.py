@@ -50,6 +50,7 @@ def usage_exit(message: str) -> None:
 def plan(cfg: dict) -> dict:
     """Resolved config -> job: normalized config, hashes, run ids. Raises UsageError on bad input."""
     from harness import distributed
+    from harness.data import DataError, check_fit
     from harness.measure.pricing import PriceTableError, load_price_table, resolve_hardware, unpriced_hardware
     from harness.methods import MethodError, normalize, rank_of, validate
 
@@ -58,10 +59,11 @@ def plan(cfg: dict) -> dict:
     try:
         validate(cfg["method"])
         distributed.validate(cfg["distributed"])
+        check_fit(cfg["data"], int(cfg["train"]["seq_len"]))
         # hardware=auto becomes the detected entry, so runs on other hardware are other runs
         table = load_price_table(CONF_DIR)
         entry = resolve_hardware(cfg["hardware"], table)
-    except (MethodError, PriceTableError, distributed.DistributedError) as exc:
+    except (MethodError, PriceTableError, distributed.DistributedError, DataError) as exc:
         raise UsageError(str(exc)) from exc
     cfg["hardware"] = entry or unpriced_hardware(table)  # an unknown device: no neighbour's price, a warning
     method = cfg["method"]["name"]
@@ -232,7 +234,7 @@ def execute(job: dict) -> dict | None:
     from harness.measure import callback, flops, memory, pricing, serving
     from harness.methods import apply_method, quantization_config
     from harness.models import load_model
-    from harness.train import build_trainer, token_budget, training_arguments, use_bf16
+    from harness.train import build_trainer, token_budget, training_arguments, training_features, use_bf16
 
     # progress of this harness (steps, loss, ETA) rather than a bar per file loaded
     datasets.disable_progress_bars()
@@ -285,7 +287,9 @@ def execute(job: dict) -> dict | None:
                            f"trainable%: {100 * trainable / total:.4f} || {strategy} over {world} process(es)")
 
         probe = callback.MeasureCallback(warmup_steps=int(cfg["train"]["warmup_steps_excluded"]))
-        trainer = build_trainer(model, loaded.tokenizer, examples, cfg["train"], float(cfg["method"]["learning_rate"]),
+        features, fit = training_features(examples, loaded.tokenizer, cfg["train"], cfg["data"], label)
+        metrics.update(fit)
+        trainer = build_trainer(model, loaded.tokenizer, features, cfg["train"], float(cfg["method"]["learning_rate"]),
                                 int(cfg["seed"]), callbacks=[probe], label=label, args=args)
         phases.enter("train")
         try:

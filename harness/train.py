@@ -18,7 +18,7 @@ from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
-from harness.data import tokenize_examples
+from harness.data import fit_warning, tokenize_examples
 from harness.distributed import print0, world_size
 
 
@@ -94,11 +94,22 @@ def training_arguments(train_cfg: dict, learning_rate: float, seed: int, output_
     return args
 
 
-def build_trainer(model, tokenizer, examples: list[dict], train_cfg: dict, learning_rate: float, seed: int,
+def training_features(examples: list[dict], tokenizer, train_cfg: dict, data_cfg: dict | None = None,
+                      label: str = "train") -> tuple[list[dict], dict]:
+    """The examples tokenized to fit ``train.seq_len`` as ``data`` says (see ``tokenize_examples``),
+    and how many were cut or left out: warned about on the console, returned for the record."""
+    seq_len = int(train_cfg["seq_len"])
+    features, counts = tokenize_examples(examples, tokenizer, seq_len, data_cfg)
+    if warning := fit_warning(counts, seq_len, data_cfg or {}):
+        print0(f"[{label}] {warning}")
+    return features, counts
+
+
+def build_trainer(model, tokenizer, features: list[dict], train_cfg: dict, learning_rate: float, seed: int,
                   callbacks: list | None = None, label: str = "train", output_dir: str | None = None,
                   args: TrainingArguments | None = None) -> Trainer:
+    """A Trainer over ``features`` (from ``training_features``), repeated in order to fill the budget."""
     seq_len = int(train_cfg["seq_len"])
-    features = tokenize_examples(examples, tokenizer, seq_len)
     dataset = Dataset.from_list(features)
     # sequences the whole job takes, over all data-parallel processes
     n_needed = int(train_cfg["max_steps"]) * int(train_cfg["batch_size"]) * int(train_cfg["grad_accum"]) * world_size()

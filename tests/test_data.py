@@ -1,6 +1,7 @@
 """The demo task, user data formats, and the completion-only loss mask."""
 
 import json
+import re
 
 import pytest
 
@@ -61,8 +62,85 @@ def test_unknown_columns_and_missing_file_are_clear_errors(tmp_path):
 def test_loss_is_on_the_completion_only_even_when_truncated():
     tok = byte_tokenizer()
     ex = {"prompt": "x" * 100, "completion": " B"}
-    (feat,) = tokenize_examples([ex], tok, seq_len=32)
+    (feat,), _ = tokenize_examples([ex], tok, seq_len=32)
     assert len(feat["input_ids"]) == 32
     completion = tok(" B", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert [t for t in feat["labels"] if t != -100] == completion
     assert feat["input_ids"][-len(completion):] == completion
+
+
+# ---------------------------------------------------------------- examples longer than train.seq_len
+
+
+def _fit(prompt_len: int, completion_len: int, seq_len: int, **data):
+    """One example of ``prompt_len`` prompt bytes and ``completion_len`` completion bytes (+ eos)
+    through tokenize_examples with the byte tokenizer (one token per byte)."""
+    tok = byte_tokenizer()
+    ex = {"prompt": "p" * (prompt_len - 1) + "P", "completion": "C" + "c" * (completion_len - 1)}
+    return tok, tokenize_examples([ex], tok, seq_len=seq_len, data_cfg=data)
+
+
+def test_a_long_completion_keeps_the_end_of_the_prompt_and_loses_its_own_end():
+    # before: the completion was kept whole up to seq_len and the prompt cut away entirely
+    tok, (features, counts) = _fit(100, 60, seq_len=32, min_prompt_tokens=16, overlong="truncate")
+    (feat,) = features
+    assert len(feat["input_ids"]) == 32
+    prompt = [i for i, lab in zip(feat["input_ids"], feat["labels"]) if lab == -100]
+    completion = [lab for lab in feat["labels"] if lab != -100]
+    assert len(prompt) == 16 and tok.decode(prompt) == "p" * 15 + "P"  # the prompt's end, next to the completion
+    assert len(completion) == 16 and tok.decode(completion) == "C" + "c" * 15  # the completion's start
+    assert counts == {"examples_kept": 1, "examples_truncated": 1, "examples_dropped": 0}
+
+
+def test_a_short_completion_is_kept_whole_and_the_prompt_start_goes():
+    tok, ((feat,), counts) = _fit(100, 2, seq_len=32)  # 2 bytes + eos
+    assert [lab for lab in feat["labels"] if lab != -100][-1] == tok.eos_token_id
+    assert feat["labels"].count(-100) == 29 and counts["examples_truncated"] == 1
+
+
+def test_overlong_drop_leaves_out_what_does_not_fit_whole():
+    tok = byte_tokenizer()
+    fits = {"prompt": "q" * 20, "completion": " A"}  # 20 + 2 + eos = 23
+    too_long = {"prompt": "q" * 20, "completion": " " + "a" * 20}
+    features, counts = tokenize_examples([fits, too_long, fits], tok, seq_len=23, data_cfg={"overlong": "drop"})
+    assert [len(f["input_ids"]) for f in features] == [23, 23]
+    assert counts == {"examples_kept": 2, "examples_truncated": 0, "examples_dropped": 1}
+    with pytest.raises(DataError, match="left no training example"):
+        tokenize_examples([too_long], tok, seq_len=23, data_cfg={"overlong": "drop"})
+
+
+@pytest.mark.parametrize(
+    "data,needle",
+    [
+        ({"overlong": "cut"}, "data.overlong='cut' is unknown; valid: truncate, drop"),
+        ({"min_prompt_tokens": 32}, "data.min_prompt_tokens=32 is invalid"),
+        ({"min_prompt_tokens": -1}, "data.min_prompt_tokens=-1 is invalid"),
+        ({"min_prompt_tokens": "many"}, "data.min_prompt_tokens='many' is invalid"),
+    ],
+)
+def test_fit_settings_are_checked(data, needle):
+    with pytest.raises(DataError, match=re.escape(needle)):
+        _fit(10, 2, seq_len=32, **data)
+
+
+
+@pytest.mark.parametrize("overlong,counts", [("truncate", (4, 1, 0)), ("drop", (3, 0, 1))])
+def test_a_run_records_and_warns_how_many_examples_were_cut_or_dropped(tmp_path, capsys, overlong, counts):
+    from conftest import TINY
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from harness import run
+
+    rows = [{"prompt": "Q: short?", "completion": " A"}] * 2 + [{"prompt": "x" * 300, "completion": " " + "y" * 300}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + json.dumps({"prompt": "Q?", "completion": " B"}))
+    tiny = [a for a in TINY if not a.startswith("data.")]
+    with initialize_config_dir(config_dir=str(run.CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["method=lora", *tiny, "data=file", f"data.path={path}",
+                                                       f"data.overlong={overlong}", f"results_dir={tmp_path}"])
+    rec = run.execute(run.plan(OmegaConf.to_container(cfg, resolve=True)))
+    m = rec["metrics"]
+    assert rec["status"] == "ok", rec["error"]
+    assert (m["examples_kept"], m["examples_truncated"], m["examples_dropped"]) == counts
+    assert "1 of 4 training examples are longer than train.seq_len=64" in capsys.readouterr().out

@@ -10,7 +10,7 @@ from harness.measure.flops import param_counts
 from harness.methods import apply_method, quantization_config
 from harness.models import load_model
 from harness.run import CONF_DIR
-from harness.train import build_trainer
+from harness.train import build_trainer, training_features
 
 
 def method_cfg(name: str, *overrides: str) -> dict:
@@ -42,7 +42,8 @@ def train_briefly(method: dict):
     model = apply_method(loaded.model, method)
     before = base_weights(model)
     examples, _ = load_examples(DATA)
-    build_trainer(model, loaded.tokenizer, examples, TRAIN, float(method["learning_rate"]), seed=0).train()
+    features, _ = training_features(examples, loaded.tokenizer, TRAIN, DATA)
+    build_trainer(model, loaded.tokenizer, features, TRAIN, float(method["learning_rate"]), seed=0).train()
     return model, before, base_weights(model)
 
 

@@ -116,3 +116,21 @@ def test_hydras_own_flags_answer_once(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("usage:") == 1
     proc = harness_run("--cfg", "job", "model=hub", cwd=tmp_path)  # shows the config; nothing runs, nothing checked
     assert proc.returncode == 0 and "path: ???" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["data.overlong=cut"], "data.overlong='cut' is unknown; valid: truncate, drop"),
+        # every job is planned: the second seq_len leaves no room for a completion token
+        (["-m", "train.seq_len=64,16", "data.min_prompt_tokens=16"], "data.min_prompt_tokens=16 is invalid"),
+    ],
+)
+def test_fit_settings_are_checked_before_anything_runs(tmp_path, capsys, args, needle):
+    results = tmp_path / "results"
+    with pytest.raises(SystemExit) as stop:
+        tiny = [a for a in TINY if not a.startswith("train.seq_len=")]
+        preflight.check([*args, *tiny, f"results_dir={results}"], CONF_DIR)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert stop.value.code == 2 and len(err) == 1 and needle in err[0], err
+    assert not results.exists()
