@@ -13,6 +13,7 @@ statistics and the gate (comparison groups), and the report (tables and their ar
                     same questions, same devices.
     setting_key     pair_key without the seed: one report table (its arms are compared there);
                     table_key names it (model, data, hardware, setting_key)
+    base_key        the base model's evaluation: model, eval, held-out data, hardware, precision
     arm             the method and every setting of it (name, rank, alpha, learning rate, target
                     modules, ...): a learning-rate or alpha sweep of one method is several arms
     group_key       setting_key + arm: one comparison group. Its runs differ only in the seed,
@@ -93,9 +94,16 @@ def setting_key(cfg: dict) -> str:
 
 
 def base_key(cfg: dict) -> str:
-    """The base model's evaluation: model, eval settings and the held-out data (all seeds, arms)."""
+    """The base model's evaluation, shared by all seeds and arms: the model (``model.dtype``
+    included), eval settings, the held-out data, and what it runs on and in: the hardware (its
+    name as planned: ``hardware=auto`` is resolved to the detected device's entry, or
+    "unpriced (<device name>)", before this is asked) and ``train.precision``. A base evaluated
+    on a CPU in fp32 is not the base of a GPU run in bf16."""
     result = result_config(cfg)
-    return stable_hash({"model": result.get("model"), "eval": result.get("eval"), "data": result.get("data")})
+    hardware = result.get("hardware")
+    return stable_hash({"model": result.get("model"), "eval": result.get("eval"), "data": result.get("data"),
+                        "hardware": hardware.get("name") if isinstance(hardware, dict) else hardware,
+                        "precision": (result.get("train") or {}).get("precision")})
 
 
 def run_id(method: str, rank: int | None, cfg: dict) -> str:

@@ -20,9 +20,12 @@ Schema 1 (fields other stages rely on)::
     pair_key      sha256 of everything but the method and its settings (model, data, seed,
                   token budget, train settings shared by arms, eval settings). Equal pair_key
                   means a fair pair.
-    eval_key      sha256 of (model, eval settings): the base-model record shared by all arms
+    eval_key      identity.base_key: sha256 of (model, eval settings, data, hardware name,
+                  train.precision): the base-model record shared by all arms and seeds
     status        "ok" | "failed" | "oom"
-    error         message or null
+    error         message or null; on failure it ends with "(in phase <failed_phase>)"
+    failed_phase  null when ok; else where the job failed or was killed (harness.failure.PHASES):
+                  "load" | "base_eval" | "train" | "mfu" | "eval" | "footprint" | "latency"
     method        "base" | "full" | "lora" | "qlora" | other PEFT type name
     rank          int or null
     model         {"name", "source", "total_params", "random_weights": bool}

@@ -157,3 +157,24 @@ def _version(pkg: str) -> str:
     import importlib.metadata as md
 
     return md.version(pkg)
+
+
+def test_a_base_model_record_is_reused_only_on_the_same_hardware_and_precision(tmp_path, monkeypatch):
+    """A CPU fp32 base evaluation is not the base of a run on other hardware or in another precision."""
+    from conftest import TINY
+
+    from harness import run
+    from harness.records import find_ok
+
+    args = [*TINY[1:], f"results_dir={tmp_path}", "eval.on_random_weights=true", "eval.indomain.batch_size=8",
+            "eval.latency.enabled=false"]
+    cpu = job("method=lora", *args)
+    run.execute(cpu)  # evaluates the base model and records it
+    assert find_ok(tmp_path, cpu["base_run_id"])["config"]["hardware"]["name"] == "cpu"
+    for other in ("hardware=h200", "train.precision=bf16", "model.dtype=bf16"):
+        assert find_ok(tmp_path, job("method=lora", *args, other)["base_run_id"]) is None, other
+    # the same hardware and precision: another seed and method reuse it, not evaluating again
+    again = job("method=full", *args, "seed=1")
+    assert again["base_run_id"] == cpu["base_run_id"]
+    monkeypatch.setattr(run, "base_record", lambda *a, **k: pytest.fail("the base model was evaluated again"))
+    assert run.execute(again)["base_run_id"] == cpu["base_run_id"]
