@@ -436,7 +436,7 @@ def run_isolated(job: dict, base: bool = False) -> None:
             return
         rec = new_record(job, sweep.launch_env())
         # a rank's own account, or killed (e.g. by the kernel's OOM killer: -9) before it could say why
-        rec.update({k: errors[0][k] for k in ("status", "error", "failed_phase")} if errors else died)
+        rec.update({**died, **errors[0]} if errors else died)
         records.write_record(results_dir, rec)
 
 

@@ -218,6 +218,7 @@ def test_parent_records_a_killed_job(tmp_path, monkeypatch):
     run_isolated(job)
     rec = records.load_record(records.record_path(tmp_path, job["run_id"]))
     assert rec["status"] == "oom" and "exited with code -9" in rec["error"]
+    assert rec["failed_phase"] == "load"  # killed before the job process said where it was
 
 
 def test_parent_records_a_failing_ranks_own_error(tmp_path, monkeypatch):
@@ -225,13 +226,15 @@ def test_parent_records_a_failing_ranks_own_error(tmp_path, monkeypatch):
     # what execute() leaves when rank 1 of a job runs out of memory, then the launcher's exit code
     code = (
         "import json, os, pathlib; d = pathlib.Path(os.environ['HARNESS_JOB_ERROR_DIR']); "
-        "(d / 'rank1.json').write_text(json.dumps({'status': 'oom', 'error': 'OutOfMemoryError: rank 1'})); "
+        "(d / 'rank1.json').write_text(json.dumps({'status': 'oom', 'error': 'OutOfMemoryError: rank 1 (in phase eval)', "
+        "'failed_phase': 'eval'})); "
         "raise SystemExit(1)"
     )
     _fake_launch(monkeypatch, code)
     run_isolated(job)
     rec = records.load_record(records.record_path(tmp_path, job["run_id"]))
-    assert rec["status"] == "oom" and rec["error"] == "OutOfMemoryError: rank 1"
+    assert rec["status"] == "oom" and rec["error"] == "OutOfMemoryError: rank 1 (in phase eval)"
+    assert rec["failed_phase"] == "eval"
 
 
 def test_parent_leaves_an_existing_record_alone(tmp_path, monkeypatch):
