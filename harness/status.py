@@ -6,7 +6,7 @@
 A job's state, from what the folder holds (see harness/sweep.py for the files):
 running  its run id's lock is held (by a job of this sweep or of another one)
 done     an ok record
-failed   a failed record (its error is shown)
+failed   a failed record (the phase it failed in and its error are shown)
 oom      an oom record (out of memory, or its process was killed: exit code -9)
 missing  no record: not started yet (queued while the sweep's launcher lives), or started and
          interrupted (its lock is free): rerun the sweep, finished jobs are skipped
@@ -41,7 +41,10 @@ def job_state(results_dir: str | Path, entry: dict | None, alive: bool) -> tuple
         return "missing", f"unreadable record: {exc}"
     if rec["status"] == "ok":
         return "done", ""
-    return rec["status"], (rec.get("error") or "")[:160]
+    error, phase = rec.get("error") or "", rec.get("failed_phase")
+    if phase:  # the phase first: a long error (CUDA's) would push it off the line
+        error = f"in phase {phase}: {error.removesuffix(f' (in phase {phase})')}"
+    return rec["status"], error[:160]
 
 
 def varying_overrides(jobs: list[dict]) -> set[str]:

@@ -280,7 +280,8 @@ def test_status_names_each_planned_job_done_running_failed_oom_or_missing(tmp_pa
         sweep.register_job(tmp_path, hc, {"run_id": f"{method}-0123456789", "base_run_id": "b", "method": method})
     records.write_record(tmp_path, _record("full-0123456789", "done"))
     for method, state in (("qlora", "failed"), ("dora", "oom")):
-        records.write_record(tmp_path, {**_record(f"{method}-0123456789", state), "status": state, "error": "boom"})
+        records.write_record(tmp_path, {**_record(f"{method}-0123456789", state), "status": state,
+                                        "error": "boom (in phase eval)", "failed_phase": "eval"})
     with records.run_lock(tmp_path, "lora-0123456789"):  # lora runs now; ia3 started and was killed
         assert status.main(["--results", str(tmp_path)]) == 0
         text = status.render(tmp_path, sweep.read_sweeps(tmp_path)[-1])
@@ -295,6 +296,7 @@ def test_status_names_each_planned_job_done_running_failed_oom_or_missing(tmp_pa
         "method=rslora": "missing",
     }
     assert "interrupted" in next(line for line in text.splitlines() if "method=ia3" in line)
+    assert "in phase eval: boom" in next(line for line in text.splitlines() if "method=dora" in line)
     assert "not started" in next(line for line in text.splitlines() if "method=rslora" in line)
     assert f"pid {os.getpid()}" in next(line for line in text.splitlines() if "method=lora" in line)
 
