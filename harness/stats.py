@@ -241,6 +241,29 @@ def seed_noise(per_seed_diffs: list[list[int]]) -> dict:
     return {"se_q": se_q, "s2_gap": s2_gap, "w": w, "v_seed": v_seed, "se": se}
 
 
+def ratio_interval(numer: list[float], denom: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Ratio of two paired samples with its interval: (ratio, low, high).
+
+    Pairs ``(numer[i], denom[i])`` were measured side by side (e.g. the latency of two model
+    variants in one round-robin repetition). With ``l_i = log(numer[i] / denom[i])`` the ratio is
+    ``exp(mean(l))`` (a geometric mean of the paired ratios) and its interval
+    ``exp(mean(l) -/+ t * sd(l) / sqrt(n))``, t the Student quantile with n - 1 degrees of freedom:
+    the paired log-ratio t interval. A log ratio is symmetric (a slowdown of x and a speedup of x
+    weigh the same) and pairing cancels what both share (a slow spell of the machine). One pair:
+    the interval is None.
+    """
+    from scipy.stats import t as student_t
+
+    if len(numer) != len(denom) or not numer:
+        raise ValueError(f"ratio_interval needs equal, non-empty samples, got {len(numer)} and {len(denom)}")
+    logs = [math.log(a / b) for a, b in zip(numer, denom, strict=True)]
+    n, mean = len(logs), sum(logs) / len(logs)
+    if n < 2:
+        return math.exp(mean), None, None
+    half = student_t.ppf(0.5 + level / 2, n - 1) * math.sqrt(sum((x - mean) ** 2 for x in logs) / (n - 1) / n)
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+
+
 def seed_summary(gaps: Iterable[dict]) -> list[dict]:
     """Gaps averaged over seeds per comparison group (identity.gap_key) and task.
 

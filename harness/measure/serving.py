@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
-import math
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from harness.measure.flops import param_counts
+from harness import stats
 from harness.measure.memory import sync
+
+VARIANTS = ("base", "merged", "dynamic")
 
 
 def _is_peft(model: Any) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_nb_trainable_parameters")
+
+
+# -- footprint ------------------------------------------------------------------------------------
 
 
 def adapter_bytes(model: torch.nn.Module, state_dict: dict | None = None) -> int | None:
@@ -33,29 +37,71 @@ def adapter_bytes(model: torch.nn.Module, state_dict: dict | None = None) -> int
         return sum(p.stat().st_size for p in Path(tmp).rglob("adapter_model*.safetensors"))
 
 
-def full_checkpoint_bytes(n_params: int, dtype: torch.dtype, saved_bytes: int | None = None) -> tuple[int, bool]:
-    """(bytes, estimated): the saved size when given, else n_params × bytes per element of dtype."""
-    if saved_bytes is not None:
-        return int(saved_bytes), False
-    return int(n_params) * dtype.itemsize, True
+def _tensors(module: torch.nn.Module, adapter: bool = False) -> Iterator[tuple[torch.Tensor, bool]]:
+    """(tensor, is_adapter) for every parameter and persistent buffer that a state dict holds.
 
-
-def footprint_metrics(model: torch.nn.Module, dtype: torch.dtype, saved_full_bytes: int | None = None,
-                      state_dict: dict | None = None) -> dict:
-    """adapter_bytes, full_checkpoint_bytes and full_checkpoint_bytes_estimated for the record.
-
-    The full checkpoint is what serving a fully fine-tuned (or merged) model stores: the base
-    model's parameters (adapter parameters excluded) in ``dtype``, the compute/save dtype
-    (for QLoRA the merged model is saved in its compute dtype, not 4-bit).
+    peft's tuner layers (LoRA, IA3, ..., ``modules_to_save``, trainable tokens) name the children
+    that hold adapter weights in ``adapter_layer_names``; everything else is the base model.
     """
-    counts = param_counts(model)
-    n = counts["total_params"] - (counts["trainable_params"] if _is_peft(model) else 0)
-    full, estimated = full_checkpoint_bytes(n, dtype, saved_full_bytes)
+    for name, t in module._parameters.items():
+        if t is not None:
+            yield t, adapter
+    for name, t in module._buffers.items():
+        if t is not None and name not in module._non_persistent_buffers_set:
+            yield t, adapter
+    adapter_children = {n.split(".")[0] for n in getattr(module, "adapter_layer_names", ())}
+    for name, child in module._modules.items():
+        if child is not None:
+            yield from _tensors(child, adapter or name in adapter_children)
+
+
+def _serving_bytes(t: torch.Tensor, dtype: torch.dtype) -> int:
+    # 4-bit weights (bitsandbytes Params4bit) are packed; the merged model stores their full shape
+    quant = getattr(t, "quant_state", None)
+    if quant is not None and getattr(quant, "shape", None) is not None:
+        return int(torch.Size(quant.shape).numel()) * dtype.itemsize
+    # save_pretrained in a dtype casts the floating tensors; integer buffers keep theirs
+    return t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
+
+
+def tensor_bytes(model: torch.nn.Module, dtype: torch.dtype) -> dict:
+    """Exact bytes of tensor data of the full (merged) checkpoint and of the adapter, in ``dtype``.
+
+    ``checkpoint``: what ``save_pretrained`` writes for a fully fine-tuned model, or for a PEFT
+    model after ``merge_and_unload()``: every parameter and persistent buffer of the base model
+    (tied weights once, adapter weights excluded: merging folds them into the base weights),
+    floating-point tensors in ``dtype``. ``adapter``: the adapter's tensors in ``dtype`` (None when
+    the model is not PEFT). A safetensors file adds only its JSON header (8 bytes + a few KiB).
+    """
+    base = model.get_base_model() if _is_peft(model) else model
+    seen: set[int] = set()
+    total = {False: 0, True: 0}
+    for t, is_adapter in _tensors(base):
+        if id(t) in seen:  # tied weights are one tensor, saved once
+            continue
+        seen.add(id(t))
+        total[is_adapter] += _serving_bytes(t, dtype)
+    return {"checkpoint": total[False], "adapter": total[True] if _is_peft(model) else None}
+
+
+def footprint_metrics(model: torch.nn.Module, dtype: torch.dtype, state_dict: dict | None = None) -> dict:
+    """The serving footprint for the record, in the serving ``dtype`` run.py passes.
+
+    ``adapter_bytes``: the adapter file as saved (its trained dtype); ``adapter_serving_bytes`` and
+    ``full_checkpoint_bytes``: exact tensor bytes in ``dtype`` (``tensor_bytes``), so their ratio
+    compares like with like. For QLoRA the merged model is stored in its compute dtype, not 4-bit.
+    """
+    sizes = tensor_bytes(model, dtype)
     return {
         "adapter_bytes": adapter_bytes(model, state_dict),
-        "full_checkpoint_bytes": full,
-        "full_checkpoint_bytes_estimated": estimated,
+        "adapter_serving_bytes": sizes["adapter"],
+        "full_checkpoint_bytes": sizes["checkpoint"],
+        "full_checkpoint_bytes_estimated": False,
+        "serving_dtype": str(dtype).removeprefix("torch."),
     }
+
+
+# -- latency --------------------------------------------------------------------------------------
 
 
 def _encode(tokenizer: Any, prompts: Sequence, device: torch.device) -> list[torch.Tensor]:
@@ -65,121 +111,130 @@ def _encode(tokenizer: Any, prompts: Sequence, device: torch.device) -> list[tor
     return [tokenizer(p, return_tensors="pt")["input_ids"].to(device) for p in prompts]
 
 
-def _time_model(
-    model: torch.nn.Module, tokenizer: Any, prompts: Sequence, n_warmup: int, n_reps: int, gen_tokens: int
-) -> tuple[list[float], int, float]:
-    """Raw timings: (forward seconds per prompt pass, generated tokens, generation seconds)."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            inputs = _encode(tokenizer, prompts, device)
-            for _ in range(n_warmup):
-                for ids in inputs:
-                    model(input_ids=ids)
-            times = []
-            for _ in range(n_reps):
-                for ids in inputs:
-                    sync(device)
-                    t0 = time.perf_counter()
-                    model(input_ids=ids)
-                    sync(device)
-                    times.append(time.perf_counter() - t0)
-            if gen_tokens <= 0:
-                return times, 0, 0.0
-            pad = getattr(tokenizer, "pad_token_id", None)
-            if pad is None:
-                pad = getattr(tokenizer, "eos_token_id", None)
-            # min_new_tokens: an early EOS must not shorten the count
-            kw = {
-                "max_new_tokens": gen_tokens,
-                "min_new_tokens": gen_tokens,
-                "do_sample": False,
-                "pad_token_id": pad if pad is not None else 0,
-            }
-            for ids in inputs[: 1 if n_warmup else 0]:
-                model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+class _Stamps:
+    """A logits processor that only notes the time: generate calls it once per new token, right
+    after the forward that produced that token's logits."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        sync(self.device)
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def _measure(model: Any, inputs: list[torch.Tensor], new_tokens: int, pad: int) -> tuple[float, float | None]:
+    """(prefill seconds per prompt, decode seconds per new token) of the model as it is now.
+
+    Prefill: one timed forward of each prompt (batch 1, building the KV cache). Decode: greedy
+    ``generate`` of ``new_tokens`` + 1 tokens with the KV cache; the time from the first token's
+    logits to the last one's, over ``new_tokens`` (the prompt's forward is not in it).
+    """
+    from transformers import LogitsProcessorList
+
+    device = inputs[0].device
+    prefill, decode = [], 0.0
+    with torch.inference_mode():
+        for ids in inputs:
             sync(device)
             t0 = time.perf_counter()
-            for _ in range(n_reps):
-                for ids in inputs:
-                    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+            model(input_ids=ids, use_cache=True)
             sync(device)
-            return times, n_reps * len(inputs) * gen_tokens, time.perf_counter() - t0
-    finally:
-        model.train(was_training)
+            prefill.append(time.perf_counter() - t0)
+            if new_tokens > 0:
+                stamps = _Stamps(device)
+                # min_new_tokens: an early EOS must not shorten the count
+                model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens + 1,
+                               min_new_tokens=new_tokens + 1, do_sample=False, pad_token_id=pad,
+                               logits_processor=LogitsProcessorList([stamps]))
+                decode += stamps.times[-1] - stamps.times[0]
+    return statistics.fmean(prefill), decode / (new_tokens * len(inputs)) if new_tokens > 0 else None
 
 
-def latency_probe(
-    model: torch.nn.Module, tokenizer: Any, prompts: Sequence, n_warmup: int = 2, n_reps: int = 10, gen_tokens: int = 16
-) -> dict:
-    """Median forward latency (ms) of one prompt, and greedy-generation tokens/s.
+class _Variants:
+    """Puts a PEFT model into the base / merged / dynamic state; a non-PEFT model is all three."""
 
-    Each prompt runs alone (batch 1, a serving request). ``forward_ms`` is the median over
-    ``n_reps`` × prompts forward passes after ``n_warmup`` rounds; ``gen_tokens_per_s`` is
-    ``n_reps`` × prompts × ``gen_tokens`` new tokens (``min_new_tokens`` forces the count) over
-    their total time (None when ``gen_tokens`` is 0). Eval mode, ``torch.inference_mode``,
-    synchronized on CUDA. ``prompts`` are strings for ``tokenizer``, or token-id lists when
+    def __init__(self, model: Any):
+        self.model, self.peft = model, _is_peft(model) and hasattr(model, "merge_adapter")
+        self.merged, self.disabled = False, None
+
+    def set(self, variant: str) -> None:
+        if not self.peft:
+            return
+        if self.disabled is not None:
+            self.disabled.__exit__(None, None, None)
+            self.disabled = None
+        with torch.no_grad():  # merging edits weights in place, outside inference mode
+            if variant == "merged" and not self.merged:
+                self.model.merge_adapter()
+            elif variant != "merged" and self.merged:
+                self.model.unmerge_adapter()
+        self.merged = variant == "merged"
+        if variant == "base":
+            self.disabled = self.model.disable_adapter()
+            self.disabled.__enter__()
+
+    def close(self) -> None:
+        self.set("dynamic")
+
+
+def compare_latency(model: torch.nn.Module, tokenizer: Any, prompts: Sequence, reps: int = 12,
+                    new_tokens: int = 8, warmup: int = 1) -> dict:
+    """Prefill and per-token decode latency of the base model, the merged and the dynamic adapter.
+
+    PEFT (LoRA-style) models: base inside ``model.disable_adapter()``, dynamic as is (the adapter's
+    extra matmuls run at every call), merged after ``merge_adapter()`` (``unmerge_adapter()``
+    restores the model). The variants run round-robin: each of ``reps`` repetitions measures every
+    variant once, in an order that rotates, so a slow spell of a shared machine hits all of them
+    and each repetition gives a paired ratio. An overhead is ``ratio - 1`` with the ratio and its
+    95% interval from ``stats.ratio_interval`` over the repetitions' ratios. Call it after
+    evaluation: with 4-bit base weights merging re-quantizes, so unmerge is not bit-exact.
+    Other models (full fine-tuning): the model is its own base, merged and dynamic; measured once
+    per repetition, overheads 0. ``prompts`` are strings for ``tokenizer``, or token-id lists when
     ``tokenizer`` is None.
     """
-    times, n_gen, gen_s = _time_model(model, tokenizer, prompts, n_warmup, n_reps, gen_tokens)
-    return {"forward_ms": statistics.median(times) * 1000.0, "gen_tokens_per_s": n_gen / gen_s if n_gen else None}
-
-
-def compare_latency(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    prompts: Sequence,
-    n_warmup: int = 2,
-    n_reps: int = 10,
-    gen_tokens: int = 16,
-    rounds: int = 2,
-) -> dict:
-    """Latency of the base model, the unmerged adapter and the merged adapter, same prompts.
-
-    PEFT (LoRA-style) models: base with ``model.disable_adapter()``, dynamic as is, merged after
-    ``merge_adapter()`` (then ``unmerge_adapter()`` restores the model). The three variants are
-    interleaved in ``rounds`` rounds of ``n_reps / rounds`` repetitions each, so a slow spell of
-    the machine hits all of them; medians and rates pool the rounds. Call it after evaluation:
-    with 4-bit base weights merging re-quantizes, so unmerge is not bit-exact.
-    Other models (full fine-tuning): the model is its own base, merged and dynamic; measured
-    once, overheads 0. Overheads are fractions: variant_ms / base_ms - 1.
-    """
-    if not (_is_peft(model) and hasattr(model, "merge_adapter")):
-        m = latency_probe(model, tokenizer, prompts, n_warmup, n_reps, gen_tokens)
-        base = dynamic = merged = m
-    else:
-        per_round = max(1, math.ceil(n_reps / rounds))
-        raw: dict[str, list] = {v: [[], 0, 0.0] for v in ("base", "dynamic", "merged")}
-
-        def add(variant: str) -> None:
-            times, n_gen, gen_s = _time_model(model, tokenizer, prompts, n_warmup, per_round, gen_tokens)
-            acc = raw[variant]
-            acc[0] += times
-            acc[1] += n_gen
-            acc[2] += gen_s
-
-        for _ in range(rounds):
-            with model.disable_adapter():
-                add("base")
-            add("dynamic")
-            model.merge_adapter()
-            try:
-                add("merged")
-            finally:
-                model.unmerge_adapter()
-        base, dynamic, merged = (
-            {"forward_ms": statistics.median(t) * 1000.0, "gen_tokens_per_s": n / s if n else None}
-            for t, n, s in (raw["base"], raw["dynamic"], raw["merged"])
-        )
-    return {
-        "latency_base_ms": base["forward_ms"],
-        "latency_dynamic_ms": dynamic["forward_ms"],
-        "latency_merged_ms": merged["forward_ms"],
-        "gen_tokens_per_s_base": base["gen_tokens_per_s"],
-        "gen_tokens_per_s_dynamic": dynamic["gen_tokens_per_s"],
-        "gen_tokens_per_s_merged": merged["gen_tokens_per_s"],
-        "latency_dynamic_overhead": dynamic["forward_ms"] / base["forward_ms"] - 1.0,
-        "latency_merged_overhead": merged["forward_ms"] / base["forward_ms"] - 1.0,
-    }
+    device = next(model.parameters()).device
+    inputs = _encode(tokenizer, prompts, device)
+    pad = next((p for p in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
+                if p is not None), 0)
+    variants = _Variants(model)
+    names = VARIANTS if variants.peft else ("base",)
+    was_training = model.training
+    model.eval()
+    times: dict[str, dict[str, list]] = {v: {"prefill": [], "decode": []} for v in names}
+    try:
+        for variant in names:  # untimed: first calls allocate and pick kernels
+            variants.set(variant)
+            for _ in range(warmup):
+                _measure(model, inputs, new_tokens, pad)
+        for rep in range(reps):
+            for variant in names[rep % len(names):] + names[: rep % len(names)]:
+                variants.set(variant)
+                prefill, decode = _measure(model, inputs, new_tokens, pad)
+                times[variant]["prefill"].append(prefill)
+                times[variant]["decode"].append(decode)
+    finally:
+        variants.close()
+        model.train(was_training)
+    out = {"latency_reps": reps, "latency_prompts": len(inputs),
+           "latency_prompt_tokens": statistics.fmean(ids.shape[1] for ids in inputs),
+           "latency_new_tokens": new_tokens}
+    for phase, unit in (("prefill", "ms"), ("decode", "ms_per_token")):
+        base = times["base"][phase]
+        measured = new_tokens > 0 or phase == "prefill"
+        for variant in VARIANTS:
+            values = times.get(variant, times["base"])[phase]
+            out[f"latency_{phase}_{variant}_{unit}"] = statistics.median(values) * 1000.0 if measured else None
+            if variant == "base":
+                continue
+            if not measured:
+                ratio = lo = hi = None
+            elif variant in times:
+                ratio, lo, hi = stats.ratio_interval(values, base)
+            else:  # full fine-tuning: the same model, nothing to merge
+                ratio = lo = hi = 1.0
+            key = f"latency_{phase}_{variant}_overhead"
+            for k, v in ((key, ratio), (f"{key}_ci_low", lo), (f"{key}_ci_high", hi)):
+                out[k] = v - 1.0 if v is not None else None
+    return out
