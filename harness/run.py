@@ -330,8 +330,8 @@ def execute(job: dict) -> dict | None:
             if distributed.is_main():
                 record["items_file"] = records.write_items(results_dir, job["run_id"], items)
 
-        # serving: adapter vs full checkpoint on disk (the full one estimated in the compute dtype:
-        # fp32 on CPU, bf16 where training ran in bf16; QLoRA: its compute dtype), latency
+        # serving: adapter vs full checkpoint, exact tensor bytes in the serving dtype (fp32 on CPU,
+        # bf16 where training ran in bf16; QLoRA: its compute dtype), latency
         serve_dtype = getattr(torch, cfg["method"]["compute_dtype"]) if cfg["method"].get("quantize") else train_dtype
         # a sharded adapter is saved from its parameters gathered by every rank
         phases.enter("footprint")
@@ -348,8 +348,8 @@ def execute(job: dict) -> dict | None:
         elif lat["enabled"] and distributed.is_main():
             phases.enter("latency")
             prompts = [ex["prompt"] for ex in examples[: int(lat["prompts"])]]
-            metrics.update(serving.compare_latency(model, loaded.tokenizer, prompts, n_reps=int(lat["reps"]),
-                                                   gen_tokens=int(lat["gen_tokens"])))
+            metrics.update(serving.compare_latency(model, loaded.tokenizer, prompts, reps=int(lat["reps"]),
+                                                   new_tokens=int(lat["gen_tokens"])))
         per_rank = distributed.gather(mine)
         metrics.update(distributed.combine(per_rank, strategy))
         peaks = [p for p in metrics["peak_flops_per_s_per_rank"] if p]

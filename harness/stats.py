@@ -31,6 +31,9 @@ paired difference on question i, ``g_s = mean_i d_si`` its gap. Two kinds of noi
 (harness/check.py) uses ``v_seed`` with the same questions on both sides, where question noise
 cancels.
 
+Timings. ``ratio_interval``: the ratio of two paired timing samples (an adapter variant against
+the base model, measured round-robin) with its paired log-ratio t interval.
+
 The report (tables) and the gate (``harness-check``) both call these functions on run records;
 neither loads a model.
 """

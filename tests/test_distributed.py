@@ -330,7 +330,7 @@ def test_ddp_two_processes_write_one_record_counting_tokens_on_both_ranks(ddp_ru
     assert m["world_size"] == 2 and m["strategy"] == "ddp" and len(m["devices"]) == 2
     assert len(m["peak_memory_bytes_per_rank"]) == 2 and m["peak_memory_bytes"] == max(m["peak_memory_bytes_per_rank"])
     assert m["train_tokens"] == 2 * m["token_budget"]
-    assert m["latency_base_ms"] is not None  # DDP keeps whole weights: rank 0 measures latency
+    assert m["latency_prefill_base_ms"] is not None  # DDP keeps whole weights: rank 0 measures latency
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
-"""Measurement probes on a tiny random Llama (no downloads): memory, breakdown, time, FLOPs,
-footprint, latency (cost: test_pricing.py; tokens, matmul peak and MFU: test_throughput.py)."""
+"""Measurement probes on a tiny random Llama (no downloads): memory, breakdown, time, FLOPs (cost:
+test_pricing.py; tokens, matmul peak and MFU: test_throughput.py; footprint, latency: test_serving.py)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,10 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-from harness.measure import memory, serving
+from harness.measure import memory
 from harness.measure.callback import MeasureCallback
 from harness.measure.flops import embedding_params, flops_per_token, param_counts
 from harness.measure.memory import CATEGORIES, MemoryBreakdown, eval_peak_memory
-from harness.measure.serving import compare_latency, footprint_metrics
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SEQ = 32
@@ -291,58 +290,3 @@ def test_embedding_params_untied_and_tied():
         )
     )
     assert embedding_params(tied) == 0
-
-
-# -- footprint and latency -----------------------------------------------------------------------
-
-
-def test_adapter_bytes_is_small_next_to_the_full_checkpoint():
-    model = lora(tiny_model())
-    m = footprint_metrics(model, torch.float32)
-    trainable = param_counts(model)["trainable_params"]
-    assert m["adapter_bytes"] >= trainable * 4  # the adapter tensors themselves, plus a header
-    assert m["full_checkpoint_bytes"] == param_counts(tiny_model())["total_params"] * 4
-    assert m["full_checkpoint_bytes_estimated"] is True
-    assert m["adapter_bytes"] < 0.1 * m["full_checkpoint_bytes"]
-    full = footprint_metrics(tiny_model(), torch.bfloat16, saved_full_bytes=123)
-    assert full["adapter_bytes"] is None
-    assert full["full_checkpoint_bytes"] == 123 and full["full_checkpoint_bytes_estimated"] is False
-
-
-def test_merged_adapter_latency_matches_base_and_model_is_restored(monkeypatch):
-    model = lora(tiny_model(), init_random=True)
-    prompts = [list(range(1, 9)), list(range(50, 62))]
-    ids = torch.tensor([prompts[0]])
-    model.train()
-    with torch.inference_mode():
-        before = model(input_ids=ids).logits
-    calls = []
-    merge, unmerge = model.base_model.merge_adapter, model.base_model.unmerge_adapter
-    monkeypatch.setattr(model.base_model, "merge_adapter", lambda: (calls.append("merge"), merge()))
-    monkeypatch.setattr(model.base_model, "unmerge_adapter", lambda: (calls.append("unmerge"), unmerge()))
-    m = compare_latency(model, None, prompts, n_warmup=3, n_reps=30, gen_tokens=0, rounds=5)
-    assert calls == ["merge", "unmerge"] * 5  # one merged measurement per round, always undone
-    with torch.inference_mode():
-        after = model(input_ids=ids).logits
-    torch.testing.assert_close(after, before)  # unmerge restored the adapter weights
-    assert model.training  # train mode restored after the eval-mode probe
-    for key in ("latency_base_ms", "latency_dynamic_ms", "latency_merged_ms"):
-        assert m[key] > 0
-    assert m["gen_tokens_per_s_merged"] is None  # gen_tokens=0: no generation timed
-    base, merged = m["latency_base_ms"], m["latency_merged_ms"]
-    # merged weights run the same kernels as the base model: equal within noise
-    assert abs(merged - base) <= max(0.25 * base, 2.0)
-    assert m["latency_merged_overhead"] == pytest.approx(merged / base - 1)
-
-
-def test_full_model_latency_is_its_own_base_and_generation_is_timed():
-    m = compare_latency(tiny_model(), None, [list(range(1, 9))], n_warmup=1, n_reps=3, gen_tokens=3)
-    assert m["latency_base_ms"] == m["latency_merged_ms"] == m["latency_dynamic_ms"] > 0
-    assert m["latency_merged_overhead"] == 0.0 and m["latency_dynamic_overhead"] == 0.0
-    assert m["gen_tokens_per_s_base"] > 0
-
-
-def test_latency_probe_counts_generated_tokens():
-    model = lora(tiny_model())
-    r = serving.latency_probe(model, None, [[5, 6, 7]], n_warmup=0, n_reps=2, gen_tokens=3)
-    assert r["forward_ms"] > 0 and r["gen_tokens_per_s"] > 0

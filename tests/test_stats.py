@@ -266,3 +266,34 @@ def test_accuracy_difference_is_paired_per_seed_and_question():
     assert not accuracy_difference([near], [other], "mmlu", read)["significant"]
     # no seed of equal pair_key: nothing to pair
     assert accuracy_difference([peft], [_answered(record("full", None, 5), FULL)], "mmlu", read) is None
+
+
+def test_ratio_interval_is_the_paired_log_ratio_t_interval():
+    from harness.stats import ratio_interval
+
+    # log ratios 0 and ln 4: mean ln 2, sd ln4/sqrt2, t(0.975, df 1) = 12.7062
+    ratio, lo, hi = ratio_interval([1.0, 4.0], [1.0, 1.0])
+    half = 12.7062047 * (math.log(4) / math.sqrt(2)) / math.sqrt(2)
+    assert ratio == pytest.approx(2.0)
+    assert lo == pytest.approx(math.exp(math.log(2) - half)) and hi == pytest.approx(math.exp(math.log(2) + half))
+    # pairing: a drift both sides share cancels to a zero-width interval
+    assert ratio_interval([1.0, 2.0, 4.0], [0.5, 1.0, 2.0]) == pytest.approx((2.0, 2.0, 2.0))
+    assert ratio_interval([3.0], [2.0]) == (pytest.approx(1.5), None, None)
+    with pytest.raises(ValueError):
+        ratio_interval([1.0], [1.0, 2.0])
+
+
+def test_ratio_interval_covers_the_true_ratio_95_percent_of_the_time():
+    import random
+
+    from harness.stats import ratio_interval
+
+    rng = random.Random(0)
+    trials, covered = 2000, 0
+    for _ in range(trials):
+        drift = [rng.uniform(0.5, 2.0) for _ in range(8)]  # a machine whose speed wanders, shared
+        base = [d * rng.lognormvariate(0, 0.05) for d in drift]
+        variant = [1.03 * d * rng.lognormvariate(0, 0.05) for d in drift]
+        _, lo, hi = ratio_interval(variant, base)
+        covered += lo <= 1.03 <= hi
+    assert 0.93 <= covered / trials <= 0.97

@@ -43,9 +43,12 @@ MEASURED_FIELDS = (
     "memory_device", "memory_breakdown_bytes", "memory_breakdown_peak_bytes", "run_wall_s", "train_wall_s",
     "step_times_s", "step_time_median_s", "tokens_per_s", "train_tokens", "loss_curve", "flops_per_token",
     "achieved_flops_per_s", "peak_flops_per_s", "mfu", "hardware", "price_per_core_hour_usd", "price_source",
-    "price_date", "cost_usd", "run_cost_usd", "full_checkpoint_bytes", "latency_base_ms", "latency_merged_ms",
-    "latency_dynamic_ms", "gen_tokens_per_s_base", "gen_tokens_per_s_merged", "gen_tokens_per_s_dynamic",
-    "latency_merged_overhead", "latency_dynamic_overhead", "indomain_acc", "indomain_stderr", "indomain_n",
+    "price_date", "cost_usd", "run_cost_usd", "full_checkpoint_bytes", "serving_dtype", "latency_prefill_base_ms",
+    "latency_prefill_merged_ms", "latency_prefill_dynamic_ms", "latency_decode_base_ms_per_token",
+    "latency_decode_merged_ms_per_token", "latency_decode_dynamic_ms_per_token", "latency_prefill_merged_overhead",
+    "latency_prefill_dynamic_overhead", "latency_decode_merged_overhead", "latency_decode_dynamic_overhead",
+    "latency_decode_dynamic_overhead_ci_low", "latency_decode_dynamic_overhead_ci_high",
+    "indomain_acc", "indomain_stderr", "indomain_n",
     "train_tokens_real", "real_tokens_per_s", "peak_flops_source", "peak_flops_measured_at", "priced_units",
 )
 
@@ -62,9 +65,12 @@ def test_records_of_each_method_carry_every_measured_field(sweep):
         assert r["metrics"]["hardware"] == "cpu" and r["config"]["hardware"]["name"] == "cpu"
         if r["method"] == "full":
             assert r["metrics"]["adapter_bytes"] is None
-            assert r["metrics"]["latency_merged_overhead"] == r["metrics"]["latency_dynamic_overhead"] == 0
+            for phase in ("prefill", "decode"):
+                assert r["metrics"][f"latency_{phase}_merged_overhead"] == 0
+                assert r["metrics"][f"latency_{phase}_dynamic_overhead"] == 0
         else:
             assert 0 < r["metrics"]["adapter_bytes"] < r["metrics"]["full_checkpoint_bytes"]
+            assert 0 < r["metrics"]["adapter_serving_bytes"] < r["metrics"]["full_checkpoint_bytes"]
 
 
 def test_base_model_is_evaluated_once_for_the_sweep(sweep):

@@ -43,7 +43,7 @@ def _tensors(module: torch.nn.Module, adapter: bool = False) -> Iterator[tuple[t
     peft's tuner layers (LoRA, IA3, ..., ``modules_to_save``, trainable tokens) name the children
     that hold adapter weights in ``adapter_layer_names``; everything else is the base model.
     """
-    for name, t in module._parameters.items():
+    for t in module._parameters.values():
         if t is not None:
             yield t, adapter
     for name, t in module._buffers.items():
