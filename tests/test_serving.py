@@ -93,6 +93,15 @@ def test_footprint_compares_adapter_and_checkpoint_in_the_serving_dtype():
     assert full["serving_dtype"] == "float32"
 
 
+def test_sharded_parameters_count_at_their_whole_size():
+    zero3 = torch.nn.Parameter(torch.empty(0))  # a ZeRO-3 partition: empty here, ds_numel in all
+    zero3.ds_numel = 1000
+    assert serving._serving_bytes(zero3, torch.bfloat16) == 2000
+    model = tiny_model()
+    model.lm_head.weight._is_flat_param = True  # FSDP1: shapes unknown on a rank, so no figure
+    assert tensor_bytes(model, torch.float32) == {"checkpoint": None, "adapter": None}
+
+
 # -- latency --------------------------------------------------------------------------------------
 
 

@@ -60,8 +60,11 @@ def _serving_bytes(t: torch.Tensor, dtype: torch.dtype) -> int:
     quant = getattr(t, "quant_state", None)
     if quant is not None and getattr(quant, "shape", None) is not None:
         return int(torch.Size(quant.shape).numel()) * dtype.itemsize
+    # a ZeRO-3 partitioned parameter is empty on each rank; ds_numel is its whole size (an FSDP2
+    # DTensor's numel already is)
+    numel = int(getattr(t, "ds_numel", t.numel()))
     # save_pretrained in a dtype casts the floating tensors; integer buffers keep theirs
-    return t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
+    return numel * (dtype.itemsize if t.is_floating_point() else t.element_size())
 
 
 def tensor_bytes(model: torch.nn.Module, dtype: torch.dtype) -> dict:
@@ -72,11 +75,16 @@ def tensor_bytes(model: torch.nn.Module, dtype: torch.dtype) -> dict:
     (tied weights once, adapter weights excluded: merging folds them into the base weights),
     floating-point tensors in ``dtype``. ``adapter``: the adapter's tensors in ``dtype`` (None when
     the model is not PEFT). A safetensors file adds only its JSON header (8 bytes + a few KiB).
+    Both are None under FSDP1, whose flat parameter shards do not show the parameters' shapes.
     """
     base = model.get_base_model() if _is_peft(model) else model
     seen: set[int] = set()
     total = {False: 0, True: 0}
-    for t, is_adapter in _tensors(base):
+    tensors = list(_tensors(base))
+    if any(getattr(t, "_is_flat_param", False) for t, _ in tensors):
+        # FSDP1 flattens parameters into per-rank shards with views of varying size: not counted
+        return {"checkpoint": None, "adapter": None}
+    for t, is_adapter in tensors:
         if id(t) in seen:  # tied weights are one tensor, saved once
             continue
         seen.add(id(t))
