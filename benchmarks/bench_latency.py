@@ -22,7 +22,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from harness.data import load_examples
-from harness.measure.serving import compare_latency
+from harness.measure.serving import latency_metrics, time_variants
 from harness.methods import apply_method
 from harness.models import load_model
 from harness.run import CONF_DIR
@@ -57,8 +57,9 @@ def main() -> None:
     examples, _ = load_examples(cfg["data"])
     prompts = [ex["prompt"] for ex in examples[:n_prompts]]
     t0 = time.perf_counter()
-    m = compare_latency(model, loaded.tokenizer, prompts, reps=reps, new_tokens=new_tokens)
+    timed = time_variants(model, loaded.tokenizer, prompts, reps=reps, new_tokens=new_tokens)
     wall = time.perf_counter() - t0
+    m = latency_metrics(timed)
     print(f"{args.model}, LoRA r{args.rank} all-linear (B nonzero), {torch.get_num_threads()} thread(s), "
           f"{reps} round-robin reps x {len(prompts)} prompts (mean {m['latency_prompt_tokens']:.0f} tokens), "
           f"{new_tokens} decoded tokens each: {wall:.1f} s")
@@ -70,6 +71,9 @@ def main() -> None:
             print(f"  {phase:8s} {variant:7s} {m[f'latency_{phase}_{variant}_{unit}']:7.2f} {unit.replace('_', ' ')}"
                   f"  overhead {100 * m[key]:+6.2f}%  95% CI [{100 * m[key + '_ci_low']:+.2f}, "
                   f"{100 * m[key + '_ci_high']:+.2f}]%")
+            t = timed["times"]
+            ratios = [v / b for v, b in zip(t[variant][phase], t["base"][phase], strict=True)]
+            print(f"  {'':8s} {'':7s} per-rep ratios: {' '.join(f'{r:.3f}' for r in ratios)}")
 
 
 if __name__ == "__main__":

@@ -154,7 +154,7 @@ def _measure(model: Any, inputs: list[torch.Tensor], new_tokens: int, pad: int) 
                 stamps = _Stamps(device)
                 # min_new_tokens: an early EOS must not shorten the count
                 model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens + 1,
-                               min_new_tokens=new_tokens + 1, do_sample=False, pad_token_id=pad,
+                               min_new_tokens=new_tokens + 1, do_sample=False, use_cache=True, pad_token_id=pad,
                                logits_processor=LogitsProcessorList([stamps]))
                 decode += stamps.times[-1] - stamps.times[0]
     return statistics.fmean(prefill), decode / (new_tokens * len(inputs)) if new_tokens > 0 else None
@@ -189,6 +189,12 @@ class _Variants:
 
 def compare_latency(model: torch.nn.Module, tokenizer: Any, prompts: Sequence, reps: int = 12,
                     new_tokens: int = 8, warmup: int = 1) -> dict:
+    """The record's latency fields: ``time_variants`` summarized by ``latency_metrics``."""
+    return latency_metrics(time_variants(model, tokenizer, prompts, reps, new_tokens, warmup))
+
+
+def time_variants(model: torch.nn.Module, tokenizer: Any, prompts: Sequence, reps: int = 12,
+                  new_tokens: int = 8, warmup: int = 1) -> dict:
     """Prefill and per-token decode latency of the base model, the merged and the dynamic adapter.
 
     PEFT (LoRA-style) models: base inside ``model.disable_adapter()``, dynamic as is (the adapter's
@@ -200,7 +206,8 @@ def compare_latency(model: torch.nn.Module, tokenizer: Any, prompts: Sequence, r
     evaluation: with 4-bit base weights merging re-quantizes, so unmerge is not bit-exact.
     Other models (full fine-tuning): the model is its own base, merged and dynamic; measured once
     per repetition, overheads 0. ``prompts`` are strings for ``tokenizer``, or token-id lists when
-    ``tokenizer`` is None.
+    ``tokenizer`` is None. Returns the raw seconds, ``{"times": {variant: {"prefill": [per rep],
+    "decode": [per rep, per token]}}}`` with the probe's settings.
     """
     device = next(model.parameters()).device
     inputs = _encode(tokenizer, prompts, device)
@@ -225,9 +232,15 @@ def compare_latency(model: torch.nn.Module, tokenizer: Any, prompts: Sequence, r
     finally:
         variants.close()
         model.train(was_training)
-    out = {"latency_reps": reps, "latency_prompts": len(inputs),
-           "latency_prompt_tokens": statistics.fmean(ids.shape[1] for ids in inputs),
-           "latency_new_tokens": new_tokens}
+    return {"times": times, "reps": reps, "prompts": len(inputs),
+            "prompt_tokens": statistics.fmean(ids.shape[1] for ids in inputs), "new_tokens": new_tokens}
+
+
+def latency_metrics(timed: dict) -> dict:
+    """Medians (ms) and overheads with their 95% intervals from ``time_variants``' raw times."""
+    times, new_tokens = timed["times"], timed["new_tokens"]
+    out = {"latency_reps": timed["reps"], "latency_prompts": timed["prompts"],
+           "latency_prompt_tokens": timed["prompt_tokens"], "latency_new_tokens": new_tokens}
     for phase, unit in (("prefill", "ms"), ("decode", "ms_per_token")):
         base = times["base"][phase]
         measured = new_tokens > 0 or phase == "prefill"
