@@ -10,6 +10,8 @@ dynamic adapter's extra low-rank matmuls show mostly in decoding, where each ste
 Timings are only valid on a quiet machine: run it under the CPU lock.
 
     flock /tmp/harness-cpu.lock .venv/bin/python -m benchmarks.bench_latency [--reps 20] [--threads 1]
+
+Measured here: see README, "Benchmarks of the harness itself".
 """
 
 from __future__ import annotations
@@ -40,9 +42,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--reps", type=int, default=None, help="default: the eval config's latency.reps")
-    parser.add_argument("--prompts", type=int, default=None, help="default: the eval config's latency.prompts")
-    parser.add_argument("--new-tokens", type=int, default=None, help="default: the eval config's latency.gen_tokens")
+    parser.add_argument("--reps", type=int, default=None, help="default: the eval config's latency.reps (20)")
+    parser.add_argument("--prompts", type=int, default=None, help="default: the eval config's latency.prompts (2)")
+    parser.add_argument("--new-tokens", type=int, default=None,
+                        help="default: the eval config's latency.gen_tokens (8)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -60,7 +63,8 @@ def main() -> None:
     timed = time_variants(model, loaded.tokenizer, prompts, reps=reps, new_tokens=new_tokens)
     wall = time.perf_counter() - t0
     m = latency_metrics(timed)
-    print(f"{args.model}, LoRA r{args.rank} all-linear (B nonzero), {torch.get_num_threads()} thread(s), "
+    print(f"{args.model} ({next(model.parameters()).dtype}), LoRA r{args.rank} all-linear (B nonzero), "
+          f"{torch.get_num_threads()} thread(s), "
           f"{reps} round-robin reps x {len(prompts)} prompts (mean {m['latency_prompt_tokens']:.0f} tokens), "
           f"{new_tokens} decoded tokens each: {wall:.1f} s")
     for phase, unit in (("prefill", "ms"), ("decode", "ms_per_token")):
