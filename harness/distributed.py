@@ -229,6 +229,11 @@ def combine(per_rank: list[dict], strategy: str) -> dict:
     evals = [p for p in out["eval_peak_memory_bytes_per_rank"] if p is not None]
     if evals:
         out["eval_peak_memory_bytes"] = max(evals)
+    # growths over the level at phase start: the largest rank's, as for the peaks
+    for growth in ("peak_memory_growth_bytes", "eval_peak_memory_growth_bytes"):
+        values = [r.get(growth) for r in per_rank]
+        if any(v is not None for v in values):
+            out[growth] = max(v for v in values if v is not None)
     return out
 
 

@@ -174,29 +174,38 @@ class Setup:
     dora: bool
     padded: bool         # batches carry padding, so SDPA gets a mask (and repeats k, v to every head)
     accumulate: bool = False  # grad_accum > 1: later micro-batches run with the gradients held
+    model_dtype: str = "float32"  # model.dtype resolved as harness-run does (models.resolve_dtype)
 
 
 def setup_of(cfg: dict) -> Setup:
+    from harness.models import ModelSourceError, resolve_dtype
+
     hw = str(cfg["hardware"].get("name"))
     gpu = hw in DEVICES or (hw not in ("cpu", "auto") and not hw.startswith("unpriced (cpu"))
+    has_bf16 = gpu  # every GPU of the price table has bf16
     if hw == "auto":
         import torch
 
         gpu = torch.cuda.is_available()
+        has_bf16 = gpu and torch.cuda.is_bf16_supported()
     train, method, est = cfg["train"], cfg["method"], cfg.get("estimate") or {}
     precision = str(train["precision"])
-    bf16 = precision == "bf16" or (precision == "auto" and gpu)
-    weights = str(est.get("weights_dtype") or "auto")
-    if weights not in ("auto", "float32", "bfloat16"):
-        raise UsageError(f"estimate.weights_dtype={weights!r} is invalid; valid: auto, float32, bfloat16")
-    # harness-run loads every model in float32 (models.load_model) and trains under bf16 autocast
-    weight_bytes = 2 if weights == "bfloat16" else 4
+    bf16 = precision == "bf16" or (precision == "auto" and has_bf16)
+    # the weights in the dtype harness-run loads them in (model.dtype, resolved by the same
+    # function: auto is bf16 for a frozen base on a GPU), except QLoRA's unquantized weights,
+    # which peft's prepare_model_for_kbit_training casts to fp32
+    dist = cfg.get("distributed") or {}
+    try:
+        weights = resolve_dtype(cfg["model"].get("dtype"), method, "cuda" if gpu else "cpu", has_bf16,
+                                sharded=str(dist.get("strategy") or "none") in ("fsdp", "zero3"))
+    except ModelSourceError as exc:
+        raise UsageError(str(exc)) from exc
+    weight_bytes = 2 if weights != "float32" and not method.get("quantize") else 4
     regime = "bf16" if weight_bytes == 2 else ("autocast" if bf16 else "fp32")
     optim = str(train["optim"])
     if OPTIMIZERS.get(optim) is None:
         valid = ", ".join(k for k, v in OPTIMIZERS.items() if v)
         raise UsageError(f"train.optim={optim!r} has no memory model; valid: {valid}")
-    dist = cfg.get("distributed") or {}
     strategy = str(dist.get("strategy") or "none")
     if strategy not in ("none", "ddp", "fsdp", "zero3"):
         raise UsageError(f"distributed.strategy={strategy!r} is unknown; valid: none, ddp, fsdp, zero3")
@@ -207,7 +216,7 @@ def setup_of(cfg: dict) -> Setup:
                  seq=int(train["seq_len"]), strategy=strategy, world=max(world, 1),
                  dropout=0.0 if full else float(method.get("dropout") or 0.0),
                  dora=not full and bool(method.get("use_dora")), padded=bool(est.get("padded", True)),
-                 accumulate=int(train.get("grad_accum") or 1) > 1)
+                 accumulate=int(train.get("grad_accum") or 1) > 1, model_dtype=weights)
 
 
 # ---------------------------------------------------------------- memory model
@@ -528,7 +537,7 @@ def estimate_job(cfg: dict) -> dict:
         "estimated": True,
         "model": cfg["model"]["name"], "method": method["name"], "rank": rank_of(method),
         "hardware": hw, "strategy": s.strategy, "world_size": s.world,
-        "precision": s.regime, "optim": s.optim, "gradient_checkpointing": s.gc,
+        "precision": s.regime, "model_dtype": s.model_dtype, "optim": s.optim, "gradient_checkpointing": s.gc,
         "batch_size": s.batch, "seq_len": s.seq,
         "trainable_params": counts["trainable_params"], "total_params": counts["total_params"],
         "trainable_share": counts["trainable_share"],

@@ -61,6 +61,57 @@ def count_params(model: torch.nn.Module) -> int:
     return total
 
 
+# model.dtype: the accepted spellings and the torch dtype each names
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+def check_dtype(wanted: str | None) -> str:
+    """``model.dtype`` as given (``auto`` when unset); a usage error when it names no dtype."""
+    wanted = str(wanted or "auto")
+    if wanted != "auto" and wanted not in DTYPES:
+        raise ModelSourceError(f"model.dtype={wanted!r} is invalid; valid: auto, fp32, bf16, fp16 "
+                               "(or float32, bfloat16, float16)")
+    return wanted
+
+
+def resolve_dtype(wanted: str | None, method_cfg: dict, device_type: str, bf16_supported: bool,
+                  sharded: bool = False) -> str:
+    """The dtype the base model's weights are loaded in: ``model.dtype`` resolved, for harness-run
+    and harness-estimate alike. Returns a torch dtype name (``float32``, ``bfloat16``, ``float16``).
+
+    ``auto``:
+
+    - a frozen base (every PEFT arm, and the base-model evaluation, ``method.name=base``) on a CUDA
+      device with bf16: ``bfloat16``, as adapters are trained on a GPU. peft keeps the adapter
+      weights in fp32 (``autocast_adapter_dtype``), and the Trainer's bf16 autocast
+      (``train.precision``) runs the matmuls;
+    - full fine-tuning: ``float32`` master weights; ``train.precision`` decides whether the matmuls
+      run under bf16 autocast;
+    - on a CPU: ``float32`` (bf16 matmuls on a CPU without bf16 units are many times slower).
+
+    QLoRA's matmul weights are 4-bit whatever this says: this is the dtype they are quantized
+    from and the rest of the model is loaded in (peft's ``prepare_model_for_kbit_training`` then
+    casts those other weights to fp32). Sharded (FSDP) QLoRA loads in its compute dtype, the one
+    its 4-bit weights are stored in (``bnb_4bit_quant_storage``) so that FSDP can shard them.
+    An explicit ``fp32`` / ``bf16`` / ``fp16`` is used as given.
+    """
+    wanted = check_dtype(wanted)
+    if sharded and method_cfg.get("quantize") and method_cfg.get("compute_dtype") not in (None, "auto"):
+        return DTYPES.get(str(method_cfg["compute_dtype"]), str(method_cfg["compute_dtype"]))
+    if wanted != "auto":
+        return DTYPES[wanted]
+    frozen_base = method_cfg.get("name") != "full"
+    return "bfloat16" if frozen_base and device_type == "cuda" and bf16_supported else "float32"
+
+
+def model_dtype(model_cfg: dict, method_cfg: dict, device: str | torch.device, sharded: bool = False) -> str:
+    """``resolve_dtype`` for this process's training ``device`` (its bf16 support read from torch)."""
+    device = torch.device(device)
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return resolve_dtype(model_cfg.get("dtype"), method_cfg, device.type, bf16, sharded)
+
+
 def cache_dir() -> Path:
     base = os.environ.get("PEFT_HARNESS_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "peft-harness"
@@ -197,11 +248,19 @@ def model_folder(model_cfg: dict) -> tuple[str, bool]:
 
 
 def load_model(model_cfg: dict, dtype: torch.dtype = torch.float32, quantization_config=None,
-               device: str | torch.device | None = None) -> LoadedModel:
+               device: str | torch.device | None = None, mmap: bool = True) -> LoadedModel:
     """Load the base model (optionally 4-bit) and its tokenizer.
 
-    ``device``: where the weights go; default the current CUDA device when there is one. A
-    sharded job (FSDP, ZeRO-3) passes "cpu": sharding moves each rank's part to its device.
+    ``dtype``: see ``model_dtype``. ``device``: where the weights go; default the current CUDA
+    device when there is one. A sharded job (FSDP, ZeRO-3) passes "cpu": sharding moves each
+    rank's part to its device.
+
+    ``mmap=False`` reads the checkpoint into the process's memory instead of mapping the file
+    (transformers' ``disable_mmap``). A run that trains on a CPU does so, to make its RSS hold
+    the weights it uses, as a GPU's memory does: mapped weights enter the RSS only as they are
+    touched, and when QLoRA quantizes from a mapped file, every page it read stays resident (the
+    weights it keeps unquantized are views into the same mapping), about 400 MiB on SmolLM2-135M
+    beside its 4-bit weights.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -209,7 +268,7 @@ def load_model(model_cfg: dict, dtype: torch.dtype = torch.float32, quantization
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    kwargs = {"dtype": dtype}
+    kwargs = {"dtype": dtype, **({} if mmap else {"disable_mmap": True})}
     if device is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
     device = torch.device(device) if device is not None else None

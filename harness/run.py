@@ -53,17 +53,19 @@ def plan(cfg: dict) -> dict:
     from harness.data import DataError, check_fit
     from harness.measure.pricing import PriceTableError, load_price_table, resolve_hardware, unpriced_hardware
     from harness.methods import MethodError, normalize, rank_of, validate
+    from harness.models import ModelSourceError, check_dtype
 
     cfg = {k: v for k, v in cfg.items() if k != "hydra"}
     cfg["method"] = normalize(cfg["method"])
     try:
         validate(cfg["method"])
+        check_dtype(cfg["model"].get("dtype"))
         distributed.validate(cfg["distributed"])
         check_fit(cfg["data"], int(cfg["train"]["seq_len"]))
         # hardware=auto becomes the detected entry, so runs on other hardware are other runs
         table = load_price_table(CONF_DIR)
         entry = resolve_hardware(cfg["hardware"], table)
-    except (MethodError, PriceTableError, distributed.DistributedError, DataError) as exc:
+    except (MethodError, ModelSourceError, PriceTableError, distributed.DistributedError, DataError) as exc:
         raise UsageError(str(exc)) from exc
     cfg["hardware"] = entry or unpriced_hardware(table)  # an unknown device: no neighbour's price, a warning
     method = cfg["method"]["name"]
@@ -196,19 +198,23 @@ def evaluate_all(model, tokenizer, cfg: dict, heldout: list[dict]) -> tuple[dict
 
 def base_record(job: dict, cfg: dict, heldout: list[dict], env: dict) -> dict:
     """Evaluate the base model without fine-tuning once per (model, eval settings, data)."""
-    from harness.models import load_model
+    import torch
+
+    from harness.models import load_model, model_dtype
 
     print(f"[{job['base_run_id']}] evaluating the base model (once for all arms and seeds)", flush=True)
     started = now_iso()
     t0 = time.perf_counter()
-    loaded = load_model(cfg["model"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = model_dtype(cfg["model"], {"name": "base"}, device)
+    loaded = load_model(cfg["model"], dtype=getattr(torch, dtype), mmap=device != "cpu")
     acc, items = evaluate_all(loaded.model, loaded.tokenizer, cfg, heldout)
     base_job = {**job, "run_id": job["base_run_id"], "config_hash": job["eval_key"], "pair_key": None,
                 "method": "base", "rank": None, "config": {**cfg, "method": {"name": "base"}}}
     rec = new_record(base_job, {**env, "started_at": started, "ended_at": now_iso()})
     rec["model"]["total_params"] = loaded.total_params
     metrics = rec["metrics"]
-    metrics.update(acc, total_params=loaded.total_params, run_wall_s=time.perf_counter() - t0)
+    metrics.update(acc, total_params=loaded.total_params, model_dtype=dtype, run_wall_s=time.perf_counter() - t0)
     rec["items_file"] = records.write_items(cfg["results_dir"], base_job["run_id"], items)
     records.write_record(cfg["results_dir"], rec)
     print(f"[base] {rec['run_id']}: mmlu_acc={metrics['mmlu_acc']} indomain_acc={metrics['indomain_acc']}", flush=True)
@@ -233,8 +239,15 @@ def execute(job: dict) -> dict | None:
     from harness.data import load_examples
     from harness.measure import callback, flops, memory, pricing, serving
     from harness.methods import apply_method, quantization_config
-    from harness.models import load_model
-    from harness.train import build_trainer, token_budget, training_arguments, training_features, use_bf16
+    from harness.models import load_model, model_dtype
+    from harness.train import (
+        build_trainer,
+        release_optimizer,
+        token_budget,
+        training_arguments,
+        training_features,
+        use_bf16,
+    )
 
     # progress of this harness (steps, loss, ETA) rather than a bar per file loaded
     datasets.disable_progress_bars()
@@ -273,11 +286,10 @@ def execute(job: dict) -> dict | None:
         env.update(device_count=world, visible_device_count=torch.cuda.device_count() if torch.cuda.is_available() else 1)
         mine["device"] = distributed.device_label(args.device)
         set_seed(int(cfg["seed"]))  # the same initial RNG state for every arm, base eval or not
-        qlora_sharded = sharded and bool(cfg["method"].get("quantize"))
-        loaded = load_model(cfg["model"], quantization_config=quantization_config(cfg["method"], sharded=sharded),
-                            device="cpu" if sharded else args.device,
-                            # FSDP shards QLoRA's 4-bit weights stored in the compute dtype: load in it
-                            **({"dtype": getattr(torch, cfg["method"]["compute_dtype"])} if qlora_sharded else {}))
+        metrics["model_dtype"] = model_dtype(cfg["model"], cfg["method"], args.device, sharded)
+        loaded = load_model(cfg["model"], dtype=getattr(torch, metrics["model_dtype"]),
+                            quantization_config=quantization_config(cfg["method"], sharded=sharded),
+                            device="cpu" if sharded else args.device, mmap=args.device.type != "cpu")
         record["model"]["total_params"] = loaded.total_params
         model = apply_method(loaded.model, cfg["method"], bool(cfg["train"]["gradient_checkpointing"]))
         metrics.update(flops.param_counts(model))
@@ -301,8 +313,12 @@ def execute(job: dict) -> dict | None:
                 train_tokens=flops.padded_tokens(trainer.state.global_step, args, int(cfg["train"]["seq_len"])),
                 real_tokens=int(trainer.state.num_input_tokens_seen) or None))
         metrics["token_budget"] = token_budget(cfg["train"])  # per process
-        for key in ("peak_memory_bytes", "peak_memory_reserved_bytes", "memory_breakdown_bytes"):
+        for key in ("peak_memory_bytes", "peak_memory_growth_bytes", "peak_memory_reserved_bytes",
+                    "memory_breakdown_bytes"):
             mine[key] = metrics[key]
+        # nothing after training steps the optimizer: its moments and the gradients must not sit
+        # in the evaluation's memory peak (AdamW: 2 x the trainable weights, for full FT)
+        release_optimizer(trainer)
 
         # MFU: each device's matmul peak in the training dtype, measured once per hardware (cached)
         device = args.device
@@ -323,7 +339,7 @@ def execute(job: dict) -> dict | None:
             with memory.eval_peak_memory(device) as eval_mem:
                 acc, items = evaluate_all(model, loaded.tokenizer, cfg, heldout)
             metrics.update(acc)
-            mine["eval_peak_memory_bytes"] = eval_mem["eval_peak_memory_bytes"]
+            mine.update(eval_mem)
             for task in ("mmlu", "indomain"):
                 if metrics.get(f"{task}_acc") is not None and base["metrics"].get(f"{task}_acc") is not None:
                     metrics[f"{task}_gain_vs_base"] = metrics[f"{task}_acc"] - base["metrics"][f"{task}_acc"]

@@ -130,3 +130,21 @@ def build_trainer(model, tokenizer, features: list[dict], train_cfg: dict, learn
     )
     trainer.remove_callback(PrinterCallback)  # raw log dicts; ProgressPrinter says it better
     return trainer
+
+
+def release_optimizer(trainer: Trainer) -> None:
+    """Free what only training needs, once it is over: the optimizer with its state (AdamW: two
+    moments per trainable weight), the learning-rate schedule and the gradients. The Trainer, its
+    callback handler and accelerate each hold a reference; all are dropped, so that evaluation's
+    memory holds the model alone. Under DeepSpeed they stay: ZeRO-3's engine, which owns the
+    optimizer, also gathers the partitioned weights for every forward.
+    """
+    if trainer.is_deepspeed_enabled:
+        return
+    from harness.measure.memory import release_free_memory
+
+    trainer.model.zero_grad(set_to_none=True)
+    trainer.optimizer = trainer.lr_scheduler = None
+    trainer.callback_handler.optimizer = trainer.callback_handler.lr_scheduler = None
+    trainer.accelerator.free_memory()  # its prepared optimizer, scheduler, model and dataloader
+    release_free_memory(trainer.args.device)

@@ -88,7 +88,7 @@ def test_peft_method_comparison_l40s(name, overrides, published_gb):
     reserve is an assumed 10%. Measured here: +2.4%, +0.7%, +0.1%, -2.2% (GB read as 1e9 bytes)."""
     method = ["method=full"] if name == "full" else ["method=lora"]
     cfg = cfg_for("model=llama-3.2-3b-arch", "hardware=l40s", "train.batch_size=4", "train.seq_len=768",
-                  "estimate.weights_dtype=bfloat16", "method.dropout=0", "method.target_modules=[q_proj,v_proj]",
+                  "model.dtype=bf16", "method.dropout=0", "method.target_modules=[q_proj,v_proj]",
                   *method, *overrides)
     est = estimate.estimate_job(cfg)
     reserved = est["peak_memory_bytes"] + est["allocator_reserve_bytes"]  # no CUDA context in torch's figure

@@ -14,15 +14,16 @@ import time
 import torch
 from transformers import TrainerCallback
 
-from harness.measure.memory import RSS_INTERVAL_S, MemoryBreakdown, RSSSampler, sync
+from harness.measure.memory import RSS_INTERVAL_S, MemoryBreakdown, PhasePeak, memory_measure, sync
 
 
 class MeasureCallback(TrainerCallback):
     """Training-phase measurements for a transformers ``Trainer``.
 
-    - peak memory of the training phase: on CUDA ``max_memory_allocated`` /
-      ``max_memory_reserved`` after a peak reset at train begin; on CPU the peak RSS during
-      training minus the RSS just before it (background sampler + a read at each step end);
+    - peak memory of the training phase (``PhasePeak``): on CUDA ``max_memory_allocated`` /
+      ``max_memory_reserved`` after a peak reset at train begin; on CPU the highest RSS of the
+      process during training (background sampler + a read at each step end); both absolute
+      (the weights count) and as growth over the level at train begin;
     - the memory breakdown (``MemoryBreakdown``) for one step, ``breakdown_step`` (default: the
       first step after ``warmup_steps``; ``None`` disables it); that step is left out of
       the step-time statistics because tracking slows it down;
@@ -38,7 +39,7 @@ class MeasureCallback(TrainerCallback):
         self.breakdown_step = breakdown_step
         self.rss_interval_s = rss_interval_s
         self.device = torch.device("cpu")
-        self.sampler: RSSSampler | None = None
+        self.phase: PhasePeak | None = None
         self.tracker: MemoryBreakdown | None = None
         self.probe_step: int | None = None
         self.step_times: list[tuple[int, float]] = []  # (step index, seconds), probe step excluded
@@ -47,6 +48,7 @@ class MeasureCallback(TrainerCallback):
         self.breakdown: dict = {}
         self.peak_memory_bytes: int | None = None
         self.peak_memory_reserved_bytes: int | None = None
+        self.peak_memory_growth_bytes: int | None = None
         self.train_wall_s: float | None = None
         self.num_input_tokens_seen = 0
         self._model = None
@@ -65,11 +67,7 @@ class MeasureCallback(TrainerCallback):
             wanted = self.warmup_steps if self.breakdown_step == "auto" else int(self.breakdown_step)
             # a run shorter than the warm-up still gets a breakdown, on its last step
             self.probe_step = max(0, min(wanted, state.max_steps - 1)) if state.max_steps else wanted
-        sync(self.device)
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self.sampler = RSSSampler(self.rss_interval_s).start()
+        self.phase = PhasePeak(self.device, self.rss_interval_s).start()
         self._t_train = time.perf_counter()
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -88,8 +86,8 @@ class MeasureCallback(TrainerCallback):
             self.probe_step_s = dt
         else:
             self.step_times.append((step, dt))
-        if self.sampler is not None:
-            self.sampler.sample()
+        if self.phase is not None:
+            self.phase.sample()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
@@ -115,12 +113,11 @@ class MeasureCallback(TrainerCallback):
         if self.tracker is not None:  # training stopped inside the probe step
             self.breakdown = self.tracker.stop()
             self.tracker = None
-        if self.device.type == "cuda":
-            self.peak_memory_bytes = int(torch.cuda.max_memory_allocated(self.device))
-            self.peak_memory_reserved_bytes = int(torch.cuda.max_memory_reserved(self.device))
-        elif self.sampler is not None:
-            self.peak_memory_bytes = int(self.sampler.stop())
-            self.sampler = None
+        if self.phase is not None:
+            peak = self.phase.stop()
+            self.phase = None
+            self.peak_memory_bytes, self.peak_memory_growth_bytes = peak["peak"], peak["growth"]
+            self.peak_memory_reserved_bytes = peak["reserved"]
         self._model = self._optimizer = None
 
     def metrics(self, train_tokens: int | None = None, real_tokens: int | None = None) -> dict:
@@ -149,7 +146,9 @@ class MeasureCallback(TrainerCallback):
         real = real_tokens if real_tokens is not None else (self.num_input_tokens_seen or None)
         return {
             "memory_device": self.device.type,
+            "memory_measure": memory_measure(self.device),
             "peak_memory_bytes": self.peak_memory_bytes,
+            "peak_memory_growth_bytes": self.peak_memory_growth_bytes,
             "peak_memory_reserved_bytes": self.peak_memory_reserved_bytes,
             "memory_breakdown_bytes": self.breakdown.get("memory_breakdown_bytes"),
             "memory_breakdown_peak_bytes": self.breakdown.get("memory_breakdown_peak_bytes"),

@@ -1,0 +1,236 @@
+"""Memory figures say which measure they are: absolute peaks and growth (CPU RSS, CUDA allocated),
+the optimizer freed before evaluation, and ``model.dtype`` resolved in one place for harness-run
+and harness-estimate."""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness import estimate
+from harness.measure import memory
+from harness.models import ModelSourceError, model_dtype, resolve_dtype
+from tests.conftest import TINY, harness_run
+from tests.test_measure import HoldTensor, MiB, tiny_model, train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def records(results: Path) -> dict[str, dict]:
+    return {r["method"]: r for r in (json.loads(p.read_text()) for p in results.glob("*.json"))}
+
+
+# -- the CPU peak: absolute, growth, measure named -------------------------------------------------
+
+
+class HeldBeforeTraining:
+    """A tensor allocated (and touched) before training starts, alive through it: the weights of a
+    model loaded before training are such memory."""
+
+    def __init__(self, nbytes: int):
+        self.t = torch.ones(nbytes // 4)
+
+
+def test_cpu_peak_is_absolute_and_counts_memory_held_before_training():
+    """Memory alive before train begin (loaded weights) is in ``peak_memory_bytes`` but not in the
+    growth; the old figure, RSS growth, left it out."""
+    train(tiny_model(), steps=3, breakdown_step=None)  # warm-up run: lazy init happens once per process
+    without = train(tiny_model(), steps=3, breakdown_step=None)
+    held = HeldBeforeTraining(64 * MiB)
+    with_held = train(tiny_model(), steps=3, breakdown_step=None)
+    del held
+    assert without["memory_measure"] == with_held["memory_measure"] == "CPU RSS"
+    assert 0.75 * 64 * MiB <= with_held["peak_memory_bytes"] - without["peak_memory_bytes"] <= 1.5 * 64 * MiB
+    assert abs(with_held["peak_memory_growth_bytes"] - without["peak_memory_growth_bytes"]) < 16 * MiB
+    for m in (without, with_held):
+        assert m["peak_memory_bytes"] > m["peak_memory_growth_bytes"] > 0
+        assert m["peak_memory_reserved_bytes"] is None
+
+
+def test_cpu_growth_shows_a_tensor_allocated_during_training():
+    train(tiny_model(), steps=3, breakdown_step=None)
+    without = train(tiny_model(), steps=3, breakdown_step=None)["peak_memory_growth_bytes"]
+    with_extra = train(tiny_model(), steps=3, breakdown_step=None,
+                       extra=[HoldTensor(64 * MiB)])["peak_memory_growth_bytes"]
+    assert 0.75 * 64 * MiB <= with_extra - without <= 1.5 * 64 * MiB
+
+
+def test_phase_start_returns_freed_heap_to_the_os():
+    """Blocks freed before a phase must not count in its RSS: glibc keeps small freed blocks in
+    its heap, and ``release_free_memory`` (malloc_trim) gives them back."""
+    if memory._MALLOC_TRIM is None:
+        pytest.skip("not glibc")
+    # many blocks under glibc's mmap threshold: they come from the heap and stay there when freed
+    blocks = [torch.ones(16 * 1024) for _ in range(4096)]  # 64 KiB each, 256 MiB
+    del blocks
+    gc.collect()
+    before = memory._rss()
+    phase = memory.PhasePeak("cpu").start()
+    after = phase.baseline
+    phase.stop()
+    assert before - after > 128 * MiB, (before / MiB, after / MiB)
+
+
+def test_eval_peak_is_absolute_with_its_growth():
+    with memory.eval_peak_memory("cpu") as out:
+        start = memory._rss()
+        t = torch.ones(64 * MiB // 4)
+        time.sleep(3 * memory.RSS_INTERVAL_S)
+        del t
+    assert 56 * MiB <= out["eval_peak_memory_growth_bytes"] <= 96 * MiB
+    assert out["eval_peak_memory_bytes"] >= start + 56 * MiB
+
+
+def test_measure_names():
+    assert memory.memory_measure("cpu") == "CPU RSS"
+    assert memory.memory_measure(torch.device("cuda", 0)) == "CUDA allocated"
+
+
+# -- the optimizer is gone before evaluation --------------------------------------------------------
+
+
+def test_release_optimizer_frees_adam_state_and_gradients():
+    from harness.models import byte_tokenizer
+    from harness.train import build_trainer, release_optimizer, training_arguments
+
+    model = tiny_model()
+    examples = [{"prompt": f"question {i}?", "completion": f" answer {i}"} for i in range(8)]
+    train_cfg = {"max_steps": 2, "batch_size": 2, "grad_accum": 1, "seq_len": 16, "lr_scheduler": "constant",
+                 "warmup_steps": 0, "weight_decay": 0.0, "optim": "adamw_torch", "precision": "fp32",
+                 "gradient_checkpointing": False, "logging_steps": 1}
+    trainer = build_trainer(model, byte_tokenizer(), examples, train_cfg, 1e-3, 0,
+                            args=training_arguments(train_cfg, 1e-3, 0))
+    trainer.train()
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    state = [weakref.ref(v) for s in inner.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    assert len(state) >= 2 * sum(1 for p in model.parameters())  # AdamW's two moments per weight
+    optimizer = weakref.ref(inner)
+    del inner
+    release_optimizer(trainer)
+    gc.collect()
+    assert optimizer() is None
+    assert all(ref() is None for ref in state)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_run_evaluates_with_no_optimizer_alive(monkeypatch, tmp_path):
+    """In harness-run's own job (run.execute), evaluation starts with no optimizer state alive."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from harness import run
+
+    seen = []
+    evaluate_all = run.evaluate_all
+
+    def spy(model, tokenizer, cfg, heldout):
+        gc.collect()
+        alive = [o for o in gc.get_objects() if isinstance(o, torch.optim.Optimizer)]
+        seen.append(sum(len(o.state) for o in alive))
+        return evaluate_all(model, tokenizer, cfg, heldout)
+
+    monkeypatch.setattr(run, "evaluate_all", spy)
+    with initialize_config_dir(config_dir=str(run.CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[*TINY, "method=full", "eval.on_random_weights=true",
+                                                        "eval.latency.enabled=false", f"results_dir={tmp_path}"])
+    job = run.plan(OmegaConf.to_container(cfg, resolve=True))
+    record = run.execute(job)
+    assert record["status"] == "ok", record["error"]
+    assert seen == [0, 0]  # base model, then the trained arm: no optimizer holds state
+
+
+# -- model.dtype ----------------------------------------------------------------------------------
+
+LORA = {"name": "lora"}
+QLORA = {"name": "qlora", "quantize": "nf4", "compute_dtype": "bfloat16"}
+
+
+@pytest.mark.parametrize("wanted,method,device,bf16,expected", [
+    ("auto", LORA, "cuda", True, "bfloat16"),        # frozen base in bf16 on a GPU that has it
+    ("auto", QLORA, "cuda", True, "bfloat16"),
+    ("auto", {"name": "base"}, "cuda", True, "bfloat16"),  # the base-model evaluation: a frozen base too
+    ("auto", {"name": "full"}, "cuda", True, "float32"),  # fp32 master weights
+    ("auto", LORA, "cuda", False, "float32"),        # a GPU without bf16 (V100)
+    ("auto", LORA, "cpu", False, "float32"),
+    ("auto", LORA, "cpu", True, "float32"),
+    ("bf16", LORA, "cpu", False, "bfloat16"),        # explicit values win
+    ("fp16", {"name": "full"}, "cuda", True, "float16"),
+    ("float32", LORA, "cuda", True, "float32"),
+    (None, LORA, "cuda", True, "bfloat16"),          # a model config without the key: auto
+])
+def test_resolve_dtype(wanted, method, device, bf16, expected):
+    assert resolve_dtype(wanted, method, device, bf16) == expected
+
+
+def test_resolve_dtype_sharded_qlora_loads_in_its_compute_dtype():
+    assert resolve_dtype("auto", {**QLORA, "compute_dtype": "float16"}, "cuda", True, sharded=True) == "float16"
+    assert resolve_dtype("auto", {**QLORA, "compute_dtype": "float16"}, "cuda", True) == "bfloat16"
+
+
+def test_model_dtype_reads_the_device_capability(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert model_dtype({"dtype": "auto"}, LORA, "cuda") == "bfloat16"
+    assert model_dtype({"dtype": "auto"}, LORA, "cpu") == "float32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert model_dtype({"dtype": "auto"}, LORA, torch.device("cuda", 0)) == "float32"
+
+
+def test_resolve_dtype_rejects_unknown_values():
+    with pytest.raises(ModelSourceError, match="model.dtype='fp8'"):
+        resolve_dtype("fp8", LORA, "cpu", False)
+
+
+def test_bad_model_dtype_is_a_usage_error(tmp_path):
+    proc = harness_run(*TINY, "model.dtype=fp8", f"results_dir={tmp_path}")
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and "model.dtype='fp8'" in errors[0], proc.stderr
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_run_loads_and_records_the_model_dtype(tmp_path):
+    """model.dtype=bf16 loads the frozen base in bf16 (peft keeps the adapter in fp32), and the
+    record says so; the default on a CPU is fp32. The memory fields name their measure."""
+    proc = harness_run("-m", *TINY, "method=lora", "model.dtype=auto,bf16", "eval.latency.enabled=false",
+                       f"results_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+    by_dtype = {r["config"]["model"]["dtype"]: r["metrics"] for r in recs}
+    assert by_dtype["auto"]["model_dtype"] == "float32"
+    assert by_dtype["bf16"]["model_dtype"] == "bfloat16"
+    parts = {d: m["memory_breakdown_bytes"]["parameters"] for d, m in by_dtype.items()}
+    frozen = by_dtype["auto"]["total_params"] - by_dtype["auto"]["trainable_params"]
+    assert parts["auto"] - parts["bf16"] == 2 * frozen  # 2 bytes a frozen weight instead of 4; adapter fp32
+    for m in by_dtype.values():
+        assert m["memory_measure"] == "CPU RSS" and m["memory_device"] == "cpu"
+        assert m["peak_memory_bytes"] > m["peak_memory_growth_bytes"] >= 0
+        assert m["peak_memory_bytes"] > m["memory_breakdown_peak_bytes"]  # the process, not only tensors
+
+
+def test_estimate_resolves_the_frozen_base_dtype_as_the_run_does():
+    """On a GPU preset a LoRA arm's frozen base is estimated in bf16 (2 bytes a weight), full FT
+    in fp32; model.dtype=fp32 puts the LoRA base back in fp32. The adapter stays fp32."""
+    def est(*overrides):
+        return estimate.estimate_job(estimate.resolved(estimate.compose(
+            ["model=llama-3.2-1b-arch", "hardware=a100-80gb", *overrides])))
+
+    lora, lora32, full = est("method=lora"), est("method=lora", "model.dtype=fp32"), est("method=full")
+    assert (lora["model_dtype"], lora32["model_dtype"], full["model_dtype"]) == ("bfloat16", "float32", "float32")
+    frozen = lora["total_params"] - lora["trainable_params"]
+    assert lora32["breakdown"]["parameters"] - lora["breakdown"]["parameters"] == pytest.approx(2 * frozen, rel=1e-6)
+    cpu = est("method=lora", "hardware=cpu")
+    assert cpu["model_dtype"] == "float32"
+    qlora = est("method=qlora")
+    assert qlora["model_dtype"] == "bfloat16" and qlora["precision"] == "autocast"  # unquantized weights: fp32
