@@ -103,14 +103,15 @@ def test_measure_names():
 
 def test_release_optimizer_frees_adam_state_and_gradients():
     from harness.models import byte_tokenizer
-    from harness.train import build_trainer, release_optimizer, training_arguments
+    from harness.train import build_trainer, release_optimizer, training_arguments, training_features
 
     model = tiny_model()
     examples = [{"prompt": f"question {i}?", "completion": f" answer {i}"} for i in range(8)]
-    train_cfg = {"max_steps": 2, "batch_size": 2, "grad_accum": 1, "seq_len": 16, "lr_scheduler": "constant",
+    train_cfg = {"max_steps": 2, "batch_size": 2, "grad_accum": 1, "seq_len": 32, "lr_scheduler": "constant",
                  "warmup_steps": 0, "weight_decay": 0.0, "optim": "adamw_torch", "precision": "fp32",
                  "gradient_checkpointing": False, "logging_steps": 1}
-    trainer = build_trainer(model, byte_tokenizer(), examples, train_cfg, 1e-3, 0,
+    features, _ = training_features(examples, byte_tokenizer(), train_cfg)
+    trainer = build_trainer(model, byte_tokenizer(), features, train_cfg, 1e-3, 0,
                             args=training_arguments(train_cfg, 1e-3, 0))
     trainer.train()
     inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
