@@ -346,9 +346,12 @@ def execute(job: dict) -> dict | None:
             if distributed.is_main():
                 record["items_file"] = records.write_items(results_dir, job["run_id"], items)
 
-        # serving: adapter vs full checkpoint, exact tensor bytes in the serving dtype (fp32 on CPU,
-        # bf16 where training ran in bf16; QLoRA: its compute dtype), latency
-        serve_dtype = getattr(torch, cfg["method"]["compute_dtype"]) if cfg["method"].get("quantize") else train_dtype
+        # serving: adapter vs full checkpoint, exact tensor bytes in the serving dtype: QLoRA's compute
+        # dtype; else the weights' dtype when it is narrower than fp32 (a bf16 frozen base), else the
+        # training dtype (bf16 where training ran in bf16, fp32 on CPU); latency
+        weights_dtype = getattr(torch, metrics["model_dtype"])
+        serve_dtype = (getattr(torch, cfg["method"]["compute_dtype"]) if cfg["method"].get("quantize")
+                       else weights_dtype if weights_dtype.itemsize < 4 else train_dtype)
         # a sharded adapter is saved from its parameters gathered by every rank
         phases.enter("footprint")
         state_dict = (distributed.adapter_state_dict(trainer.accelerator, model, strategy)

@@ -214,6 +214,9 @@ def test_run_loads_and_records_the_model_dtype(tmp_path):
     parts = {d: m["memory_breakdown_bytes"]["parameters"] for d, m in by_dtype.items()}
     frozen = by_dtype["auto"]["total_params"] - by_dtype["auto"]["trainable_params"]
     assert parts["auto"] - parts["bf16"] == 2 * frozen  # 2 bytes a frozen weight instead of 4; adapter fp32
+    # the checkpoint one would serve is in the weights' dtype, and the adapter is compared in it
+    assert by_dtype["auto"]["serving_dtype"] == "float32" and by_dtype["bf16"]["serving_dtype"] == "bfloat16"
+    assert by_dtype["auto"]["full_checkpoint_bytes"] == 2 * by_dtype["bf16"]["full_checkpoint_bytes"]
     for m in by_dtype.values():
         assert m["memory_measure"] == "CPU RSS" and m["memory_device"] == "cpu"
         assert m["peak_memory_bytes"] > m["peak_memory_growth_bytes"] >= 0
