@@ -73,14 +73,17 @@ def test_phase_start_returns_freed_heap_to_the_os():
     if memory._MALLOC_TRIM is None:
         pytest.skip("not glibc")
     # many blocks under glibc's mmap threshold: they come from the heap and stay there when freed
+    # (whether free() already returned some depends on the allocator's state in this process, so
+    # the phase's baseline is compared with the RSS before they were allocated)
+    gc.collect()
+    start = memory._rss()
     blocks = [torch.ones(16 * 1024) for _ in range(4096)]  # 64 KiB each, 256 MiB
     del blocks
     gc.collect()
-    before = memory._rss()
     phase = memory.PhasePeak("cpu").start()
     after = phase.baseline
     phase.stop()
-    assert before - after > 128 * MiB, (before / MiB, after / MiB)
+    assert after - start < 64 * MiB, (start / MiB, after / MiB)
 
 
 def test_eval_peak_is_absolute_with_its_growth():

@@ -18,7 +18,7 @@ from harness import records
 from harness.measure import flops
 from harness.measure.callback import MeasureCallback
 from harness.models import byte_tokenizer
-from harness.train import build_trainer, training_arguments
+from harness.train import build_trainer, training_arguments, training_features
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ = 64
@@ -68,11 +68,10 @@ def train_tiny(count: str, tmp_path: Path):
     args = training_arguments(TRAIN, 1e-3, 0, output_dir=str(tmp_path))
     args.include_num_input_tokens_seen = count
     probe = MeasureCallback(warmup_steps=0, breakdown_step=None)
-    trainer = build_trainer(tiny_model(), tok, examples, TRAIN, 1e-3, 0, callbacks=[probe], args=args)
+    features, _ = training_features(examples, tok, TRAIN)
+    trainer = build_trainer(tiny_model(), tok, features, TRAIN, 1e-3, 0, callbacks=[probe], args=args)
     trainer.train()
-    from harness.data import tokenize_examples
-
-    length = len(tokenize_examples(examples[:1], tok, SEQ)[0]["input_ids"])
+    length = len(features[0]["input_ids"])
     return trainer, args, probe, length
 
 
