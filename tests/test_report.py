@@ -232,6 +232,7 @@ def test_six_rows_and_their_values(report):
     full = {row: cells["full FT (3 seeds)"] for row, cells in table.items()}
     assert full[ROWS[0]] == "1.00M (100%)"
     assert full[ROWS[1]] == "4.00 GiB"
+    assert full[ROWS[6]] == "—"  # its own base: no adapter, no overhead to show
     # every accuracy with its 95% interval: 3 identical seeds of 80/100 keep one seed's question noise
     se = (0.16 * 100 / 99) ** 0.5 / 10
     assert full[ROWS[3]] == f"reference: acc 80.0% [{80 - 196 * se:.1f}, {80 + 196 * se:.1f}]"

@@ -287,6 +287,8 @@ LATENCY_PHASES = (("prefill", "prefill"), ("decode", "decode/token"))
 
 
 def _latency_cell(table: Table, arm: Arm) -> str:
+    if arm.method == "full":  # the fine-tuned model is its own base: no adapter to merge or keep apart
+        return DASH
     phases = []
     for phase, label in LATENCY_PHASES:
         parts = [f"{kind} {text}" for kind in ("merged", "dynamic")
