@@ -397,6 +397,8 @@ def accuracy_interval(runs: Iterable[dict], task: str, items: Callable[[dict], l
         mean, sd = mean_sd([r["metrics"][f"{task}_acc"] for r in runs])
         se, n = _unpaired_se([r["metrics"].get(f"{task}_stderr") for r in runs], sd), runs[0]["metrics"].get(f"{task}_n")
     low, high = interval95(mean, se)
+    # the normal interval of an accuracy near 0 or 1 reaches past what an accuracy can be
+    low, high = max(0.0, low), min(1.0, high)
     return {"mean": mean, "se": se, "ci_low": low, "ci_high": high, "sd": sd, "k": len(runs), "n": n,
             "paired": bool(ids)}
 

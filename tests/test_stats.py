@@ -249,6 +249,11 @@ def test_accuracy_interval_one_seed_is_the_binomial_se_by_hand():
     bare = [record("full", None, s, model="bare", mmlu_acc=a, mmlu_stderr=0.1) for s, a in ((0, 0.5), (1, 0.7))]
     assert accuracy_interval(bare, "mmlu", read)["se"] == pytest.approx(math.sqrt(0.01 + 0.02 / 2))
     assert accuracy_interval([record("full", None, 0, model="bare")], "mmlu", read) is None
+    # an accuracy near 1 (or 0): the interval stops where accuracies do
+    high = [record("full", None, 0, model="bare", mmlu_acc=0.99, mmlu_stderr=0.02)]
+    assert accuracy_interval(high, "mmlu", read)["ci_high"] == 1.0
+    low = [record("full", None, 0, model="bare", mmlu_acc=0.01, mmlu_stderr=0.02)]
+    assert accuracy_interval(low, "mmlu", read)["ci_low"] == 0.0
 
 
 def test_accuracy_difference_is_paired_per_seed_and_question():
