@@ -561,3 +561,14 @@ def test_a_failure_names_its_phase_when_recorded(tmp_path):
     write_record(results, rec)
     table = _table(build_report(results, tmp_path / "reports")[AT_A_GLANCE].read_text())
     assert table[ROWS[1]]["LoRA r=8"] == "did not fit on 1x NVIDIA H200 (in eval)"
+
+
+def test_a_long_failure_keeps_its_phase_and_names_it_once(tmp_path):
+    results = tmp_path / "results"
+    make_record(results, "full", mmlu_correct=_answers(80))
+    rec = make_record(results, "lora", rank=8, status="failed",
+                      error="RuntimeError: " + "a very long message " * 10 + "(in phase latency)")
+    rec["failed_phase"] = "latency"
+    write_record(results, rec)
+    cell = _table(build_report(results, tmp_path / "reports")[AT_A_GLANCE].read_text())[ROWS[0]]["LoRA r=8"]
+    assert cell.startswith("failed (in latency): RuntimeError: a very long") and cell.count("latency") == 1

@@ -207,7 +207,9 @@ def failure_text(record: dict, short: bool = False) -> str:
     if short:
         return f"failed{phase}"
     error = " ".join(str(record.get("error") or "unknown error").split())
-    return f"failed: {error[:60] + '…' if len(error) > 60 else error}"
+    # the phase leads (a long error would cut it off the end, where the record's error names it)
+    error = error.removesuffix(f" (in phase {record.get('failed_phase')})")
+    return f"failed{phase}: {error[:60] + '…' if len(error) > 60 else error}"
 
 
 def arm_header(arm: Arm) -> str:
