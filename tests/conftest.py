@@ -85,6 +85,19 @@ def full_mmlu_dir() -> Path:
     return MMLU_DIR
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch at one intra-op thread for a test module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    tiny ops gain nothing from threads, and on a shared, busy machine spinning OpenMP threads make
+    timings (latency, step times) swing by 10x."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def harness_run(*args: str, cwd: Path | None = None, timeout: int = 600,
                 env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real console entry point (python -m harness.run) and capture its output."""

@@ -22,14 +22,7 @@ SEQ = 32
 MiB = 1 << 20
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny ops gain nothing from intra-op threads, and on a shared, busy machine spinning
-    # OpenMP threads make timings (latency, step times) swing by 10x
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int = 0) -> LlamaForCausalLM:

@@ -19,13 +19,7 @@ from harness.models import ModelSourceError, model_dtype, resolve_dtype
 from tests.conftest import TINY, harness_run
 from tests.test_measure import HoldTensor, MiB, tiny_model, train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def records(results: Path) -> dict[str, dict]:

@@ -15,14 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from harness.measure import serving
 from harness.measure.serving import compare_latency, footprint_metrics, tensor_bytes
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny ops gain nothing from intra-op threads; on a shared machine spinning threads swing timings
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(tied: bool = False, seed: int = 0) -> LlamaForCausalLM:
