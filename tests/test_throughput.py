@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY, harness_run
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from harness import records
 from harness.measure import flops
 from harness.measure.callback import MeasureCallback
 from harness.models import byte_tokenizer
 from harness.train import build_trainer, training_arguments, training_features
+from tests.test_measure import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ = 64
@@ -40,19 +40,6 @@ TRAIN = {
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_model():
-    torch.manual_seed(0)
-    return LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            vocab_size=300,
-            max_position_embeddings=128,
-        )
-    )
 
 
 def train_tiny(count: str, tmp_path: Path):
