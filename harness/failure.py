@@ -14,7 +14,10 @@ parent that writes its record still knows where it died. No torch import: the pa
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
+
+import psutil
 
 # In the order a job runs them. "load": process start, data, base-model record lookup, model and
 # method, trainer; "base_eval": evaluating the base model in the arm's process (its own process
@@ -53,19 +56,43 @@ def _phase_file(folder: str | Path, rank: int) -> Path:
 
 
 class Phases:
-    """The phase a job process is in (``current``), also left in ``HARNESS_JOB_ERROR_DIR``."""
+    """The phase a job process is in (``current``), also left in ``HARNESS_JOB_ERROR_DIR``, and
+    the wall time spent in each phase so far (``seconds()``; a phase entered twice adds up)."""
 
     def __init__(self) -> None:
         self.current = ""
+        self._spent: dict[str, float] = {}
+        self._since = 0.0
         self.enter("load")
 
     def enter(self, phase: str) -> None:
         if phase not in PHASES:
             raise ValueError(f"phase {phase!r} is unknown; valid: {', '.join(PHASES)}")
+        self._close()
         self.current = phase
         folder = os.environ.get("HARNESS_JOB_ERROR_DIR")
         if folder:
             _phase_file(folder, int(os.environ.get("RANK", "0"))).write_text(phase)
+
+    def _close(self) -> None:
+        now = time.perf_counter()
+        if self.current:
+            self._spent[self.current] = self._spent.get(self.current, 0.0) + now - self._since
+        self._since = now
+
+    def seconds(self) -> dict[str, float]:
+        """Wall seconds per phase reached, the current one up to now, in the order of PHASES."""
+        self._close()
+        return {p: self._spent[p] for p in PHASES if p in self._spent}
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process was created: its start-up (interpreter, imports) when called
+    at a job's start. None where the OS does not say."""
+    try:
+        return max(0.0, time.time() - psutil.Process().create_time())
+    except psutil.Error:  # the process table unreadable: no figure, not a guess
+        return None
 
 
 def last_phase(folder: str | Path) -> str:

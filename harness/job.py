@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from harness.run import execute, execute_base
 
-    execute_base(job) if args.base else execute(job)
+    execute_base(job, own_process=True) if args.base else execute(job, own_process=True)
 
 
 if __name__ == "__main__":

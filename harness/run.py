@@ -196,8 +196,9 @@ def evaluate_all(model, tokenizer, cfg: dict, heldout: list[dict]) -> tuple[dict
     return metrics, items
 
 
-def base_record(job: dict, cfg: dict, heldout: list[dict], env: dict) -> dict:
-    """Evaluate the base model without fine-tuning once per (model, eval settings, data)."""
+def base_record(job: dict, cfg: dict, heldout: list[dict], env: dict, startup_s: float | None = None) -> dict:
+    """Evaluate the base model without fine-tuning once per (model, eval settings, data);
+    ``startup_s``: the start-up of its own process, when it has one."""
     import torch
 
     from harness.models import load_model, model_dtype
@@ -214,15 +215,18 @@ def base_record(job: dict, cfg: dict, heldout: list[dict], env: dict) -> dict:
     rec = new_record(base_job, {**env, "started_at": started, "ended_at": now_iso()})
     rec["model"]["total_params"] = loaded.total_params
     metrics = rec["metrics"]
-    metrics.update(acc, total_params=loaded.total_params, model_dtype=dtype, run_wall_s=time.perf_counter() - t0)
+    metrics.update(acc, total_params=loaded.total_params, model_dtype=dtype, run_wall_s=time.perf_counter() - t0,
+                   startup_wall_s=startup_s)
     rec["items_file"] = records.write_items(cfg["results_dir"], base_job["run_id"], items)
     records.write_record(cfg["results_dir"], rec)
     print(f"[base] {rec['run_id']}: mmlu_acc={metrics['mmlu_acc']} indomain_acc={metrics['indomain_acc']}", flush=True)
     return rec
 
 
-def execute(job: dict) -> dict | None:
+def execute(job: dict, own_process: bool = False) -> dict | None:
     """Run one planned job end to end on this process; rank 0 writes the one record.
+    ``own_process``: this process was started for the job (``harness.job``), so its start-up
+    (interpreter, imports) is the job's and is recorded as ``startup_wall_s``.
 
     Every rank of a distributed job runs this: each trains and measures its own part, and the
     figures of all ranks are gathered to rank 0. One process (world size 1) records its own
@@ -266,6 +270,7 @@ def execute(job: dict) -> dict | None:
     mine: dict = {"device": None}  # this rank's figures, gathered to rank 0
     skipped: dict = {}
     phases = failure.Phases()
+    metrics["startup_wall_s"] = failure.process_age_s() if own_process else None
     try:
         set_seed(int(cfg["seed"]))
         examples, heldout = load_examples(cfg["data"])
@@ -394,6 +399,7 @@ def execute(job: dict) -> dict | None:
     metrics.setdefault("world_size", 1)
     metrics.setdefault("strategy", strategy)
     metrics["run_wall_s"] = time.perf_counter() - t_run
+    metrics["phase_wall_s"] = phases.seconds()  # where run_wall_s went (this rank's)
     # cost_usd: the fine-tuning itself (training phase); run_cost_usd: the whole run with evals;
     # both × the devices used (one per process), not the devices visible
     # (a CPU run: the cores its processes' torch threads used); projected at the real-token rate
@@ -421,12 +427,13 @@ def write_rank_error(status: str, error: str, failed_phase: str) -> None:
                                                                                "failed_phase": failed_phase}))
 
 
-def execute_base(job: dict) -> None:
+def execute_base(job: dict, own_process: bool = False) -> None:
     """Write the base-model record of ``job`` (its own process when isolated)."""
+    startup = failure.process_age_s() if own_process else None
     from harness.data import load_examples
 
     _, heldout = load_examples(job["config"]["data"])
-    base_record(job, job["config"], heldout, environment())
+    base_record(job, job["config"], heldout, environment(), startup_s=startup)
 
 
 def run_isolated(job: dict, base: bool = False) -> None:

@@ -68,6 +68,8 @@ def test_oom_and_killed_job_processes_each_get_a_record(tmp_path):
     # an OutOfMemoryError raised inside the run: the job's own record says oom
     assert recs[0]["status"] == "oom" and recs[0]["error"].startswith("OutOfMemoryError: CUDA out of memory")
     assert recs[0]["failed_phase"] == "train" and recs[0]["error"].endswith("(in phase train)")
+    # its own process: the start-up (interpreter, imports) is measured apart from the phases
+    assert recs[0]["metrics"]["startup_wall_s"] > 0.5 and list(recs[0]["metrics"]["phase_wall_s"]) == ["load", "train"]
     # killed outright (the kernel's OOM killer sends SIGKILL), or exit 137 as a shell reports it:
     # the parent writes the record, counted as out of memory
     for seed, code in ((1, -9), (2, 137)):

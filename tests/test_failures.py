@@ -99,6 +99,20 @@ def test_out_of_memory_after_training_names_its_phase_and_keeps_the_training_fig
 def test_an_ok_run_has_no_failed_phase(tmp_path):
     rec = run.execute(planned(tmp_path, "eval.latency.enabled=false"))
     assert rec["status"] == "ok" and rec["failed_phase"] is None and rec["error"] is None
+    # where the run's time went, phase by phase; run in this (test) process: no start-up of its own
+    spent, m = rec["metrics"]["phase_wall_s"], rec["metrics"]
+    assert list(spent) == ["load", "train", "mfu", "footprint"], spent  # random weights: no evaluation
+    assert all(s > 0 for s in spent.values()) and sum(spent.values()) <= m["run_wall_s"] < sum(spent.values()) + 1
+    assert m["startup_wall_s"] is None
+
+
+def test_phase_seconds_add_up_per_phase_in_job_order(monkeypatch):
+    clock = iter([0.0, 1.0, 3.0, 6.0, 11.0])  # Phases() enters load, train, load again, eval, seconds()
+    monkeypatch.setattr(failure.time, "perf_counter", lambda: next(clock))
+    phases = failure.Phases()
+    for phase in ("train", "load", "eval"):
+        phases.enter(phase)
+    assert phases.seconds() == {"load": 1.0 + 3.0, "train": 2.0, "eval": 5.0}
 
 
 def test_the_phase_a_killed_job_was_in_is_read_from_what_it_left(tmp_path, monkeypatch):
