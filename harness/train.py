@@ -65,7 +65,10 @@ def training_arguments(train_cfg: dict, learning_rate: float, seed: int, output_
     ``single_device``: one process trains on one device even when more are visible (transformers
     would otherwise wrap the model in ``DataParallel`` over every visible GPU).
     """
+    bf16 = use_bf16(str(train_cfg["precision"]))
     args = TrainingArguments(
+        # bf16 autocast on a CPU: transformers refuses bf16 without a GPU unless told it is a CPU run
+        use_cpu=bf16 and not torch.cuda.is_available(),
         output_dir=output_dir or tempfile.mkdtemp(prefix="harness-train-"),
         max_steps=int(train_cfg["max_steps"]),
         per_device_train_batch_size=int(train_cfg["batch_size"]),
@@ -75,7 +78,7 @@ def training_arguments(train_cfg: dict, learning_rate: float, seed: int, output_
         warmup_steps=int(train_cfg["warmup_steps"]),
         weight_decay=float(train_cfg["weight_decay"]),
         optim=str(train_cfg["optim"]),
-        bf16=use_bf16(str(train_cfg["precision"])),
+        bf16=bf16,
         gradient_checkpointing=bool(train_cfg["gradient_checkpointing"]),
         seed=seed,
         data_seed=seed,
