@@ -167,12 +167,14 @@ class _Variants:
         self.model, self.peft = model, _is_peft(model) and hasattr(model, "merge_adapter")
         self.merged, self.disabled = False, None
 
-    def set(self, variant: str) -> None:
+    def set(self, variant: str) -> bool:
+        """Put the model in ``variant``; True when that changed its weights (merge or unmerge)."""
         if not self.peft:
-            return
+            return False
         if self.disabled is not None:
             self.disabled.__exit__(None, None, None)
             self.disabled = None
+        changed = (variant == "merged") != self.merged
         with torch.no_grad():  # merging edits weights in place, outside inference mode
             if variant == "merged" and not self.merged:
                 self.model.merge_adapter()
@@ -182,9 +184,26 @@ class _Variants:
         if variant == "base":
             self.disabled = self.model.disable_adapter()
             self.disabled.__enter__()
+        return changed
 
     def close(self) -> None:
         self.set("dynamic")
+
+
+def _settle(model: Any, inputs: list[torch.Tensor]) -> None:
+    """One untimed forward after the weights changed: its one-off costs are not serving latency
+    (bitsandbytes re-packs merged 4-bit weights for its CPU kernel on the first call, ~2x a prefill)."""
+    with torch.inference_mode():
+        model(input_ids=inputs[0], use_cache=True)
+    sync(inputs[0].device)
+
+
+def rep_order(rep: int, names: Sequence[str]) -> tuple[str, ...]:
+    """The variants' order in repetition ``rep``: as named, then reversed, alternately (ABBA).
+    Each variant is measured before and after every other one equally often, and the merge
+    state changes once per repetition (base and dynamic share the unmerged weights): half the
+    merges of a rotation, which matters where a merge re-quantizes (QLoRA: ~1.5 s each on a CPU)."""
+    return tuple(names) if rep % 2 == 0 else tuple(reversed(names))
 
 
 def compare_latency(model: torch.nn.Module, tokenizer: Any, prompts: Sequence, reps: int = 12,
@@ -200,8 +219,9 @@ def time_variants(model: torch.nn.Module, tokenizer: Any, prompts: Sequence, rep
     PEFT (LoRA-style) models: base inside ``model.disable_adapter()``, dynamic as is (the adapter's
     extra matmuls run at every call), merged after ``merge_adapter()`` (``unmerge_adapter()``
     restores the model). The variants run round-robin: each of ``reps`` repetitions measures every
-    variant once, in an order that rotates, so a slow spell of a shared machine hits all of them
-    and each repetition gives a paired ratio. An overhead is ``ratio - 1`` with the ratio and its
+    variant once, in the alternating order of ``rep_order``, so a slow spell of a shared machine
+    hits all of them and each repetition gives a paired ratio; after a merge or unmerge one
+    untimed forward (``_settle``) takes the weights' one-off first-call costs out of the timing. An overhead is ``ratio - 1`` with the ratio and its
     95% interval from ``stats.ratio_interval`` over the repetitions' ratios. Call it after
     evaluation: with 4-bit base weights merging re-quantizes, so unmerge is not bit-exact.
     Other models (full fine-tuning): the model is its own base, merged and dynamic; measured once
@@ -214,18 +234,21 @@ def time_variants(model: torch.nn.Module, tokenizer: Any, prompts: Sequence, rep
     pad = next((p for p in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
                 if p is not None), 0)
     variants = _Variants(model)
-    names = VARIANTS if variants.peft else ("base",)
+    # merged last: the order of even repetitions, so that one merge state change falls in each
+    names = ("base", "dynamic", "merged") if variants.peft else ("base",)
     was_training = model.training
     model.eval()
     times: dict[str, dict[str, list]] = {v: {"prefill": [], "decode": []} for v in names}
     try:
-        for variant in names:  # untimed: first calls allocate and pick kernels
+        # untimed: first calls allocate and pick kernels; in reverse, to end unmerged as rep 0 starts
+        for variant in reversed(names):
             variants.set(variant)
             for _ in range(warmup):
                 _measure(model, inputs, new_tokens, pad)
         for rep in range(reps):
-            for variant in names[rep % len(names):] + names[: rep % len(names)]:
-                variants.set(variant)
+            for variant in rep_order(rep, names):
+                if variants.set(variant):
+                    _settle(model, inputs)
                 prefill, decode = _measure(model, inputs, new_tokens, pad)
                 times[variant]["prefill"].append(prefill)
                 times[variant]["decode"].append(decode)
