@@ -29,6 +29,15 @@ def use_bf16(precision: str) -> bool:
     return precision == "bf16"
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (AVX512-BF16, AMX; oneDNN's own test). Where it
+    does not, bf16 autocast is emulated and many times slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN
+        return False
+
+
 def token_budget(train_cfg: dict) -> int:
     return int(train_cfg["max_steps"]) * int(train_cfg["batch_size"]) * int(train_cfg["grad_accum"]) * int(
         train_cfg["seq_len"]
@@ -66,6 +75,9 @@ def training_arguments(train_cfg: dict, learning_rate: float, seed: int, output_
     would otherwise wrap the model in ``DataParallel`` over every visible GPU).
     """
     bf16 = use_bf16(str(train_cfg["precision"]))
+    if bf16 and not torch.cuda.is_available() and not cpu_has_native_bf16():
+        print0("warning: train.precision=bf16 on a CPU without native bf16 (AVX512-BF16 or AMX): emulated, "
+               "many times slower than fp32; pass train.precision=fp32 to train in fp32")
     args = TrainingArguments(
         # bf16 autocast on a CPU: transformers refuses bf16 without a GPU unless told it is a CPU run
         use_cpu=bf16 and not torch.cuda.is_available(),

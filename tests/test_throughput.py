@@ -199,3 +199,21 @@ def test_two_runs_reuse_one_peak_and_project_with_the_real_rate(tmp_path):
         # MFU stays on the padded positions: every position costs FLOPs
         assert m["mfu"] == pytest.approx(m["flops_per_token"] * m["tokens_per_s"] / m["peak_flops_per_s"])
         assert m["datasheet_peak_flops_per_s"] is None and m["mfu_datasheet"] is None  # no datasheet for a CPU
+
+
+def test_bf16_autocast_trains_on_a_cpu(tmp_path, monkeypatch, capsys):
+    """train.precision=bf16 without a GPU trains under CPU bf16 autocast (transformers refused it
+    before the harness told it this is a CPU run), and warns where the CPU would emulate bf16."""
+    train = {**TRAIN, "precision": "bf16"}
+    monkeypatch.setattr("harness.train.cpu_has_native_bf16", lambda: False)
+    args = training_arguments(train, 1e-3, 0, output_dir=str(tmp_path))
+    assert args.bf16 and args.device.type == "cpu"
+    assert "without native bf16" in capsys.readouterr().out
+    tok = byte_tokenizer()
+    features, _ = training_features([{"prompt": "Q: two plus two?", "completion": " four"}] * 8, tok, train)
+    seen = []
+    model = tiny_model()
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    trainer = build_trainer(model, tok, features, train, 1e-3, 0, args=args)
+    trainer.train()
+    assert trainer.state.global_step == 3 and set(seen) == {torch.bfloat16}
