@@ -10,8 +10,10 @@ same order.
 from __future__ import annotations
 
 import math
+import shutil
 import tempfile
 import time
+import weakref
 
 import torch
 from datasets import Dataset
@@ -75,13 +77,15 @@ def training_arguments(train_cfg: dict, learning_rate: float, seed: int, output_
     would otherwise wrap the model in ``DataParallel`` over every visible GPU).
     """
     bf16 = use_bf16(str(train_cfg["precision"]))
+    scratch = output_dir is None  # the Trainer needs a folder; nothing is saved there (save_strategy "no")
+    output_dir = output_dir or tempfile.mkdtemp(prefix="harness-train-")
     if bf16 and not torch.cuda.is_available() and not cpu_has_native_bf16():
         print0("warning: train.precision=bf16 on a CPU without native bf16 (AVX512-BF16 or AMX): emulated, "
                "many times slower than fp32; pass train.precision=fp32 to train in fp32")
     args = TrainingArguments(
         # bf16 autocast on a CPU: transformers refuses bf16 without a GPU unless told it is a CPU run
         use_cpu=bf16 and not torch.cuda.is_available(),
-        output_dir=output_dir or tempfile.mkdtemp(prefix="harness-train-"),
+        output_dir=output_dir,
         max_steps=int(train_cfg["max_steps"]),
         per_device_train_batch_size=int(train_cfg["batch_size"]),
         gradient_accumulation_steps=int(train_cfg["grad_accum"]),
@@ -104,6 +108,8 @@ def training_arguments(train_cfg: dict, learning_rate: float, seed: int, output_
         # the padded positions follow from the steps (measure.flops.padded_tokens)
         include_num_input_tokens_seen="non_padding",
     )
+    if scratch:  # removed with the arguments, or at the process's exit
+        weakref.finalize(args, shutil.rmtree, output_dir, ignore_errors=True)
     if single_device and args.n_gpu > 1:
         args._n_gpu = 1  # as Trainer itself does under model parallelism: no DataParallel
     return args

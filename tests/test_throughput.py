@@ -217,3 +217,21 @@ def test_bf16_autocast_trains_on_a_cpu(tmp_path, monkeypatch, capsys):
     trainer = build_trainer(model, tok, features, train, 1e-3, 0, args=args)
     trainer.train()
     assert trainer.state.global_step == 3 and set(seen) == {torch.bfloat16}
+
+
+def test_the_trainers_scratch_folder_is_removed(tmp_path):
+    """Without an output_dir the Trainer gets a temporary folder, removed with its arguments (it
+    was left in /tmp by every run before)."""
+    import gc
+
+    args = training_arguments(TRAIN, 1e-3, 0)
+    scratch = Path(args.output_dir)
+    assert scratch.is_dir() and scratch.name.startswith("harness-train-")
+    del args
+    gc.collect()
+    assert not scratch.exists()
+    (tmp_path / "mine").mkdir()
+    mine = training_arguments(TRAIN, 1e-3, 0, output_dir=str(tmp_path / "mine"))
+    del mine
+    gc.collect()
+    assert (tmp_path / "mine").is_dir()  # a folder the caller gave is never removed
