@@ -26,6 +26,7 @@ benchmarks/bench_estimate.py checks the memory model against tracked training st
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
@@ -642,7 +643,7 @@ def main() -> None:
     from harness.preflight import check_names
     from harness.run import usage_exit
 
-    check_names(sys.argv[1:], CONF_DIR, usage_exit)  # option names and r values, before Hydra's own text
+    check_names(sys.argv[1:], CONF_DIR, functools.partial(usage_exit, prog="harness-estimate"))  # before Hydra's text
     hydra_main()
 
 

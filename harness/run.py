@@ -39,8 +39,8 @@ class UsageError(ValueError):
     """Bad input from the user: one line, exit code 2, nothing written."""
 
 
-def usage_exit(message: str) -> None:
-    print(f"harness-run: error: {message}", file=sys.stderr)
+def usage_exit(message: str, prog: str = "harness-run") -> None:
+    print(f"{prog}: error: {message}", file=sys.stderr)
     sys.exit(2)
 
 

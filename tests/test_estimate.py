@@ -175,6 +175,7 @@ def test_cli_table_and_usage_errors():
         assert bad.returncode == 2, bad.stderr
         errors = [line for line in bad.stderr.splitlines() if ": error: " in line]  # libraries may warn too
         assert len(errors) == 1 and needle in errors[0], bad.stderr
+        assert errors[0].startswith("harness-estimate: error: "), errors[0]  # its own name, not harness-run's
         assert bad.stdout == ""
     with pytest.raises(estimate.UsageError, match="train.optim='lion'"):
         estimate.estimate_job(cfg_for("model=tiny-random", "train.optim=lion"))
