@@ -429,8 +429,12 @@ def write_rank_error(status: str, error: str, failed_phase: str) -> None:
 
 def execute_base(job: dict, own_process: bool = False) -> None:
     """Write the base-model record of ``job`` (its own process when isolated)."""
-    startup = failure.process_age_s() if own_process else None
+    import torch  # noqa: F401  (the start-up includes the heavy imports, as an arm's does)
+    import transformers  # noqa: F401
+
     from harness.data import load_examples
+
+    startup = failure.process_age_s() if own_process else None
 
     _, heldout = load_examples(job["config"]["data"])
     base_record(job, job["config"], heldout, environment(), startup_s=startup)

@@ -22,9 +22,16 @@ def test_demo_sweep_learns_the_task_and_writes_the_report(tmp_path, full_mmlu_di
     base = recs["base"]["metrics"]
     assert base["mmlu_n"] == 57 and base["indomain_n"] == 128
     # fine-tuning must beat the base model's held-out accuracy by more than twice its standard error
-    for method in ("full", "lora"):
+    for method in ("full", "lora", "qlora"):
         m = recs[method]["metrics"]
         assert m["indomain_acc"] - base["indomain_acc"] > 2 * base["indomain_stderr"], (method, m["indomain_acc"])
+    # full FT and LoRA end past the task's transition (the loss falls from ~0.7 to 0 at a seed-dependent
+    # step, 41-77 over 5 seeds; 96.9-100% on all of them): an arm that ended mid-transition, or a
+    # setting that stopped converging, fails here. QLoRA is not held to it: 2 of 5 seeds ended at
+    # 75% and 61% after loss spikes (README, "The demo").
+    for method in ("full", "lora"):
+        m = recs[method]["metrics"]
+        assert m["indomain_acc"] >= 0.90, (method, m["indomain_acc"], m["loss_curve"][-10:])
     assert "At-a-glance table:" in proc.stdout
     table = (reports / "at-a-glance.md").read_text()
     assert "LoRA r=16" in table and "QLoRA r=16" in table and "full" in table.lower()
