@@ -366,6 +366,15 @@ def _unpaired_se(ses: list[float | None], sd: float | None) -> float | None:
     return math.sqrt(sum(s**2 for s in ses) / k + (sd**2 / k if sd is not None else 0.0))
 
 
+def wilson95(p: float, n: int) -> tuple[float, float]:
+    """The Wilson score 95% interval of a proportion ``p`` of ``n``: unlike ``p ± 1.96·se`` it does
+    not collapse to a point at 0 or 1 (128 of 128 right: [97.1%, 100%], not [100%, 100%])."""
+    z2 = Z95**2
+    center = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z95 / (1 + z2 / n) * math.sqrt(max(p * (1 - p), 0.0) / n + z2 / (4 * n * n))
+    return max(0.0, center - half), min(1.0, center + half)
+
+
 def interval95(mean: float, se: float | None) -> tuple[float | None, float | None]:
     return (mean - Z95 * se, mean + Z95 * se) if se is not None else (None, None)
 
@@ -397,8 +406,14 @@ def accuracy_interval(runs: Iterable[dict], task: str, items: Callable[[dict], l
         mean, sd = mean_sd([r["metrics"][f"{task}_acc"] for r in runs])
         se, n = _unpaired_se([r["metrics"].get(f"{task}_stderr") for r in runs], sd), runs[0]["metrics"].get(f"{task}_n")
     low, high = interval95(mean, se)
-    # the normal interval of an accuracy near 0 or 1 reaches past what an accuracy can be
-    low, high = max(0.0, low), min(1.0, high)
+    # the normal interval of an accuracy near 0 or 1 reaches past what an accuracy can be, and at
+    # 0 or 1 collapses to a point: cut at 0 and 1, and never narrower than one seed's Wilson
+    # interval on the n questions (seeds do not shrink question noise)
+    if low is not None and n:
+        w_low, w_high = wilson95(mean, int(n))
+        low, high = min(low, w_low), max(high, w_high)
+    if low is not None:
+        low, high = max(0.0, low), min(1.0, high)
     return {"mean": mean, "se": se, "ci_low": low, "ci_high": high, "sd": sd, "k": len(runs), "n": n,
             "paired": bool(ids)}
 

@@ -235,13 +235,20 @@ def read(rec: dict) -> list[dict]:
 
 
 def test_accuracy_interval_one_seed_is_the_binomial_se_by_hand():
-    from harness.stats import accuracy_interval
+    from harness.stats import accuracy_interval, wilson95
 
     rec = _answered(record("full", None, 0), PEFT)  # 14 of 20
     acc = accuracy_interval([rec], "mmlu", read)
     se = math.sqrt(0.7 * 0.3 / 19)  # sample sd of 0/1 answers over sqrt(n), as lm-eval's stderr
     assert acc["mean"] == pytest.approx(0.7) and acc["se"] == pytest.approx(se) and acc["paired"]
-    assert (acc["ci_low"], acc["ci_high"]) == pytest.approx((0.7 - 1.96 * se, 0.7 + 1.96 * se))
+    # the normal interval, widened where one seed's Wilson interval on the 20 questions reaches further
+    wilson = wilson95(0.7, 20)
+    assert (acc["ci_low"], acc["ci_high"]) == pytest.approx((min(0.7 - 1.96 * se, wilson[0]),
+                                                             max(0.7 + 1.96 * se, wilson[1])))
+    # every question right: se 0, and yet not certain (it read [100%, 100%] before)
+    perfect = accuracy_interval([_answered(record("full", None, 0, model="ace"), [True] * 128)], "mmlu", read)
+    assert perfect["se"] == 0 and perfect["ci_high"] == 1.0
+    assert perfect["ci_low"] == pytest.approx(0.9709, abs=1e-4)  # Wilson, 128 of 128
     # identical seeds: the same questions, so the interval does not shrink
     twins = [_answered(record("full", None, s), PEFT) for s in (1, 2)]
     assert accuracy_interval(twins, "mmlu", read)["se"] == pytest.approx(se)
