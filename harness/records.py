@@ -186,6 +186,15 @@ def run_lock(results_dir: str | Path, name: str, timeout: float = -1) -> FileLoc
                     on_acquired=_write_holder)
 
 
+def lock_fd(lock: FileLock) -> int:
+    """The open file descriptor behind a held ``lock``: a child process given it (``pass_fds``)
+    shares the flock, which the kernel then releases only when the last holder of it exits."""
+    fd = lock._context.lock_file_fd  # filelock keeps it private; there is no public accessor
+    if fd is None:
+        raise RuntimeError(f"lock {lock.lock_file} is not held")
+    return fd
+
+
 def lock_holder(results_dir: str | Path, name: str) -> dict | None:
     """Who holds run id ``name``'s lock now ({"pid", "host", "since"}), or None when it is free."""
     return holder_of(lock_path(results_dir, name))

@@ -440,9 +440,13 @@ def execute_base(job: dict, own_process: bool = False) -> None:
     base_record(job, job["config"], heldout, environment(), startup_s=startup)
 
 
-def run_isolated(job: dict, base: bool = False) -> None:
+def run_isolated(job: dict, base: bool = False, lock: records.FileLock | None = None) -> None:
     """Run the job in fresh processes (``python -m harness.job``, under ``accelerate launch`` for
-    several); if an arm's processes end without a record, write one from what they left."""
+    several); if an arm's processes end without a record, write one from what they left.
+
+    ``lock``: the job's held run-id lock, shared with the job process, so that the lock outlives
+    a sweep killed while the job goes on (the job still writes its record): a rerun then skips
+    it as running rather than training it a second time beside it."""
     from harness import distributed
 
     cfg = job["config"]
@@ -452,7 +456,8 @@ def run_isolated(job: dict, base: bool = False) -> None:
         job_file = str(Path(tmp, "job.json"))
         Path(job_file).write_text(json.dumps(job))
         env = {**distributed.launch_env(cfg, base), "HARNESS_JOB_ERROR_DIR": tmp}
-        proc = subprocess.run(distributed.launch_command(job_file, cfg, base), cwd=os.getcwd(), env=env)
+        proc = subprocess.run(distributed.launch_command(job_file, cfg, base), cwd=os.getcwd(), env=env,
+                              pass_fds=(records.lock_fd(lock),) if lock is not None else ())
         # the first rank to fail is the cause; the others then lose their peers
         errors = [json.loads(p.read_text())
                   for p in sorted(Path(tmp).glob("rank*.json"), key=lambda p: p.stat().st_mtime_ns)]
@@ -542,7 +547,7 @@ def run_job(job: dict, stack: contextlib.ExitStack) -> None:
     if _skip_done(job):
         return
     try:  # a moment's wait, so that harness-status probing the lock is never taken for a holder
-        stack.enter_context(records.run_lock(results_dir, job["run_id"], timeout=LOCK_PROBE_S))
+        lock = stack.enter_context(records.run_lock(results_dir, job["run_id"], timeout=LOCK_PROBE_S))
     except records.Timeout:
         holder = records.lock_holder(results_dir, job["run_id"]) or {}
         print(f"[{job['run_id']}] skipped: another sweep is running it (pid {holder.get('pid', '?')} "
@@ -558,19 +563,19 @@ def run_job(job: dict, stack: contextlib.ExitStack) -> None:
     distributed = cfg["distributed"]["strategy"] != "none"  # always its own processes (accelerate launch)
     if should_evaluate(cfg, random_weights):
         # exactly once per folder: jobs running at once wait here for the one evaluating it
-        with records.run_lock(results_dir, job["base_run_id"]):
+        with records.run_lock(results_dir, job["base_run_id"]) as base_lock:
             if not records.find_ok(results_dir, job["base_run_id"]):
                 # its own process too when isolated, so its evaluation leaves nothing in the
                 # process whose training memory is measured
                 if cfg["isolate"] or distributed:
-                    run_isolated(job, base=True)
+                    run_isolated(job, base=True, lock=base_lock)
                 else:
                     try:
                         execute_base(job)
                     except Exception:  # the arm tries again in execute() and records the failure
                         traceback.print_exc()
     if cfg["isolate"] or distributed:
-        run_isolated(job)
+        run_isolated(job, lock=lock)
     else:
         execute(job)
 

@@ -8,7 +8,10 @@ is imported) with the fault. The harness itself has no hook for it.
 
 import json
 import os
+import subprocess
+import sys
 
+import psutil
 from conftest import ROOT, TINY, harness_run
 
 from harness import records
@@ -31,6 +34,7 @@ class _FaultInTrainingStep(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             run_module(module)
+            original = module.Trainer.training_step
 
             def training_step(self, *args, **kwargs):
                 fault = _FAULTS[self.args.seed]
@@ -41,6 +45,11 @@ class _FaultInTrainingStep(importlib.abc.MetaPathFinder):
                     os.kill(os.getpid(), signal.SIGKILL)
                 if fault == "exit137":
                     os._exit(137)
+                if fault == "wait":  # until the test opens the gate, then train as usual
+                    import time
+                    while not os.path.exists(os.environ["HARNESS_TEST_GATE"]):
+                        time.sleep(0.05)
+                return original(self, *args, **kwargs)
 
             module.Trainer.training_step = training_step
 
@@ -79,3 +88,41 @@ def test_oom_and_killed_job_processes_each_get_a_record(tmp_path):
         assert json.loads(records.record_path(results, recs[seed]["run_id"]).read_text()) == recs[seed]
     # nothing half-written beside them (.locks/ and .sweeps/ are the sweep's bookkeeping folders)
     assert not [p for p in results.iterdir() if p.is_file() and p.suffix != ".json"]
+
+
+def test_a_job_outliving_its_killed_sweep_keeps_its_run_locked(tmp_path):
+    """SIGKILL the sweep while its job process trains: the job goes on (it writes its own record),
+    and a sweep started meanwhile skips the job as running instead of training it a second time
+    beside it (two trainings at once would also skew each other's timings). The job process shares
+    the sweep's run-id lock; before, the lock died with the sweep."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FAULT_HOOK)
+    gate = tmp_path / "gate"
+    env = {**os.environ, "HARNESS_TEST_FAULT": "wait", "HARNESS_TEST_GATE": str(gate),
+           "PYTHONPATH": f"{hook}{os.pathsep}{ROOT}"}
+    results = tmp_path / "results"
+    args = ["method=lora", *TINY, f"results_dir={results}", "isolate=true"]
+    sweep = subprocess.Popen([sys.executable, "-m", "harness.run", *args], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in sweep.stdout:  # until the job process is in its first training step
+            if "trainable params" in line:
+                break
+        jobs = psutil.Process(sweep.pid).children(recursive=True)
+        assert jobs, "the job process should be running"
+        sweep.kill()
+        sweep.wait()
+        again = harness_run(*args, cwd=tmp_path, env=env, timeout=60)
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert "skipped: another sweep is running it" in again.stdout, again.stdout[-2000:]
+        assert not [r for r in records.load_records(results) if r["method"] == "lora"]  # still training
+        gate.write_text("")  # the orphaned job trains on and writes its record
+        gone, alive = psutil.wait_procs(jobs, timeout=120)
+        assert not alive
+        recs = [r for r in records.load_records(results) if r["method"] == "lora"]
+        assert len(recs) == 1 and recs[0]["status"] == "ok" and recs[0]["metrics"]["train_tokens"] > 0
+    finally:
+        gate.write_text("")
+        for proc in psutil.Process().children(recursive=True):
+            proc.kill()
