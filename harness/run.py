@@ -413,8 +413,18 @@ def execute(job: dict, own_process: bool = False) -> dict | None:
     env.update(started_at=started, ended_at=now_iso())
     records.write_record(results_dir, record)
     phase = f" in phase {record['failed_phase']}" if record["failed_phase"] else ""
-    print(f"[{label}] {record['status']}{phase}: record {records.record_path(results_dir, job['run_id'])}", flush=True)
+    print(f"[{label}] {record['status']}{phase}: record {records.record_path(results_dir, job['run_id'])} "
+          f"({time_breakdown(metrics)})", flush=True)
     return record
+
+
+def time_breakdown(metrics: dict) -> str:
+    """Where a run's wall time went, for the console: ``221 s: train 152, eval 32, latency 36, ...``."""
+    spent = sorted((metrics.get("phase_wall_s") or {}).items(), key=lambda kv: -kv[1])
+    parts = [f"{phase} {s:.0f}" for phase, s in spent if s >= 0.5]
+    if metrics.get("startup_wall_s"):
+        parts.append(f"start-up {metrics['startup_wall_s']:.0f}")
+    return f"{metrics['run_wall_s']:.0f} s" + (": " + ", ".join(parts) if parts else "")
 
 
 def write_rank_error(status: str, error: str, failed_phase: str) -> None:

@@ -104,6 +104,10 @@ def test_an_ok_run_has_no_failed_phase(tmp_path):
     assert list(spent) == ["load", "train", "mfu", "footprint"], spent  # random weights: no evaluation
     assert all(s > 0 for s in spent.values()) and sum(spent.values()) <= m["run_wall_s"] < sum(spent.values()) + 1
     assert m["startup_wall_s"] is None
+    # and the console says where the time went, longest phase first
+    line = run.time_breakdown({"run_wall_s": 221.2, "startup_wall_s": 5.4,
+                               "phase_wall_s": {"load": 1.3, "train": 152.2, "eval": 31.9, "footprint": 0.1}})
+    assert line == "221 s: train 152, eval 32, load 1, start-up 5"
 
 
 def test_phase_seconds_add_up_per_phase_in_job_order(monkeypatch):
