@@ -221,8 +221,9 @@ def time_variants(model: torch.nn.Module, tokenizer: Any, prompts: Sequence, rep
     restores the model). The variants run round-robin: each of ``reps`` repetitions measures every
     variant once, in the alternating order of ``rep_order``, so a slow spell of a shared machine
     hits all of them and each repetition gives a paired ratio; after a merge or unmerge one
-    untimed forward (``_settle``) takes the weights' one-off first-call costs out of the timing. An overhead is ``ratio - 1`` with the ratio and its
-    95% interval from ``stats.ratio_interval`` over the repetitions' ratios. Call it after
+    untimed forward (``_settle``) takes the weights' one-off first-call costs out of the timing.
+    An overhead is ``ratio - 1`` with the ratio and its 95% interval from ``stats.ratio_interval``
+    over the repetitions' ratios. Call it after
     evaluation: with 4-bit base weights merging re-quantizes, so unmerge is not bit-exact.
     Other models (full fine-tuning): the model is its own base, merged and dynamic; measured once
     per repetition, overheads 0. ``prompts`` are strings for ``tokenizer``, or token-id lists when
