@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import psutil
 from conftest import ROOT, TINY, harness_run
@@ -105,6 +106,8 @@ def test_a_job_outliving_its_killed_sweep_keeps_its_run_locked(tmp_path):
     args = ["method=lora", *TINY, f"results_dir={results}", "isolate=true"]
     sweep = subprocess.Popen([sys.executable, "-m", "harness.run", *args], cwd=tmp_path, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watchdog = threading.Timer(180, sweep.kill)  # a job that never reaches training fails, not hangs
+    watchdog.start()
     try:
         for line in sweep.stdout:  # until the job process is in its first training step
             if "trainable params" in line:
@@ -123,6 +126,7 @@ def test_a_job_outliving_its_killed_sweep_keeps_its_run_locked(tmp_path):
         recs = [r for r in records.load_records(results) if r["method"] == "lora"]
         assert len(recs) == 1 and recs[0]["status"] == "ok" and recs[0]["metrics"]["train_tokens"] > 0
     finally:
+        watchdog.cancel()
         gate.write_text("")
         for proc in psutil.Process().children(recursive=True):
             proc.kill()

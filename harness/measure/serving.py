@@ -14,7 +14,8 @@ import torch
 from harness import stats
 from harness.measure.memory import sync
 
-VARIANTS = ("base", "merged", "dynamic")
+# in the order of even latency repetitions (``rep_order``): merged last, so one merge-state change per repetition
+VARIANTS = ("base", "dynamic", "merged")
 
 
 def _is_peft(model: Any) -> bool:
@@ -235,8 +236,7 @@ def time_variants(model: torch.nn.Module, tokenizer: Any, prompts: Sequence, rep
     pad = next((p for p in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
                 if p is not None), 0)
     variants = _Variants(model)
-    # merged last: the order of even repetitions, so that one merge state change falls in each
-    names = ("base", "dynamic", "merged") if variants.peft else ("base",)
+    names = VARIANTS if variants.peft else ("base",)
     was_training = model.training
     model.eval()
     times: dict[str, dict[str, list]] = {v: {"prefill": [], "decode": []} for v in names}
