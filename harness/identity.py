@@ -23,6 +23,9 @@ A PEFT arm's gap is taken against the full fine-tuning run of the same pair_key.
 runs (e.g. a full-FT learning-rate sweep) under one pair_key make that reference ambiguous;
 ``full_references`` reports it rather than picking one, unless the caller names the reference.
 
+A setting added to a config group after runs exist goes into NEUTRAL_DEFAULTS with the value that
+reproduces the old behaviour, so adding it changes no existing run id, pair or baseline group.
+
 Top-level keys that steer the harness without changing a result (a launcher, a thread budget, a
 lock timeout) go into NON_RESULT_KEYS, and only here.
 """
@@ -56,6 +59,13 @@ NON_RESULT_PATHS = (
     ("distributed", "main_process_port"),
     ("distributed", "machine_rank"),  # differs per machine of one multi-node job
 )
+# Settings added after records and the committed baseline existed: at their neutral value (the
+# library default they always had) they stay out of every hash, so older runs keep their identity;
+# set to anything else they enter it.
+NEUTRAL_DEFAULTS = (
+    (("train", "max_grad_norm"), 1.0),  # the Trainer's default clipping norm
+    (("train", "lr_scheduler_kwargs"), {}),
+)
 # Method settings an arm label can show, with their short names (e.g. "lora r16 lr 0.001")
 ARM_LABEL_FIELDS = (("learning_rate", "lr"), ("alpha", "alpha"), ("target_modules", "targets"), ("dropout", "dropout"))
 
@@ -64,12 +74,21 @@ def result_config(cfg: dict) -> dict:
     """``cfg`` without what does not change a result (a copy; ``cfg`` is left as it is)."""
     out = {k: copy.deepcopy(v) for k, v in cfg.items() if k not in NON_RESULT_KEYS}
     for path in NON_RESULT_PATHS:
-        node = out
-        for part in path[:-1]:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(path[-1], None)
+        _drop(out, path)
+    for path, neutral in NEUTRAL_DEFAULTS:
+        _drop(out, path, only_if=neutral)
     return out
+
+
+_ANY = object()
+
+
+def _drop(cfg: dict, path: tuple[str, ...], only_if: Any = _ANY) -> None:
+    node = cfg
+    for part in path[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict) and path[-1] in node and (only_if is _ANY or node[path[-1]] == only_if):
+        del node[path[-1]]
 
 
 def config_hash(cfg: dict) -> str:

@@ -91,6 +91,8 @@ def training_arguments(train_cfg: dict, learning_rate: float, seed: int, output_
         gradient_accumulation_steps=int(train_cfg["grad_accum"]),
         learning_rate=learning_rate,
         lr_scheduler_type=str(train_cfg["lr_scheduler"]),
+        lr_scheduler_kwargs=dict(train_cfg.get("lr_scheduler_kwargs") or {}),
+        max_grad_norm=float(train_cfg.get("max_grad_norm", 1.0)),
         warmup_steps=int(train_cfg["warmup_steps"]),
         weight_decay=float(train_cfg["weight_decay"]),
         optim=str(train_cfg["optim"]),

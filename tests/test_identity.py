@@ -59,6 +59,21 @@ def test_what_the_arms_share_is_the_pair(override):
     assert a["pair_key"] != b["pair_key"]
 
 
+@pytest.mark.parametrize("override", ["train.max_grad_norm=1.0", "train.lr_scheduler_kwargs={}"])
+def test_a_later_setting_at_its_neutral_value_leaves_identity_alone(override):
+    """Settings added after runs existed: at the value that reproduces the old behaviour they leave
+    every run id, pair and baseline group as it was."""
+    a, b = job("method=lora"), job("method=lora", override)
+    assert (a["config_hash"], a["pair_key"]) == (b["config_hash"], b["pair_key"])
+    assert override.split("=")[0].split(".")[1] not in identity.result_config(a["config"])["train"]
+
+
+@pytest.mark.parametrize("override", ["train.max_grad_norm=0.3", "+train.lr_scheduler_kwargs.num_decay_steps=20"])
+def test_a_later_setting_set_away_from_neutral_is_another_pair(override):
+    a, b = job("method=lora"), job("method=lora", override)
+    assert a["pair_key"] != b["pair_key"]
+
+
 def test_world_size_is_part_of_the_pair():
     a = job("method=lora", "distributed=ddp", "distributed.num_processes=2")
     b = job("method=lora", "distributed=ddp", "distributed.num_processes=4")

@@ -235,3 +235,19 @@ def test_the_trainers_scratch_folder_is_removed(tmp_path):
     del mine
     gc.collect()
     assert (tmp_path / "mine").is_dir()  # a folder the caller gave is never removed
+
+
+def test_schedule_kwargs_and_clipping_reach_the_trainer(tmp_path):
+    """``train.lr_scheduler_kwargs`` and ``train.max_grad_norm`` are the Trainer's: a
+    warmup-stable-decay schedule holds the rate, then decays it over its last ``num_decay_steps``."""
+    cfg = {**TRAIN, "max_steps": 6, "grad_accum": 1, "lr_scheduler": "warmup_stable_decay",
+           "lr_scheduler_kwargs": {"num_decay_steps": 3}, "max_grad_norm": 0.3}
+    args = training_arguments(cfg, 1e-3, 0, output_dir=str(tmp_path))
+    assert args.max_grad_norm == 0.3
+    tok = byte_tokenizer()
+    features, _ = training_features([{"prompt": "Q: two plus two?", "completion": " four"}] * 12, tok, cfg)
+    trainer = build_trainer(tiny_model(), tok, features, cfg, 1e-3, 0, args=args)
+    trainer.train()
+    rates = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
+    # the rates of steps 0-5: held for 3 + 1 (the decay's first step is at the full rate), then falling
+    assert rates == pytest.approx([1e-3, 1e-3, 1e-3, 1e-3, 7.5e-4, 2.5e-4]), rates
