@@ -54,6 +54,7 @@ def plan(cfg: dict) -> dict:
     from harness.measure.pricing import PriceTableError, load_price_table, resolve_hardware, unpriced_hardware
     from harness.methods import MethodError, normalize, rank_of, validate
     from harness.models import ModelSourceError, check_dtype
+    from harness.train import ScheduleError, check_schedule
 
     cfg = {k: v for k, v in cfg.items() if k != "hydra"}
     cfg["method"] = normalize(cfg["method"])
@@ -62,10 +63,12 @@ def plan(cfg: dict) -> dict:
         check_dtype(cfg["model"].get("dtype"))
         distributed.validate(cfg["distributed"])
         check_fit(cfg["data"], int(cfg["train"]["seq_len"]))
+        check_schedule(cfg["train"])
         # hardware=auto becomes the detected entry, so runs on other hardware are other runs
         table = load_price_table(CONF_DIR)
         entry = resolve_hardware(cfg["hardware"], table)
-    except (MethodError, ModelSourceError, PriceTableError, distributed.DistributedError, DataError) as exc:
+    except (MethodError, ModelSourceError, PriceTableError, distributed.DistributedError, DataError,
+            ScheduleError) as exc:
         raise UsageError(str(exc)) from exc
     cfg["hardware"] = entry or unpriced_hardware(table)  # an unknown device: no neighbour's price, a warning
     method = cfg["method"]["name"]

@@ -124,6 +124,9 @@ def test_hydras_own_flags_answer_once(tmp_path):
         (["data.overlong=cut"], "data.overlong='cut' is unknown; valid: truncate, drop"),
         # every job is planned: the second seq_len leaves no room for a completion token
         (["-m", "train.seq_len=64,16", "data.min_prompt_tokens=16"], "data.min_prompt_tokens=16 is invalid"),
+        # a schedule the Trainer cannot build fails here, not after the model has loaded
+        (["train.lr_scheduler=warmup_stable_decay"], "missing 1 required positional argument: 'num_decay_steps'"),
+        (["+train.lr_scheduler_kwargs.num_decay=3"], "unexpected keyword argument 'num_decay'"),
     ],
 )
 def test_fit_settings_are_checked_before_anything_runs(tmp_path, capsys, args, needle):
