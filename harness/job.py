@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 
@@ -20,8 +21,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     job = json.loads(Path(args.job_file).read_text())
 
+    from harness import records
     from harness.run import execute, execute_base
 
+    if "HARNESS_RUN_LOCK_FD" in os.environ:  # the sweep's run-id lock, shared with this process
+        records.take_over_holder(int(os.environ["HARNESS_RUN_LOCK_FD"]),
+                                 records.lock_path(job["config"]["results_dir"], job["run_id"]))
     execute_base(job, own_process=True) if args.base else execute(job, own_process=True)
 
 

@@ -165,9 +165,9 @@ def lock_path(results_dir: str | Path, name: str) -> Path:
     return Path(results_dir) / LOCK_DIR / f"{name}.lock"
 
 
-def _write_holder(fd: int) -> None:
+def _write_holder(fd: int, **extra) -> None:
     """Say in the lock file who holds it (shown by harness-status)."""
-    holder = {"pid": os.getpid(), "host": platform.node(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    holder = {"pid": os.getpid(), "host": platform.node(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(holder).encode(), 0)
 
@@ -193,6 +193,25 @@ def lock_fd(lock: FileLock) -> int:
     if fd is None:
         raise RuntimeError(f"lock {lock.lock_file} is not held")
     return fd
+
+
+def take_over_holder(fd: int, path: str | Path) -> bool:
+    """In a job process given its sweep's held lock as ``fd``: name this process the holder (the
+    sweep's pid kept as ``sweep_pid``), so that a rerun after the sweep was killed names the process
+    that still trains. False, writing nothing, when ``fd`` is not that lock file (a launcher in
+    between closed it, and the number now belongs to another file)."""
+    try:
+        same = os.path.samestat(os.fstat(fd), os.stat(path))
+    except OSError:
+        return False
+    if not same:
+        return False
+    try:
+        sweep = json.loads(os.pread(fd, 4096, 0) or b"{}").get("pid")
+    except (OSError, ValueError):
+        sweep = None
+    _write_holder(fd, sweep_pid=sweep)
+    return True
 
 
 def lock_holder(results_dir: str | Path, name: str) -> dict | None:

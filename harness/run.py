@@ -469,6 +469,8 @@ def run_isolated(job: dict, base: bool = False, lock: records.FileLock | None = 
         job_file = str(Path(tmp, "job.json"))
         Path(job_file).write_text(json.dumps(job))
         env = {**distributed.launch_env(cfg, base), "HARNESS_JOB_ERROR_DIR": tmp}
+        if lock is not None:
+            env["HARNESS_RUN_LOCK_FD"] = str(records.lock_fd(lock))
         proc = subprocess.run(distributed.launch_command(job_file, cfg, base), cwd=os.getcwd(), env=env,
                               pass_fds=(records.lock_fd(lock),) if lock is not None else ())
         # the first rank to fail is the cause; the others then lose their peers

@@ -8,6 +8,7 @@ is imported) with the fault. The harness itself has no hook for it.
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -119,6 +120,9 @@ def test_a_job_outliving_its_killed_sweep_keeps_its_run_locked(tmp_path):
         again = harness_run(*args, cwd=tmp_path, env=env, timeout=60)
         assert again.returncode == 0, again.stderr[-2000:]
         assert "skipped: another sweep is running it" in again.stdout, again.stdout[-2000:]
+        # it names the job process that still trains, not the killed sweep
+        named = re.search(r"another sweep is running it \(pid (\d+) on", again.stdout)
+        assert named and int(named.group(1)) in {j.pid for j in jobs}, (again.stdout[-2000:], sweep.pid)
         assert not [r for r in records.load_records(results) if r["method"] == "lora"]  # still training
         gate.write_text("")  # the orphaned job trains on and writes its record
         gone, alive = psutil.wait_procs(jobs, timeout=120)
@@ -130,3 +134,18 @@ def test_a_job_outliving_its_killed_sweep_keeps_its_run_locked(tmp_path):
         gate.write_text("")
         for proc in psutil.Process().children(recursive=True):
             proc.kill()
+
+
+def test_a_job_names_itself_the_lock_holder_only_through_its_own_lock(tmp_path):
+    """``take_over_holder`` writes only into the run's lock file: a descriptor number that now
+    belongs to another file (a launcher in between closed the inherited one) is left untouched."""
+    with records.run_lock(tmp_path, "run-a") as lock:
+        other = tmp_path / "other.txt"
+        other.write_text("keep me")
+        with open(other, "r+b") as f:
+            assert not records.take_over_holder(f.fileno(), records.lock_path(tmp_path, "run-a"))
+        assert other.read_text() == "keep me"
+        sweep_pid = records.lock_holder(tmp_path, "run-a")["pid"]
+        assert records.take_over_holder(records.lock_fd(lock), records.lock_path(tmp_path, "run-a"))
+        holder = records.lock_holder(tmp_path, "run-a")
+        assert holder["sweep_pid"] == sweep_pid and holder["pid"] == os.getpid()
