@@ -27,7 +27,10 @@ paired difference on question i, ``g_s = mean_i d_si`` its gap. Two kinds of noi
     se of the seed mean   sqrt(se_q^2 + max(0, s_g^2 - w / n) / k): the flips are already in
                      se_q (averaged over the k seeds), what the seeds move together is added
 
-``seed_summary`` returns ``se`` (that), ``se_q``, ``sd`` (= s_g) and ``v_seed``; the gate
+``seed_summary`` returns ``se`` (that), ``se_q``, ``sd`` (= s_g), ``v_seed`` and the 95% interval
+``ci_low``/``ci_high``: gap -/+ 1.96 se, never narrower than Newcombe's paired score interval
+(``newcombe_paired95``) of the seeds' mean 2x2 table, which does not collapse to a point when the
+arms never disagree (both at 100%: se = 0). The gate
 (harness/check.py) uses ``v_seed`` with the same questions on both sides, where question noise
 cancels.
 
@@ -325,6 +328,7 @@ def seed_summary(gaps: Iterable[dict]) -> list[dict]:
                 "se": noise["se"],
                 "se_q": noise["se_q"],
                 "v_seed": noise["v_seed"],
+                **dict(zip(("ci_low", "ci_high"), gap_interval95(mean, noise["se"], answers))),
                 "n_seeds": k,
                 "seeds": {r["seed"]: r["gap"] for r in runs},
                 "paired": paired,
@@ -373,6 +377,37 @@ def wilson95(p: float, n: int) -> tuple[float, float]:
     center = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = Z95 / (1 + z2 / n) * math.sqrt(max(p * (1 - p), 0.0) / n + z2 / (4 * n * n))
     return max(0.0, center - half), min(1.0, center + half)
+
+
+def newcombe_paired95(both: float, only_a: float, only_b: float, neither: float) -> tuple[float, float]:
+    """Newcombe's score interval (1998, method 10) of ``p_a - p_b`` for two arms answering the same
+    questions, from the 2x2 table of counts (averages over seeds allowed): Wilson intervals of each
+    accuracy, joined with the correlation phi of the pairs. Unlike ``gap ± 1.96·se`` it does not
+    collapse to a point when the arms never disagree (both 128 of 128 right: [-2.9, +2.9] pp)."""
+    n = both + only_a + only_b + neither
+    p_a, p_b = (both + only_a) / n, (both + only_b) / n
+    (l_a, u_a), (l_b, u_b) = wilson95(p_a, round(n)), wilson95(p_b, round(n))
+    margins = (both + only_a) * (only_b + neither) * (both + only_b) * (only_a + neither)
+    phi = (both * neither - only_a * only_b) / math.sqrt(margins) if margins > 0 else 0.0
+    down = math.sqrt(max(0.0, (p_a - l_a) ** 2 - 2 * phi * (p_a - l_a) * (u_b - p_b) + (u_b - p_b) ** 2))
+    up = math.sqrt(max(0.0, (u_a - p_a) ** 2 - 2 * phi * (u_a - p_a) * (p_b - l_b) + (p_b - l_b) ** 2))
+    return p_a - p_b - down, p_a - p_b + up
+
+
+def gap_interval95(gap: float, se: float | None, answers: list[dict] | None = None) -> tuple[float | None, float | None]:
+    """The 95% interval of a gap: ``gap ± 1.96·se``, and where per-question answers of the seeds are
+    given (``answers``: per seed {"peft": [...], "full": [...]} on the same questions) never narrower
+    than Newcombe's paired score interval of the seeds' mean 2x2 table; within [-1, 1]."""
+    low, high = interval95(gap, se)
+    if low is None or not answers or not answers[0]["peft"]:
+        return low, high
+    k = len(answers)
+    cells = [0.0, 0.0, 0.0, 0.0]  # both right, only PEFT, only full, neither
+    for a in answers:
+        for p, f in zip(a["peft"], a["full"]):
+            cells[(0 if f else 3) if bool(p) == bool(f) else (1 if p else 2)] += 1 / k
+    n_low, n_high = newcombe_paired95(*cells)
+    return max(-1.0, min(low, n_low)), min(1.0, max(high, n_high))
 
 
 def interval95(mean: float, se: float | None) -> tuple[float | None, float | None]:
@@ -447,10 +482,11 @@ def accuracy_difference(a_runs: Iterable[dict], b_runs: Iterable[dict], task: st
         per_seed = [[int(p) - int(f) for p, f in zip(r["peft"], r["full"])] for r in restricted]
         diff = sum(map(sum, per_seed)) / (len(per_seed) * len(ids))
         se = seed_noise(per_seed)["se"]
+        low, high = gap_interval95(diff, se, restricted)
     else:
         diff, sd = mean_sd([g["gap"] for g in gaps])
         se = _unpaired_se([g["se"] for g in gaps], sd)
-    low, high = interval95(diff, se)
+        low, high = interval95(diff, se)
     return {"diff": diff, "se": se, "ci_low": low, "ci_high": high, "paired": bool(ids), "n_seeds": len(gaps),
             "n": len(ids) or None, "significant": low is not None and (low > 0 or high < 0)}
 

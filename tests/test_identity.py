@@ -68,9 +68,11 @@ def test_a_later_setting_at_its_neutral_value_leaves_identity_alone(override):
     assert override.split("=")[0].split(".")[1] not in identity.result_config(a["config"])["train"]
 
 
-@pytest.mark.parametrize("override", ["train.max_grad_norm=0.3", "+train.lr_scheduler_kwargs.num_decay_steps=20"])
-def test_a_later_setting_set_away_from_neutral_is_another_pair(override):
-    a, b = job("method=lora"), job("method=lora", override)
+@pytest.mark.parametrize("overrides", [["train.max_grad_norm=0.3"],
+                                       ["+train.lr_scheduler_kwargs.num_cycles=0.4", "train.lr_scheduler=cosine"]])
+def test_a_later_setting_set_away_from_neutral_is_another_pair(overrides):
+    a = job("method=lora", "train.lr_scheduler=cosine")
+    b = job("method=lora", "train.lr_scheduler=cosine", *overrides)
     assert a["pair_key"] != b["pair_key"]
 
 

@@ -251,9 +251,14 @@ def test_gap_sign_interval_and_seed_aggregation(report):
     table = _table(written[AT_A_GLANCE].read_text())
     # MMLU: 10 of 100 questions flip from right to wrong, every seed: gap -10 pp, sd 0,
     # per-seed se = sqrt((10 * 0.9^2 + 90 * 0.1^2) / 99 / 100) = 0.030151; three identical seeds
-    # answer the same questions, so the question noise stays one seed's (seeds never shrink it)
+    # answer the same questions, so the question noise stays one seed's (seeds never shrink it);
+    # the interval is never narrower than Newcombe's paired one (70 both right, 10 only full, 20 neither)
+    from harness.stats import newcombe_paired95
+
     se = (9 / 99 / 100) ** 0.5
-    lo, hi = -10 - 196 * se, -10 + 196 * se
+    n_lo, n_hi = newcombe_paired95(70, 0, 10, 20)
+    lo, hi = min(-10 - 196 * se, 100 * n_lo), max(-10 + 196 * se, 100 * n_hi)
+    assert lo < -10 - 196 * se  # here Newcombe's is the wider below
     assert table[ROWS[3]]["LoRA r=8 (3 seeds)"] == f"-10.00 pp [{lo:+.2f}, {hi:+.2f}]"  # identical seeds: no ± 0
     # in-domain: PEFT is better by 5, 10, 15 pp: positive sign, mean 10, sd 5
     assert table[ROWS[4]]["LoRA r=8 (3 seeds)"].startswith("+10.00 ± 5.00 pp [+")

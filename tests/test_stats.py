@@ -309,3 +309,47 @@ def test_ratio_interval_covers_the_true_ratio_95_percent_of_the_time():
         _, lo, hi = ratio_interval(variant, base)
         covered += lo <= 1.03 <= hi
     assert 0.93 <= covered / trials <= 0.97
+
+
+def test_a_gap_between_arms_that_never_disagree_is_not_a_point():
+    """Both arms right on all 128 questions: se = 0, and gap ± 1.96·se read [+0.00, +0.00] in the
+    demo's table. Newcombe's paired score interval floors it: 128 of 128 has Wilson [97.09%, 100%]."""
+    from harness.stats import newcombe_paired95, wilson95
+
+    right = [True] * 128
+    (row,) = seed_summary([_gap(0, 0.0, 0.0, answers=_paired(right, right))])
+    half = 1 - wilson95(1.0, 128)[0]
+    assert row["se"] == 0 and (row["ci_low"], row["ci_high"]) == pytest.approx((-half, half))
+    assert half == pytest.approx(0.0291, abs=1e-4)
+    # an ordinary gap keeps its normal interval where that is the wider one, and the floor is
+    # antisymmetric in the arms
+    one = paired_gap(items("mmlu", PEFT), items("mmlu", FULL), "mmlu")
+    (row,) = seed_summary([_gap(0, one["gap"], one["se"], answers=_paired(PEFT, FULL))])
+    low, high = newcombe_paired95(*_cells(PEFT, FULL))
+    assert row["ci_low"] == pytest.approx(min(one["gap"] - 1.96 * one["se"], low))
+    assert row["ci_high"] == pytest.approx(max(one["gap"] + 1.96 * one["se"], high))
+    assert newcombe_paired95(*_cells(FULL, PEFT)) == pytest.approx((-high, -low))
+
+
+def _cells(a: list[bool], b: list[bool]) -> tuple[int, int, int, int]:
+    return (sum(x and y for x, y in zip(a, b)), sum(x and not y for x, y in zip(a, b)),
+            sum(y and not x for x, y in zip(a, b)), sum(not x and not y for x, y in zip(a, b)))
+
+
+def test_newcombe_paired_interval_covers_95_percent():
+    """Method 10 of Newcombe (1998) on simulated paired answers (128 questions), near the demo's
+    regime (both arms near 100%) and mid-range: it covers the true difference at least ~95%."""
+    import random
+
+    from harness.stats import newcombe_paired95
+
+    rng = random.Random(0)
+    for probs in [(0.95, 0.02, 0.02, 0.01), (0.6, 0.1, 0.05, 0.25)]:
+        theta, hits = probs[1] - probs[2], 0
+        for _ in range(1000):
+            cells = [0, 0, 0, 0]
+            for _ in range(128):
+                cells[rng.choices(range(4), probs)[0]] += 1
+            low, high = newcombe_paired95(*cells)
+            hits += low - 1e-12 <= theta <= high + 1e-12
+        assert 0.93 <= hits / 1000 <= 0.995, (probs, hits)

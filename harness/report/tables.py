@@ -28,7 +28,7 @@ from harness.report.fmt import (
     fmt_share,
     fmt_usd,
 )
-from harness.stats import TASKS, accuracy_interval, interval95, mean_sd, pair_gaps, seed_summary
+from harness.stats import TASKS, accuracy_interval, mean_sd, pair_gaps, seed_summary
 
 METHOD_ORDER = {"base": 0, "full": 1, "lora": 2, "qlora": 3}
 METHOD_LABEL = {"base": "base model", "full": "full FT", "lora": "LoRA", "qlora": "QLoRA"}
@@ -242,7 +242,7 @@ def _gap_cell(table: Table, arm: Arm, task: str) -> str:
     if row["sd"] is not None and len(set(row["seeds"].values())) > 1:
         text += f" ± {row['sd'] * 100:.2f}"
     text += " pp"
-    low, high = interval95(row["gap"], row["se"])
+    low, high = row["ci_low"], row["ci_high"]
     if low is not None:
         text += f" [{low * 100:+.2f}, {high * 100:+.2f}]"
     if not row["paired"]:
@@ -565,7 +565,7 @@ def arms_frame(tables: list[Table]) -> pd.DataFrame:
                     row[f"gap_{task}_mean"] = g["gap"]
                     row[f"gap_{task}_sd"] = g["sd"]
                     row[f"gap_{task}_se"] = g["se"]
-                    row[f"gap_{task}_ci_low"], row[f"gap_{task}_ci_high"] = interval95(g["gap"], g["se"])
+                    row[f"gap_{task}_ci_low"], row[f"gap_{task}_ci_high"] = g["ci_low"], g["ci_high"]
                     row[f"gap_{task}_n_seeds"] = g["n_seeds"]
                     row[f"gap_{task}_paired"] = g["paired"]
             rows.append(row)
