@@ -54,7 +54,7 @@ def plan(cfg: dict) -> dict:
     from harness.measure.pricing import PriceTableError, load_price_table, resolve_hardware, unpriced_hardware
     from harness.methods import MethodError, normalize, rank_of, validate
     from harness.models import ModelSourceError, check_dtype
-    from harness.train import ScheduleError, check_schedule
+    from harness.schedule import ScheduleError, check_schedule
 
     cfg = {k: v for k, v in cfg.items() if k != "hydra"}
     cfg["method"] = normalize(cfg["method"])

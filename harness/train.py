@@ -67,25 +67,6 @@ class ProgressPrinter(TrainerCallback):
         )
 
 
-class ScheduleError(ValueError):
-    """A learning-rate schedule the Trainer cannot build (an unknown name, missing or unknown kwargs)."""
-
-
-def check_schedule(train_cfg: dict) -> None:
-    """Build the configured schedule on a throwaway optimizer, so a bad ``train.lr_scheduler`` or
-    ``train.lr_scheduler_kwargs`` fails at planning, not after the model has loaded."""
-    from transformers import get_scheduler
-
-    kwargs = dict(train_cfg.get("lr_scheduler_kwargs") or {})
-    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    try:
-        get_scheduler(str(train_cfg["lr_scheduler"]), optimizer, num_warmup_steps=int(train_cfg["warmup_steps"]),
-                      num_training_steps=int(train_cfg["max_steps"]), scheduler_specific_kwargs=kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ScheduleError(f"train.lr_scheduler={train_cfg['lr_scheduler']} with train.lr_scheduler_kwargs="
-                            f"{kwargs}: {exc}") from exc
-
-
 def training_arguments(train_cfg: dict, learning_rate: float, seed: int, output_dir: str | None = None,
                        single_device: bool = True) -> TrainingArguments:
     """The Trainer's arguments. Build them before loading the model in a distributed job: that
