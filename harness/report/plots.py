@@ -341,14 +341,17 @@ def plot_scaling(tables: list[Table], path: Path) -> Path | None:
             sizes.add(size)
             for a in t.arms:
                 if a.method != "base" and a.values("peak_memory_bytes"):
-                    memory[a.label].append((size, mean_sd(a.values("peak_memory_bytes"))[0] / 2**30, 0.0))
+                    memory[a.label].append((size, mean_sd(a.values("peak_memory_bytes"))[0] / 2**30, (0.0, 0.0)))
                 if (g := t.gaps.get((a.key, "mmlu"))) is not None:
-                    gap[a.label].append((size, g["gap"] * 100, 1.96 * g["se"] * 100 if g["se"] is not None else 0.0))
+                    # the table's interval (asymmetric where Newcombe's floor sets it)
+                    below, above = ((g["gap"] - g["ci_low"]) * 100, (g["ci_high"] - g["gap"]) * 100) \
+                        if g["ci_low"] is not None else (0.0, 0.0)
+                    gap[a.label].append((size, g["gap"] * 100, (below, above)))
         for ax, series, ylabel in ((ax_mem, memory, "peak training memory (GiB)"),
                                    (ax_gap, gap, "MMLU gap vs full FT (pp, 95% interval)")):
             for label, pts in series.items():
                 xs, ys, errs = zip(*pts)
-                ax.errorbar(xs, ys, yerr=errs if ax is ax_gap else None, marker="o", capsize=3, color=colors[label],
+                ax.errorbar(xs, ys, yerr=list(zip(*errs)) if ax is ax_gap else None, marker="o", capsize=3, color=colors[label],
                             label=label)
             ax.set_xscale("log")
             ax.set_xticks(sorted(sizes), [fmt_count([s]) for s in sorted(sizes)])
