@@ -2,7 +2,7 @@
 
 The Hydra configs stay at the top level (conf/) and ship inside the package as ``harness.conf``
 (harness/conf/ once installed), a mapping that pyproject.toml cannot declare beside automatic
-package discovery. harness.run.CONF_DIR finds the packaged copy, or conf/ in a checkout.
+package discovery. harness.config.CONF_DIR finds the packaged copy, or conf/ in a checkout.
 Folders of data (conf/model/, harness/architectures/, ...) are listed as packages too, which is
 how setuptools wants data folders declared.
 """

@@ -23,11 +23,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from harness.config import CONF_DIR
 from harness.data import load_examples
 from harness.measure.serving import latency_metrics, time_variants
 from harness.methods import apply_method
 from harness.models import load_model
-from harness.run import CONF_DIR
 
 
 def config(model: str, rank: int) -> dict:

@@ -29,7 +29,7 @@ TINY = [
     "data.n_heldout=8",
     "eval.mmlu.enabled=false",
     "eval.on_random_weights=true",
-    "eval.latency.reps=2",
+    "eval.latency.reps=4",
     "eval.latency.gen_tokens=2",
     "report=false",
 ]

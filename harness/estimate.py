@@ -38,8 +38,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from harness.config import CONF_DIR, UsageError
 from harness.measure.memory import CATEGORIES
-from harness.run import CONF_DIR, UsageError
 
 GIB = 1024**3
 
@@ -100,16 +100,12 @@ class Linear:
 
 
 def arch_config(model_cfg: dict):
-    """The transformers config of a model setting, without loading its weights."""
-    from transformers import AutoConfig
-
-    from harness.models import ModelSourceError, arch_path, model_folder
+    """The transformers config of a model setting (``models.arch_config``), a usage error when unreadable."""
+    from harness.models import ModelSourceError
+    from harness.models import arch_config as model_arch_config
 
     try:
-        if model_cfg["source"] == "config":
-            return AutoConfig.for_model(**json.loads(arch_path(str(model_cfg["arch"])).read_text()))
-        folder, _ = model_folder(model_cfg)  # a GGUF file is converted once, as harness-run does
-        return AutoConfig.from_pretrained(folder)
+        return model_arch_config(model_cfg)
     except (ModelSourceError, OSError) as exc:
         raise UsageError(str(exc).splitlines()[0]) from exc
 
@@ -615,9 +611,11 @@ def compose(overrides: list[str]) -> dict:
 
 def resolved(cfg: dict) -> dict:
     """Hardware resolved as harness-run does (auto detects; a name gets its price entry)."""
+    from harness.config import EstimateConfig, validate
     from harness.measure.pricing import PriceTableError, load_price_table, resolve_hardware
 
     cfg = {k: v for k, v in cfg.items() if k != "hydra"}
+    validate(cfg, EstimateConfig)
     try:
         entry = resolve_hardware(cfg["hardware"], load_price_table(CONF_DIR))
     except PriceTableError as exc:
@@ -640,8 +638,8 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    from harness.preflight import check_names
-    from harness.run import usage_exit
+    from harness.config import usage_exit
+    from harness.plan import check_names
 
     check_names(sys.argv[1:], CONF_DIR, functools.partial(usage_exit, prog="harness-estimate"))  # before Hydra's text
     hydra_main()

@@ -110,3 +110,29 @@ def apply_method(model: torch.nn.Module, method_cfg: dict, gradient_checkpointin
     if method_cfg.get("quantize"):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     return get_peft_model(model, peft_config(method_cfg))
+
+
+def check_targets(method_cfg: dict, model_cfg: dict) -> None:
+    """Target modules named explicitly (a list or a regex, not ``all-linear``) must be in the model:
+    peft applies them to the architecture built on the meta device (no weights). A model whose
+    config cannot be read here (a hub id offline) is checked when it loads."""
+    target = method_cfg.get("target_modules")
+    if method_cfg["name"] == "full" or target in (None, "all-linear"):
+        return
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from harness.models import ModelSourceError, arch_config
+
+    try:
+        config = arch_config(model_cfg)
+    except (ModelSourceError, OSError):
+        return
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    try:
+        get_peft_model(model, peft_config({**method_cfg, "quantize": None}))
+    except ValueError as exc:
+        raise MethodError(f"method.target_modules={target!r} matches no module of model {model_cfg.get('name')!r} "
+                          f"({str(exc).splitlines()[0][:120]}); its linear layers: {', '.join(linear)}") from exc

@@ -247,6 +247,20 @@ def model_folder(model_cfg: dict) -> tuple[str, bool]:
     raise ModelSourceError(f"model.source={source!r} is unknown; valid: hub, gguf, config")
 
 
+def arch_config(model_cfg: dict):
+    """The transformers config of a model setting, without loading its weights (a GGUF file is
+    converted once, as a run does)."""
+    from transformers import AutoConfig
+
+    if model_cfg["source"] == "config":
+        return AutoConfig.for_model(**json.loads(arch_path(str(model_cfg["arch"])).read_text()))
+    folder, _ = model_folder(model_cfg)
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except OSError as exc:
+        raise ModelSourceError(str(exc).splitlines()[0]) from exc
+
+
 def load_model(model_cfg: dict, dtype: torch.dtype = torch.float32, quantization_config=None,
                device: str | torch.device | None = None, mmap: bool = True) -> LoadedModel:
     """Load the base model (optionally 4-bit) and its tokenizer.

@@ -104,6 +104,24 @@ def run_id_for(method: str, rank: int | None, config_hash: str) -> str:
     return f"{method}{rank_part}-{config_hash[:10]}"
 
 
+def empty_metrics() -> dict:
+    return {name: None for name in REQUIRED_METRICS}
+
+
+def new_record(job: dict, env: dict) -> dict:
+    """The record of a planned ``job`` (``plan.plan``) before anything is measured: its identity,
+    config and null metrics, status ok until a phase fails."""
+    cfg = job["config"]
+    return {
+        "schema": SCHEMA, "run_id": job["run_id"], "config_hash": job["config_hash"],
+        "pair_key": job["pair_key"], "eval_key": job["eval_key"], "status": "ok", "error": None, "failed_phase": None,
+        "method": job["method"], "rank": job["rank"],
+        "model": {"name": cfg["model"]["name"], "source": cfg["model"]["source"], "total_params": None,
+                  "random_weights": cfg["model"]["source"] == "config"},
+        "config": cfg, "env": env, "items_file": None, "base_run_id": None, "metrics": empty_metrics(),
+    }
+
+
 def record_path(results_dir: str | Path, run_id: str) -> Path:
     return Path(results_dir) / f"{run_id}.json"
 

@@ -65,7 +65,7 @@ TINY = [
     "data.n_train=16",
     "data.n_heldout=8",
     "eval.mmlu.enabled=false",
-    "eval.latency.reps=2",
+    "eval.latency.reps=4",  # config.MIN_LATENCY_REPS
     "eval.latency.gen_tokens=2",
     "report=false",
 ]

@@ -290,7 +290,7 @@ def test_ci_smoke_config_has_a_baseline_group():
     `make refresh-baseline`."""
     from hydra import compose, initialize_config_dir
 
-    from harness.run import plan
+    from harness.plan import plan
 
     def job(method: str) -> dict:
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

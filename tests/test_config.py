@@ -4,7 +4,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from harness.run import CONF_DIR, UsageError, plan
+from harness.config import CONF_DIR, UsageError
+from harness.plan import plan
 
 
 def composed(*overrides: str) -> dict:

@@ -19,7 +19,7 @@ def test_demo_qlora_arm_learns_the_task_and_writes_the_report(tmp_path, full_mml
     results, reports = tmp_path / "results", tmp_path / "reports"
     # the latency probe shortened to 3 repetitions: the path runs, its figures are not checked here
     proc = harness_run("experiment=demo", "method=qlora", f"eval.mmlu.dir={full_mmlu_dir}",
-                       "eval.latency.reps=3", f"results_dir={results}", f"reports_dir={reports}", timeout=1800)
+                       "eval.latency.reps=4", f"results_dir={results}", f"reports_dir={reports}", timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     recs = {r["method"]: r for r in records.load_records(results)}
     assert sorted(recs) == ["base", "qlora"]

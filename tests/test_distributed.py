@@ -17,7 +17,9 @@ from conftest import ROOT, RUN_CWD, TINY, harness_run
 
 from harness import distributed, records
 from harness.measure import pricing
-from harness.run import new_record, plan, run_isolated
+from harness.plan import plan
+from harness.records import new_record
+from harness.run import run_isolated
 
 CPU_FSDP_PATCH = ROOT / "tests" / "cpu_fsdp"
 LOCK = "/tmp/harness-cpu.lock"

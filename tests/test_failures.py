@@ -1,7 +1,7 @@
 """A job that fails: the record says how (oom or failed) and in which phase, and carries what was
 measured up to the failure, nothing computed from a budget it never trained.
 
-Each failure is raised inside the real job code (``harness.run.execute`` on a planned tiny job),
+Each failure is raised inside the real job code (``harness.job.execute`` on a planned tiny job),
 by a monkeypatched function of the stack it calls; a job killed outright is in test_crash.py."""
 
 from __future__ import annotations
@@ -13,17 +13,20 @@ from conftest import TINY
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from harness import failure, records, run
+from harness import failure, records
+from harness import job as run
+from harness.config import CONF_DIR
 from harness.measure import serving
+from harness.plan import plan
 
 CPU_ALLOC = ("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to "
              "allocate 7516192768 bytes. Error code 12 (Cannot allocate memory)")
 
 
 def planned(tmp_path, *overrides: str) -> dict:
-    with initialize_config_dir(config_dir=str(run.CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["method=lora", *TINY, f"results_dir={tmp_path}", *overrides])
-    return run.plan(OmegaConf.to_container(cfg, resolve=True))
+    return plan(OmegaConf.to_container(cfg, resolve=True))
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
 """One identity: run (config_hash), pair (pair_key) and comparison group, agreed on by plan, stats,
-report and gate. Configs are composed through Hydra and planned by harness.run.plan, as harness-run does."""
+report and gate. Configs are composed through Hydra and planned by harness.plan.plan, as harness-run does."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from omegaconf import OmegaConf
 
 from harness import identity
 from harness.check import main as check_main
+from harness.config import CONF_DIR
+from harness.plan import plan
 from harness.records import REQUIRED_METRICS, write_items, write_record
 from harness.report import AT_A_GLANCE, build_report
-from harness.run import CONF_DIR, plan
 from harness.stats import pair_gaps, seed_summary
 
 
@@ -180,7 +181,7 @@ def test_a_base_model_record_is_reused_only_on_the_same_hardware_and_precision(t
     """A CPU fp32 base evaluation is not the base of a run on other hardware or in another precision."""
     from conftest import TINY
 
-    from harness import run
+    from harness import job as run
     from harness.records import find_ok
 
     args = [*TINY[1:], f"results_dir={tmp_path}", "eval.on_random_weights=true", "eval.indomain.batch_size=8",

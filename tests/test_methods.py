@@ -5,11 +5,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from harness.config import CONF_DIR
 from harness.data import load_examples
 from harness.measure.flops import param_counts
 from harness.methods import apply_method, quantization_config
 from harness.models import load_model
-from harness.run import CONF_DIR
 from harness.train import build_trainer, training_features
 
 

@@ -6,8 +6,8 @@ import pytest
 from conftest import TINY, harness_run
 from test_data_files import fuzz_files
 
-from harness import preflight
-from harness.run import CONF_DIR
+from harness import plan as preflight
+from harness.config import CONF_DIR
 
 FILE_TINY = [a for a in TINY if not a.startswith("data.")]  # data=file has no n_train / n_heldout
 
@@ -68,7 +68,7 @@ def test_corrupted_data_files_fail_in_preflight_with_one_line(tmp_path, capsys):
     for path, kind in random.Random(0).sample(paths, 12):
         results = tmp_path / "results"
         with pytest.raises(SystemExit) as stop:
-            preflight.check(["-m", "method=full,lora", *FILE_TINY, "data=file", f"data.path={path}",
+            preflight.preflight(["-m", "method=full,lora", *FILE_TINY, "data=file", f"data.path={path}",
                              f"results_dir={results}"], CONF_DIR)
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert stop.value.code == 2 and len(err) == 1 and str(path) in err[0], (kind, err)
@@ -121,7 +121,7 @@ def test_hydras_own_flags_answer_once(tmp_path):
 @pytest.mark.parametrize(
     "args,needle",
     [
-        (["data.overlong=cut"], "data.overlong='cut' is unknown; valid: truncate, drop"),
+        (["data.overlong=cut"], "data.overlong='cut' is invalid; give one of truncate, drop"),
         # every job is planned: the second seq_len leaves no room for a completion token
         (["-m", "train.seq_len=64,16", "data.min_prompt_tokens=16"], "data.min_prompt_tokens=16 is invalid"),
         # a schedule the Trainer cannot build fails here, not after the model has loaded
@@ -133,7 +133,7 @@ def test_fit_settings_are_checked_before_anything_runs(tmp_path, capsys, args, n
     results = tmp_path / "results"
     with pytest.raises(SystemExit) as stop:
         tiny = [a for a in TINY if not a.startswith("train.seq_len=")]
-        preflight.check([*args, *tiny, f"results_dir={results}"], CONF_DIR)
+        preflight.preflight([*args, *tiny, f"results_dir={results}"], CONF_DIR)
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert stop.value.code == 2 and len(err) == 1 and needle in err[0], err
     assert not results.exists()

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from harness.measure import pricing
+from harness.measure import environment, pricing
+from harness.measure.environment import detect_hardware
 from harness.measure.pricing import (
     PriceTableError,
     cost_metrics,
     cost_usd,
     cpu_cores_used,
-    detect_hardware,
     load_price_table,
     projected_cost,
     resolve_hardware,
@@ -110,7 +110,7 @@ def test_two_presets_that_fit_equally_leave_the_device_unpriced(table):
 
 
 def test_unknown_device_is_unpriced_with_a_warning_printed_and_recorded(table, monkeypatch, capsys):
-    monkeypatch.setattr(pricing, "device_identity", lambda: ("NVIDIA A100-SXM4-40GB", int(39.4 * GIB)))
+    monkeypatch.setattr(environment, "device_identity", lambda: ("NVIDIA A100-SXM4-40GB", int(39.4 * GIB)))
     assert resolve_hardware({"name": "auto"}, table) is None
     hardware = unpriced_hardware(table)
     err = capsys.readouterr().err

@@ -18,8 +18,8 @@ from test_faults import ENV, job_processes, no_temp_files, wait_for
 
 from harness import records, sweep
 from harness.identity import NON_RESULT_KEYS
+from harness.plan import plan
 from harness.report import build_report
-from harness.run import plan
 
 EVAL_TINY = ["eval.on_random_weights=true", "eval.indomain.batch_size=8"]
 

@@ -142,7 +142,7 @@ def peak_hardware(device: torch.device | str, dtype: torch.dtype) -> dict:
     if device.type == "cuda":
         name, threads = torch.cuda.get_device_name(device), None
     else:
-        from harness.run import cpu_name
+        from harness.measure.environment import cpu_name
 
         name, threads = cpu_name(), torch.get_num_threads()
     return {"device": device.type, "device_name": name, "dtype": str(dtype).removeprefix("torch."),

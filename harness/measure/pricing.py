@@ -1,4 +1,4 @@
-"""Hardware price table, device matching and dollar cost. Imports no torch: the parent process
+"""Hardware price table and dollar cost (device matching: ``measure.environment``). Imports no torch: the parent process
 prices runs without loading it."""
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from typing import Any
 
 import yaml
 
+from harness.measure import environment
+
 
 class PriceTableError(ValueError):
     """A hardware price file that is missing a field or has an invalid price."""
@@ -18,7 +20,7 @@ class PriceTableError(ValueError):
 # The two ways a preset prices a run: per device (GPU instances, one device per process) or per
 # CPU core (a CPU run pays for the cores its processes used, not for a whole instance).
 PRICE_FIELDS = {"price_per_device_hour_usd": "device", "price_per_core_hour_usd": "cpu core"}
-GIB = 1024**3
+GIB = environment.GIB
 
 
 def _positive(value: Any) -> bool:
@@ -94,49 +96,6 @@ def load_price_table(conf_dir: str | Path) -> dict[str, dict]:
     return table
 
 
-def device_identity() -> tuple[str, int | None]:
-    """(name, total memory in bytes) of device 0: ``torch.cuda.get_device_name(0)`` and
-    ``get_device_properties(0).total_memory``, or ("cpu", None) without CUDA. Imports torch (the
-    module does not): call it where a device is looked at anyway."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return "cpu", None
-    return torch.cuda.get_device_name(0), int(torch.cuda.get_device_properties(0).total_memory)
-
-
-def device_name() -> str:
-    """``torch.cuda.get_device_name(0)``, or "cpu" without CUDA (imports torch: call in the job)."""
-    return device_identity()[0]
-
-
-def _fits(entry: dict, name: str, memory_bytes: int | None) -> int:
-    """Length of the longest ``match`` substring of ``entry`` in ``name`` (0: the entry does not
-    apply): no ``exclude`` substring may be in the name, and the device memory must lie in
-    ``memory_gib`` where the entry gives a range (an unknown memory does not fit a range)."""
-    low = name.lower()
-    if any(x.lower() in low for x in entry["exclude"]):
-        return 0
-    memory = entry.get("memory_gib")
-    if memory is not None and (memory_bytes is None or not memory[0] <= memory_bytes / GIB <= memory[1]):
-        return 0
-    return max((len(m) for m in entry["match"] if m.lower() in low), default=0)
-
-
-def detect_hardware(table: dict[str, dict], name: str | None = None, memory_bytes: int | None = None) -> dict | None:
-    """The entry that fits the device (see ``_fits``; the longest ``match`` wins), or None.
-
-    ``name`` and ``memory_bytes`` default to ``device_identity()``. None for an unknown device or
-    when two entries fit equally well: an unpriced run, never a neighbour's price.
-    """
-    if name is None:
-        name, memory_bytes = device_identity()
-    scores = sorted(((_fits(e, name, memory_bytes), e["name"]) for e in table.values()), reverse=True)
-    if not scores or scores[0][0] == 0 or (len(scores) > 1 and scores[1][0] == scores[0][0]):
-        return None
-    return table[scores[0][1]]
-
-
 def unpriced_warning(table: dict[str, dict], name: str, memory_bytes: int | None = None) -> str:
     """Why ``name`` got no price: which presets name it but were left out (memory, excluded
     variant, a tie), and how to price it."""
@@ -144,7 +103,7 @@ def unpriced_warning(table: dict[str, dict], name: str, memory_bytes: int | None
     near = [e for e in table.values() if any(m.lower() in name.lower() for m in e["match"])]
     why = "; ".join(
         f"{e['name']} is for {e['memory_gib'][0]}-{e['memory_gib'][1]} GiB"
-        if e.get("memory_gib") and _fits({**e, "memory_gib": None}, name, memory_bytes)
+        if e.get("memory_gib") and environment.fits({**e, "memory_gib": None}, name, memory_bytes)
         else f"{e['name']} excludes {', '.join(x for x in e['exclude'] if x.lower() in name.lower()) or 'it'}"
         for e in near
     )
@@ -164,7 +123,7 @@ def resolve_hardware(hardware_cfg: dict, table: dict[str, dict]) -> dict | None:
     """
     name = hardware_cfg.get("name")
     if name == "auto":
-        return detect_hardware(table)
+        return environment.detect_hardware(table)
     if name not in table and not any(f in hardware_cfg for f in PRICE_FIELDS):
         raise PriceTableError(f"hardware {name!r} is not in the price table; valid: auto, {', '.join(sorted(table))}")
     return _validate_entry({**table.get(name, {}), **hardware_cfg}, f"hardware {name!r}")
@@ -173,7 +132,7 @@ def resolve_hardware(hardware_cfg: dict, table: dict[str, dict]) -> dict | None:
 def unpriced_hardware(table: dict[str, dict]) -> dict:
     """The hardware config of a run on an unknown device: its name, no price, the warning
     (printed here, and recorded as ``price_warning``)."""
-    name, memory = device_identity()
+    name, memory = environment.device_identity()
     warning = unpriced_warning(table, name, memory)
     print(f"harness: warning: {warning}", file=sys.stderr, flush=True)
     return {"name": f"unpriced ({name})", "price_per_device_hour_usd": None, "price_warning": warning}

@@ -88,7 +88,7 @@ def build_report(results_dir: str | Path, reports_dir: str | Path, estimate_mode
         plots.append((name, caption))
     written["index.html"] = reports_dir / "index.html"
     written["index.html"].write_text(render_page(rendered, plots, skipped))
-    from harness.estimate_report import write_estimates  # estimated sections, labelled as such
+    from harness.report.estimate_report import write_estimates  # estimated sections, labelled as such
 
     written.update(write_estimates(records, reports_dir, results_dir, estimate_models, estimate_hardware,
                                    estimate_tokens))
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.results).is_dir():
         parser.error(f"--results {args.results!r} is not a folder; pass the folder holding the run records")
     models = [m for m in args.estimate_models.split(",") if m]
-    from harness.estimate_report import check_args
+    from harness.report.estimate_report import check_args
 
     if problem := check_args(models, args.estimate_hardware):
         parser.error(problem)

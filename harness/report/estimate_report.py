@@ -87,8 +87,8 @@ def scale_tables(models: list[str], hardware: str, tokens: int, results_dir: str
 
 def gpu_checks(records: list[dict]) -> str | None:
     """Estimate beside measurement for every ok record measured on CUDA; None when there are none."""
+    from harness.config import UsageError
     from harness.estimate import estimate_job, resolved
-    from harness.run import UsageError
 
     lines = []
     for rec in sorted(records, key=lambda r: r["run_id"]):
@@ -118,8 +118,8 @@ def gpu_checks(records: list[dict]) -> str | None:
 
 def check_args(models: list[str], hardware: str) -> str | None:
     """One line naming a model or hardware that conf/ does not have, else None."""
+    from harness.config import CONF_DIR
     from harness.estimate import DEVICES
-    from harness.run import CONF_DIR
 
     known = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
     for m in models:

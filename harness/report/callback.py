@@ -1,0 +1,34 @@
+"""The Hydra callback that rebuilds the report when a harness-run run or sweep ends (report=true).
+
+Imports the report's stack (pandas, matplotlib) only when it builds, not when Hydra starts."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+
+class ReportCallback(Callback):
+    """Rebuild the report when a run or a sweep ends (report=true)."""
+
+    def _report(self, config: DictConfig) -> None:
+        if not config.get("report", True):
+            return
+        from harness.report import build_report
+
+        try:
+            written = build_report(config.results_dir, config.reports_dir)
+        except Exception as exc:  # the runs are safe in results/; a report problem must not hide that
+            print(f"harness-run: report not rebuilt: {exc}", file=sys.stderr)
+            return
+        at_a_glance = written.get("at_a_glance") if isinstance(written, dict) else None
+        print(f"At-a-glance table: {at_a_glance or Path(config.reports_dir) / 'at-a-glance.md'}", flush=True)
+
+    def on_run_end(self, config: DictConfig, **kwargs) -> None:
+        self._report(config)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        self._report(config)
