@@ -43,9 +43,9 @@ def usage_exit(message: str, prog: str = "harness-run") -> None:
 # ---------------------------------------------------------------- closed sets
 
 PRECISIONS = ("auto", "fp32", "bf16")  # train.precision: auto is bf16 autocast on a GPU that has it
-# the optimizers the estimator has a memory model for (harness.estimate.OPTIMIZERS), by the Trainer's names
+# the Trainer's optimizers that the estimator has a memory model for (harness.estimate.OPTIMIZERS)
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_torch_4bit", "adamw_8bit", "adamw_bnb_8bit",
-              "paged_adamw_8bit", "paged_adamw_32bit", "adamw_bnb_32bit", "sgd")
+              "paged_adamw_8bit", "paged_adamw_32bit", "sgd")
 # transformers.SchedulerType's values (tests/test_schema.py checks they agree)
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",

@@ -109,7 +109,21 @@ def _skip_done(job: dict) -> bool:
     changes = identity.provenance_changes(existing, CONF_DIR.parent)
     made_with = f"; it was made with other code or packages ({', '.join(changes)})" if changes else ""
     print(f"[{job['run_id']}] skipped: an ok record exists{made_with} (force=true reruns it)", flush=True)
+    for missing in missing_measurements(job["config"], existing):
+        print(f"[{job['run_id']}] note: {missing}", flush=True)
     return True
+
+
+def missing_measurements(cfg: dict, existing: dict) -> list[str]:
+    """Measurements this config asks for that the existing record lacks: settings outside the
+    run's identity (the latency probe) do not make a new run, so a skip must say how to get them."""
+    metrics = existing.get("metrics") or {}
+    out = []
+    if (cfg["eval"]["latency"]["enabled"] and metrics.get("latency_reps") is None
+            and not (metrics.get("skipped_measurements") or {}).get("latency")):
+        out.append("the existing record has no latency measurement (it ran with eval.latency.enabled=false); "
+                   "add force=true to rerun it with the latency probe")
+    return out
 
 
 def run_job(job: dict, stack: contextlib.ExitStack) -> None:
@@ -158,11 +172,51 @@ def run_job(job: dict, stack: contextlib.ExitStack) -> None:
         execute(job)
 
 
+def outcomes(jobs: list[dict], done_before: set[str]) -> dict[str, int]:
+    """ok / failed / skipped counts of a command's planned jobs, from the records they left
+    (one count per run id: the full arm of an r sweep is one job). A job whose ok record existed
+    before the command (and force is off) was skipped; one that left no record was not run here
+    (another sweep held it, or hardware=auto planned it on another node)."""
+    counts = {"ok": 0, "failed": 0, "skipped": 0, "no record": 0}
+    for run_id, job in {j["run_id"]: j for j in jobs}.items():
+        if run_id in done_before and not job["config"]["force"]:
+            counts["skipped"] += 1
+            continue
+        try:
+            rec = records.load_record(records.record_path(job["config"]["results_dir"], run_id))
+        except (OSError, records.RecordError, ValueError):
+            counts["no record"] += 1
+            continue
+        counts["ok" if rec.get("status") == "ok" else "failed"] += 1
+    return counts
+
+
+def summary_line(counts: dict[str, int], jobs: list[dict]) -> str:
+    n = sum(counts.values())
+    parts = [f"{counts['ok']} ok", f"{counts['failed']} failed", f"{counts['skipped']} skipped"]
+    if counts["no record"]:
+        parts.append(f"{counts['no record']} without a record")
+    line = f"harness-run: {n} job{'s' if n != 1 else ''}: {', '.join(parts)}"
+    cfg = jobs[0]["config"]
+    if cfg.get("report", True):
+        reports = Path(cfg["reports_dir"])
+        line += f"; report: {reports / 'at-a-glance.md'}, {reports / 'index.html'}"
+    return line
+
+
 def main() -> None:
+    """Exit 0 when every job ended ok or was skipped, 1 when any failed (its record written; the
+    sweep went on), 2 on a usage error (preflight, before any job)."""
     from harness.plan import preflight
 
-    preflight(sys.argv[1:], CONF_DIR)  # every job of the command, before the first one runs
+    jobs = preflight(sys.argv[1:], CONF_DIR)  # every job of the command, before the first one runs
+    done_before = {j["run_id"] for j in jobs if records.find_ok(j["config"]["results_dir"], j["run_id"])}
     hydra_main()
+    if not jobs:  # Hydra's own commands (--help, --cfg, ...)
+        return
+    counts = outcomes(jobs, done_before)
+    print(summary_line(counts, jobs), flush=True)
+    sys.exit(1 if counts["failed"] else 0)
 
 
 if __name__ == "__main__":

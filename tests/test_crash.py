@@ -73,7 +73,9 @@ def test_oom_and_killed_job_processes_each_get_a_record(tmp_path):
     # one job per seed, each in its own process (isolate=true), each with its fault
     proc = harness_run("-m", "method=lora", "seed=0,1,2", *TINY, f"results_dir={results}", "isolate=true",
                        cwd=tmp_path, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]  # failed runs are recorded; the sweep goes on
+    # failed runs are recorded, the sweep goes on, and the command says so: exit 1, one summary line
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "harness-run: 3 jobs: 0 ok, 3 failed, 0 skipped"
     recs = {r["config"]["seed"]: r for r in records.load_records(results)}
     assert sorted(recs) == [0, 1, 2] and all(r["method"] == "lora" for r in recs.values())
     # an OutOfMemoryError raised inside the run: the job's own record says oom

@@ -92,11 +92,15 @@ def _is_valid(override: str) -> bool:
     return True
 
 
-def test_fuzz_bad_overrides_end_in_exit_2_with_one_line_and_nothing_written(tmp_path, capsys):
-    rng = random.Random(0)
+@pytest.mark.parametrize("cases, least", [
+    pytest.param(40, 25, id="40-cases"),
+    pytest.param(300, 200, id="300-cases", marks=pytest.mark.slow),  # about a minute: in .ci/run
+])
+def test_fuzz_bad_overrides_end_in_exit_2_with_one_line_and_nothing_written(tmp_path, capsys, cases, least):
+    rng = random.Random(cases)
     results = tmp_path / "results"
     tried = refused = 0
-    for override in _bad_overrides(rng, 300):
+    for override in _bad_overrides(rng, cases):
         if not override.startswith("+") and "=no-such-" not in override and _is_valid(override):
             continue  # a value the setting accepts (e.g. 0 for a count): not a bad override
         tried += 1
@@ -106,7 +110,7 @@ def test_fuzz_bad_overrides_end_in_exit_2_with_one_line_and_nothing_written(tmp_
         assert stop.value.code == 2 and len(err) == 1 and err[0].startswith("harness-run: error: "), (override, err)
         assert not results.exists(), override
         refused += 1
-    assert tried >= 200 and refused == tried
+    assert tried >= least and refused == tried
 
 
 def test_a_bad_setting_from_the_shell_exits_2_before_any_job(tmp_path):
@@ -128,7 +132,8 @@ def test_the_optimizer_set_is_what_the_estimator_and_the_trainer_know():
 
     from harness.estimate import OPTIMIZERS
 
-    assert set(config.OPTIMIZERS) == set(OPTIMIZERS) <= {o.value for o in OptimizerNames}
+    # estimate.OPTIMIZERS also models adamw_bnb_32bit, which is no Trainer name: a run could not use it
+    assert set(config.OPTIMIZERS) == set(OPTIMIZERS) & {o.value for o in OptimizerNames}
 
 
 # ---------------------------------------------------------------- layers of the package

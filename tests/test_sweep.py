@@ -112,14 +112,30 @@ def test_force_reruns(sweep):
     assert json.loads(lora.read_text())["env"]["started_at"] >= started
 
 
-def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path):
-    # an unknown optimizer name fails inside the job, after planning: each arm records it
+def test_a_failing_run_is_recorded_the_sweep_goes_on_and_the_command_exits_1(tmp_path):
+    # a LoRA argument peft does not know fails inside the LoRA job, after planning; full FT ignores it
     proc = harness_run("-m", "method=lora,full", *TINY, f"results_dir={tmp_path}", "isolate=false",
-                       "train.optim=no_such_optimizer")
-    assert proc.returncode == 0
-    recs = records.load_records(tmp_path)
-    assert sorted(r["method"] for r in recs) == ["full", "lora"]
-    assert all(r["status"] == "failed" and "no_such_optimizer" in r["error"] for r in recs)
+                       "+method.peft_kwargs.no_such_argument=1")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    recs = {r["method"]: r for r in records.load_records(tmp_path)}
+    assert recs["lora"]["status"] == "failed" and "no_such_argument" in recs["lora"]["error"]
+    assert recs["full"]["status"] == "ok"
+    assert proc.stdout.strip().splitlines()[-1] == "harness-run: 2 jobs: 1 ok, 1 failed, 0 skipped"
+    # the rerun skips the ok arm and fails the other again: still exit 1
+    again = harness_run("-m", "method=lora,full", *TINY, f"results_dir={tmp_path}", "isolate=false",
+                        "+method.peft_kwargs.no_such_argument=1")
+    assert again.returncode == 1
+    assert again.stdout.strip().splitlines()[-1] == "harness-run: 2 jobs: 0 ok, 1 failed, 1 skipped"
+
+
+def test_a_rerun_says_when_the_record_lacks_a_measurement_it_asks_for(tmp_path):
+    args = [*TINY, f"results_dir={tmp_path}", "isolate=false", "method=full"]
+    first = harness_run(*args, "eval.latency.enabled=false")
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = harness_run(*args, "eval.latency.enabled=true")
+    assert again.returncode == 0
+    assert "has no latency measurement" in again.stdout and "force=true" in again.stdout
+    assert again.stdout.strip().splitlines()[-1] == "harness-run: 1 job: 0 ok, 0 failed, 1 skipped"
 
 
 @pytest.mark.parametrize(
