@@ -11,7 +11,7 @@ Timings are only valid on a quiet machine: run it under the CPU lock.
 
     flock /tmp/harness-cpu.lock .venv/bin/python -m benchmarks.bench_latency [--reps 20] [--threads 1]
 
-Measured here: see README, "Benchmarks of the harness itself".
+Measured here: see docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ Schema 1 (fields other stages rely on)::
                    "parallel_slot": "k/jobs" or null, "slurm": {job_id, array_task_id, …} when on Slurm}
     items_file    file name of the per-question answers beside the record, or null
     base_run_id   run_id of the base-model record this arm is compared with, or null
-    metrics       see README "Run record fields"; null where not measured
+    metrics       see docs/records.md and docs/measurements.md; null where not measured
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ def test_demo_qlora_arm_learns_the_task_and_writes_the_report(tmp_path, full_mml
     Only the QLoRA arm, to keep .ci/run within 30 minutes on 2 cores. Full FT and LoRA on the real
     model train in the same CI run (`make ci-smoke`: the demo's first 60 steps, gated on their
     gap); QLoRA covers LoRA's adapter, merge and report paths plus its own 4-bit ones. The demo's
-    other seeds and arms: README, "The demo" (every arm 95-100% on 5 seeds)."""
+    other seeds and arms: docs/demo.md (every arm 95-100% on 5 seeds)."""
     results, reports = tmp_path / "results", tmp_path / "reports"
     # the latency probe shortened to 3 repetitions: the path runs, its figures are not checked here
     proc = harness_run("experiment=demo", "method=qlora", f"eval.mmlu.dir={full_mmlu_dir}",

@@ -110,7 +110,7 @@ def unpriced_warning(table: dict[str, dict], name: str, memory_bytes: int | None
     return (
         f"no price for device {name!r}{memory}"
         + (f" ({why})" if why else "")
-        + ": cost fields are null; add conf/hardware/<name>.yaml for it (README: Adding hardware)"
+        + ": cost fields are null; add conf/hardware/<name>.yaml for it (docs/measurements.md: Adding hardware)"
     )
 
 
