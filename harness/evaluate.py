@@ -13,6 +13,7 @@ import functools
 import logging
 import math
 from pathlib import Path
+from unittest import mock
 
 from harness.data import DEMO_SUBJECT, LETTERS
 
@@ -97,22 +98,35 @@ def _task_manager(include_defaults: bool):
     return TaskManager(include_defaults=include_defaults)
 
 
-def _run(model, tokenizer, tasks: list, num_fewshot: int, limit, batch_size: int) -> dict:
+def _lm_eval_versions(storage: dict) -> None:
+    """lm-eval's ``add_env_info`` without torch's ``collect_env`` (``pip list`` and more: about 2 s
+    per call on a small CPU, twice per evaluation); the record's ``env`` holds the versions."""
+    from importlib.metadata import version
+
+    storage.update(lm_eval_version=version("lm_eval"), transformers_version=version("transformers"))
+
+
+def _run(model, tokenizer, tasks: list, num_fewshot: int, limit, batch_size: int, progress: bool = False) -> dict:
+    """lm-eval over ``tasks``; ``progress``: show its one bar (the requests), for MMLU's long run."""
     import lm_eval
+    import lm_eval.evaluator
     from lm_eval.models.huggingface import HFLM
+
+    from harness import console
 
     # lm-eval logs a line per task (57 for MMLU); keep the run's own progress readable
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(batch_size))
-    return lm_eval.simple_evaluate(
-        model=lm,
-        tasks=tasks,
-        task_manager=_task_manager(any(isinstance(t, str) for t in tasks)),
-        num_fewshot=int(num_fewshot),
-        limit=limit,
-        log_samples=True,
-        bootstrap_iters=0,  # the harness computes its own errors from the per-question answers
-    )
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    with console.lm_eval_bars(show=progress), mock.patch.object(lm_eval.evaluator, "add_env_info", _lm_eval_versions):
+        return lm_eval.simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            task_manager=_task_manager(any(isinstance(t, str) for t in tasks)),
+            num_fewshot=num_fewshot,
+            limit=limit,
+            log_samples=True,
+            bootstrap_iters=0,  # the harness computes its own errors from the per-question answers
+        )
 
 
 def _items(results: dict, subject_of: dict[str, str], task_kind: str, categories: dict[str, str]) -> list[dict]:
@@ -149,7 +163,8 @@ def evaluate_mmlu(model, tokenizer, mmlu_cfg: dict) -> tuple[dict, list[dict]]:
     """MMLU metrics (acc, stderr, n, subset flag, categories) and the per-question items."""
     tasks, subject_of = mmlu_tasks(mmlu_cfg)
     limit = mmlu_cfg.get("limit")
-    results = _run(model, tokenizer, tasks, mmlu_cfg.get("num_fewshot", 0), limit, mmlu_cfg.get("batch_size", 16))
+    results = _run(model, tokenizer, tasks, mmlu_cfg.get("num_fewshot", 0), limit, mmlu_cfg.get("batch_size", 16),
+                   progress=True)
     categories = mmlu_subjects()
     items = _items(results, subject_of, "mmlu", categories)
     acc, se, n = accuracy(items)

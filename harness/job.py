@@ -19,7 +19,7 @@ import time
 import traceback
 from pathlib import Path
 
-from harness import failure, records
+from harness import console, failure, records
 from harness.measure.environment import environment, now_iso
 from harness.records import new_record
 
@@ -88,9 +88,7 @@ def execute(job: dict, own_process: bool = False) -> dict | None:
     (``HARNESS_JOB_ERROR_DIR``) and exits, so that the launcher stops the other ranks and the
     parent writes the record.
     """
-    import datasets
     import torch
-    import transformers
     from transformers import set_seed
 
     from harness import distributed
@@ -107,10 +105,7 @@ def execute(job: dict, own_process: bool = False) -> dict | None:
         use_bf16,
     )
 
-    # progress of this harness (steps, loss, ETA) rather than a bar per file loaded
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+    console.quiet()  # progress of this harness (steps, loss, ETA), not a bar per file loaded
     cfg = job["config"]
     strategy = distributed.strategy_of(cfg)
     sharded = strategy in distributed.SHARDED
@@ -310,6 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base", action="store_true", help="evaluate the base model instead of training the arm")
     args = parser.parse_args(argv)
     job = json.loads(Path(args.job_file).read_text())
+    console.quiet()
 
     if "HARNESS_RUN_LOCK_FD" in os.environ:  # the sweep's run-id lock, shared with this process
         records.take_over_holder(int(os.environ["HARNESS_RUN_LOCK_FD"]),

@@ -15,19 +15,24 @@ import json
 import os
 import subprocess
 import sys
+import statistics
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from harness import failure, identity, records, sweep
+from harness import console, failure, identity, records, sweep
 from harness.config import CONF_DIR, UsageError, usage_exit
 from harness.plan import check_inputs, plan
 from harness.records import new_record
 
 LOCK_PROBE_S = 2.0  # how long a job waits for its run id's lock before leaving it to the holder
+# the command's jobs, when Hydra runs them in this process (the sequential launcher): for the
+# "job k of n, elapsed, ETA" line; set by main()
+_progress: dict = {"n": 0, "t0": 0.0, "ran_s": []}
 
 
 # ---------------------------------------------------------------- running one job in its own processes
@@ -78,6 +83,7 @@ def hydra_main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    console.quiet()
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     os.environ[sweep.ENV_LAUNCHER] = sweep.launcher_kind(hc.launcher.get("_target_"))
@@ -98,7 +104,9 @@ def hydra_main(cfg: DictConfig) -> None:
             usage_exit(str(exc))
         if multirun:
             sweep.register_job(job["config"]["results_dir"], hc, job)
-        run_job(job, stack)
+        elif os.environ[sweep.ENV_LAUNCHER] == "sequential":  # harness-status lists single runs too
+            stack.callback(sweep.register_single_run(job["config"]["results_dir"], hc, job).release)
+        run_job(job, stack, job_num=hc.job.num if multirun else None)
 
 
 def _skip_done(job: dict) -> bool:
@@ -126,8 +134,9 @@ def missing_measurements(cfg: dict, existing: dict) -> list[str]:
     return out
 
 
-def run_job(job: dict, stack: contextlib.ExitStack) -> None:
-    """Skip, or run ``job`` (and the base-model evaluation it needs) under its run-id lock."""
+def run_job(job: dict, stack: contextlib.ExitStack, job_num: int | None = None) -> None:
+    """Skip, or run ``job`` (and the base-model evaluation it needs) under its run-id lock;
+    ``job_num``: its number in the sweep (from 0), for the progress line."""
     cfg = job["config"]
     results_dir = cfg["results_dir"]
     if _skip_done(job):
@@ -143,8 +152,29 @@ def run_job(job: dict, stack: contextlib.ExitStack) -> None:
     if _skip_done(job):
         return
     rank_text = "" if job["rank"] is None else f" r={job['rank']}"
-    print(f"[{job['run_id']}] {job['method']}{rank_text} model={cfg['model']['name']} "
+    print(f"[{job['run_id']}] {progress_text(job_num)}{job['method']}{rank_text} model={cfg['model']['name']} "
           f"seed={cfg['seed']}", flush=True)
+    t0 = time.monotonic()
+    try:
+        _run_arm(job, cfg, results_dir, lock)
+    finally:
+        _progress["ran_s"].append(time.monotonic() - t0)
+
+
+def progress_text(job_num: int | None) -> str:
+    """``job 2 of 5, elapsed 3.1 min, ETA 4.7 min: `` (the ETA from the jobs that ran so far)."""
+    n = _progress["n"]
+    if job_num is None or n < 2 or not _progress["t0"]:
+        return ""
+    k = job_num + 1
+    text = f"job {k} of {n}, elapsed {console.duration(time.monotonic() - _progress['t0'])}"
+    if _progress["ran_s"]:
+        text += f", ETA {console.duration(statistics.fmean(_progress['ran_s']) * (n - k + 1))}"
+    return text + ": "
+
+
+def _run_arm(job: dict, cfg: dict, results_dir: str, lock) -> None:
+    """The base-model evaluation the arm needs (once per folder), then the arm itself."""
     from harness.job import should_evaluate
 
     random_weights = cfg["model"]["source"] == "config"
@@ -211,6 +241,7 @@ def main() -> None:
 
     jobs = preflight(sys.argv[1:], CONF_DIR)  # every job of the command, before the first one runs
     done_before = {j["run_id"] for j in jobs if records.find_ok(j["config"]["results_dir"], j["run_id"])}
+    _progress.update(n=len(jobs), t0=time.monotonic())
     hydra_main()
     if not jobs:  # Hydra's own commands (--help, --cfg, ...)
         return

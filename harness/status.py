@@ -1,7 +1,10 @@
 """harness-status: which jobs of a sweep are done, running, failed, oom or missing.
 
-    harness-status                      the latest sweep over results/
-    harness-status --results DIR --all  every sweep over DIR, oldest first
+    harness-status                      the latest sweep (or run) over results/
+    harness-status --results DIR --all  every sweep and run over DIR, oldest first
+
+A sweep is running (its launcher lives), finished (every job left a record) or stopped (its
+launcher ended first: rerun it). A run started without -m is listed as a sweep of one job.
 
 A job's state, from what the folder holds (see harness/sweep.py for the files):
 running  its run id's lock is held (by a job of this sweep or of another one)
@@ -64,7 +67,8 @@ def launcher_alive(results_dir: str | Path, sw: dict) -> bool:
 def sweep_rows(results_dir: str | Path, sw: dict, alive: bool) -> list[dict]:
     """One row per planned job (or per started job when the plan is unknown)."""
     planned = sw.get("jobs") or [{"num": n, "overrides": e["overrides"]} for n, e in sorted(sw["registered"].items())]
-    axes = varying_overrides(planned)
+    # a sweep's axes; a single job's whole command line
+    axes = varying_overrides(planned) if len(planned) > 1 else {o.partition("=")[0] for j in planned for o in j["overrides"]}
     rows = []
     for job in planned:
         entry = sw["registered"].get(job["num"])
@@ -82,14 +86,24 @@ def sweep_rows(results_dir: str | Path, sw: dict, alive: bool) -> list[dict]:
     return rows
 
 
+def progress(rows: list[dict], alive: bool) -> str:
+    """running (its launcher lives), finished (every job has a record) or stopped (it did not)."""
+    if alive:
+        return "running"
+    if all(r["state"] in ("done", "failed", "oom") for r in rows):
+        return "finished"
+    return "stopped before every job ran (rerun the same command: finished jobs are skipped)"
+
+
 def render(results_dir: str | Path, sw: dict) -> str:
     alive = launcher_alive(results_dir, sw)
     rows = sweep_rows(results_dir, sw, alive)
     counts = Counter(r["state"] for r in rows)
     summary = ", ".join(f"{counts[s]} {s}" for s in STATES)
+    kind = "run" if sw.get("launcher") == "single run" else "sweep"
     lines = [
-        f"sweep {sw['sweep_id']} ({sw.get('launcher', '?')}, started {sw.get('created_at', '?')}, "
-        f"launcher {'running' if alive else 'gone'}): {len(rows)} jobs: {summary}"
+        f"{kind} {sw['sweep_id']} ({sw.get('launcher', '?')}, started {sw.get('created_at', '?')}): "
+        f"{progress(rows, alive)}; {len(rows)} job{'s' if len(rows) != 1 else ''}: {summary}"
     ]
     if sw.get("jobs") is None:
         lines.append("  (this sweeper's plan is unknown: only jobs that started are listed)")
@@ -115,7 +129,7 @@ def folder_summary(results_dir: str | Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="harness-status", description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", default="results", help="folder of run records (default: results)")
-    parser.add_argument("--all", action="store_true", help="every sweep over the folder, not only the latest")
+    parser.add_argument("--all", action="store_true", help="every sweep and run over the folder, not only the latest")
     args = parser.parse_args(argv)
     if not Path(args.results).is_dir():
         print(
@@ -127,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     print(folder_summary(args.results))
     sweeps = sweep.read_sweeps(args.results)
     if not sweeps:
-        print("no sweeps recorded in this folder (harness-run -m writes one per sweep)")
+        print("no sweeps or runs recorded in this folder (harness-run writes one per command)")
     for sw in sweeps if args.all else sweeps[-1:]:
         print(render(args.results, sw))
     return 0

@@ -10,7 +10,7 @@ its results folder::
     .sweeps/<sweep_id>/jobs/<num>.json written by each job when it starts: its run ids
     .sweeps/<sweep_id>/launcher.lock   held while the process that launched the sweep lives
 
-so ``harness-status`` can say which planned jobs are done, running, failed, oom or missing.
+(a run started without ``-m`` leaves the same, as a sweep of one job), so ``harness-status`` can say which planned jobs are done, running, failed, oom or missing.
 Run ids are taken from the jobs themselves, not planned ahead: ``hardware=auto`` resolves on
 the node that runs the job (a Slurm login node has no GPU).
 
@@ -124,6 +124,32 @@ def register_job(results_dir: str | Path, hydra_cfg, job: dict) -> None:
             "pid": os.getpid(),
         },
     )
+
+
+def register_single_run(results_dir: str | Path, hydra_cfg, job: dict) -> records.FileLock:
+    """A run started without ``-m``: a sweep of one job for ``harness-status`` (its manifest,
+    its job, and its launcher lock, held by this process until it ends; returned to release)."""
+    sid = sweep_id(f"{hydra_cfg.run.dir}#{os.getpid()}")  # two runs can start in the same second
+    folder = sweep_path(results_dir, sid)
+    overrides = list(hydra_cfg.overrides.task)
+    _write_json(folder / "manifest.json", {
+        "sweep_id": sid, "created_at": now_iso(), "sweep_dir": str(Path(str(hydra_cfg.run.dir)).resolve()),
+        "launcher": "single run", "overrides": overrides, "jobs": [{"num": 0, "overrides": overrides}],
+        "host": os.uname().nodename, "pid": os.getpid(),
+    })
+    lock = launcher_lock(folder)
+    lock.acquire()
+    _write_json(folder / "jobs" / "0.json", {
+        "num": 0, "overrides": overrides, "run_id": job["run_id"], "base_run_id": job["base_run_id"],
+        "method": job["method"], "started_at": now_iso(), "host": os.uname().nodename, "pid": os.getpid(),
+    })
+    return lock
+
+
+def launcher_lock(folder: Path) -> records.FileLock:
+    """The lock held while the process that launched the sweep lives."""
+    return records.FileLock(folder / "launcher.lock", thread_local=False, fallback_to_soft=False,
+                            preserve_lock_file=True)
 
 
 def discard_if_unstarted(results_dir: str | Path, hydra_cfg) -> None:
@@ -271,9 +297,7 @@ class SweepCallback(Callback):
         if launcher_kind(hc.launcher.get("_target_")) == "parallel" and ENV_DEVICES not in os.environ:
             os.environ[ENV_DEVICES] = ",".join(visible_gpus())
         folder = write_manifest(config.results_dir, hc)
-        lock = records.FileLock(
-            folder / "launcher.lock", thread_local=False, fallback_to_soft=False, preserve_lock_file=True
-        )
+        lock = launcher_lock(folder)
         lock.acquire()
         _LAUNCHER_LOCKS[str(folder)] = lock
 

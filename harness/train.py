@@ -23,6 +23,9 @@ from transformers.trainer_callback import PrinterCallback
 from harness.data import fit_warning, tokenize_examples
 from harness.distributed import print0, world_size
 
+CHECKPOINTING_ARG = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+                     else "gradient_checkpointing")
+
 
 def use_bf16(precision: str) -> bool:
     """bf16 autocast where the device supports it (precision auto), or when asked."""
@@ -47,7 +50,11 @@ def token_budget(train_cfg: dict) -> int:
 
 
 class ProgressPrinter(TrainerCallback):
-    """One line per logging step: step, loss, ETA (readable in logs where tqdm is not)."""
+    """Step, loss, elapsed and ETA on the console (readable in logs where tqdm is not): the first
+    step, then every max_steps/STEP_LINES steps (every logging step with HARNESS_VERBOSE=1); the
+    record keeps every logged loss."""
+
+    STEP_LINES = 5
 
     def __init__(self, label: str):
         self.label = label
@@ -59,10 +66,16 @@ class ProgressPrinter(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kw):
         if not logs or "loss" not in logs or not state.max_steps:
             return
+        from harness import console
+
+        every = max(1, math.ceil(state.max_steps / self.STEP_LINES))
+        step = state.global_step
+        if not (console.verbose() or step <= 1 or step % every == 0 or step == state.max_steps):
+            return
         elapsed = time.perf_counter() - self.start
-        eta = elapsed / max(state.global_step, 1) * (state.max_steps - state.global_step)
+        eta = elapsed / max(step, 1) * (state.max_steps - step)
         print0(
-            f"[{self.label}] step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
+            f"[{self.label}] step {step}/{state.max_steps} loss {logs['loss']:.4f} "
             f"elapsed {elapsed:.0f}s eta {eta:.0f}s",
         )
 
@@ -97,7 +110,8 @@ def training_arguments(train_cfg: dict, learning_rate: float, seed: int, output_
         weight_decay=float(train_cfg["weight_decay"]),
         optim=str(train_cfg["optim"]),
         bf16=bf16,
-        gradient_checkpointing=bool(train_cfg["gradient_checkpointing"]),
+        # activation_checkpointing: the name of gradient_checkpointing since transformers 5
+        **{CHECKPOINTING_ARG: train_cfg["gradient_checkpointing"]},
         seed=seed,
         data_seed=seed,
         logging_steps=int(train_cfg["logging_steps"]),
@@ -105,6 +119,7 @@ def training_arguments(train_cfg: dict, learning_rate: float, seed: int, output_
         report_to=[],
         disable_tqdm=not bool(train_cfg.get("tqdm", False)),
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinned memory is for copies to a GPU
         remove_unused_columns=False,
         # real (attention-mask) tokens counted on every rank and summed across ranks by the Trainer;
         # the padded positions follow from the steps (measure.flops.padded_tokens)

@@ -232,7 +232,8 @@ def test_two_sweeps_at_once_over_one_folder_run_each_job_and_the_base_model_once
     for r in recs:
         if r["method"] == "base":
             continue
-        started = both.count(f"[{r['run_id']}] {r['method']}")  # the line a job prints when it starts
+        # the line a job prints when it starts: [run id] job k of n, elapsed ...: method ...
+        started = len(re.findall(rf"^\[{r['run_id']}\] (job \d+ of \d+[^:]*: )?{r['method']}\b", both, re.M))
         assert started == 1, (r["run_id"], started)
 
 

@@ -314,3 +314,28 @@ def test_a_sweep_stopped_by_bad_input_leaves_nothing_in_results(tmp_path):
     )
     assert proc.returncode == 2 and "data.path='/nonexistent/train.jsonl' does not exist" in proc.stderr
     assert not results.exists()  # not even the sweep's manifest
+
+
+def test_status_lists_a_run_without_m_as_running_then_finished_or_stopped(tmp_path):
+    """A run started without -m is a sweep of one job: running while its process lives, then
+    finished with its record, or stopped when it left none."""
+    from omegaconf import OmegaConf
+    from test_faults import _record
+
+    from harness import status
+
+    def single(run_dir, run_id):
+        hc = OmegaConf.create({"run": {"dir": str(tmp_path / run_dir)}, "overrides": {"task": ["method=lora", "seed=3"]}})
+        return sweep.register_single_run(tmp_path, hc, {"run_id": run_id, "base_run_id": "b", "method": "lora"})
+
+    lock = single("a", "lora-0123456789")
+    text = status.render(tmp_path, sweep.read_sweeps(tmp_path)[-1])
+    assert text.startswith("run ") and ": running; 1 job: 0 done" in text and "method=lora seed=3" in text, text
+    records.write_record(tmp_path, _record("lora-0123456789", "done"))
+    lock.release()
+    text = status.render(tmp_path, sweep.read_sweeps(tmp_path)[-1])
+    assert ": finished; 1 job: 1 done" in text, text
+    single("b", "lora-9876543210").release()  # its process ended without a record
+    text = status.render(tmp_path, sweep.read_sweeps(tmp_path)[-1])
+    assert ": stopped before every job ran" in text and "1 missing" in text, text
+    assert len(sweep.read_sweeps(tmp_path)) == 2
