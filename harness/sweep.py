@@ -86,63 +86,60 @@ def planned_overrides(hydra_cfg) -> list[list[str]] | None:
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
-def write_manifest(results_dir: str | Path, hydra_cfg) -> Path:
-    """The sweep's plan, written before its first job; returns the sweep's folder."""
-    sid = sweep_id(str(hydra_cfg.sweep.dir))
+def _write_plan(results_dir: str | Path, sid: str, sweep_dir: str, launcher: str, overrides: list,
+                jobs: list[list[str]] | None) -> Path:
+    """The manifest every sweep leaves (a run without ``-m`` too); returns the sweep's folder."""
     folder = sweep_path(results_dir, sid)
-    jobs = planned_overrides(hydra_cfg)
-    _write_json(
-        folder / "manifest.json",
-        {
-            "sweep_id": sid,
-            "created_at": now_iso(),
-            "sweep_dir": str(Path(str(hydra_cfg.sweep.dir)).resolve()),
-            "launcher": launcher_kind(hydra_cfg.launcher.get("_target_")),
-            "overrides": list(hydra_cfg.overrides.task),
-            "jobs": None if jobs is None else [{"num": i, "overrides": o} for i, o in enumerate(jobs)],
-            "host": os.uname().nodename,
-            "pid": os.getpid(),
-        },
-    )
+    _write_json(folder / "manifest.json", {
+        "sweep_id": sid,
+        "created_at": now_iso(),
+        "created_ns": time.time_ns(),  # orders two sweeps started in the same second
+        "sweep_dir": str(Path(sweep_dir).resolve()),
+        "launcher": launcher,
+        "overrides": overrides,
+        "jobs": None if jobs is None else [{"num": i, "overrides": o} for i, o in enumerate(jobs)],
+        "host": os.uname().nodename,
+        "pid": os.getpid(),
+    })
     return folder
 
 
+def _write_job(folder: Path, num: int, overrides: list, job: dict) -> None:
+    """A started job's run ids, beside its sweep's manifest."""
+    _write_json(folder / "jobs" / f"{num}.json", {
+        "num": num,
+        "overrides": overrides,
+        "run_id": job["run_id"],
+        "base_run_id": job["base_run_id"],
+        "method": job["method"],
+        "started_at": now_iso(),
+        "host": os.uname().nodename,
+        "pid": os.getpid(),
+    })
+
+
+def write_manifest(results_dir: str | Path, hydra_cfg) -> Path:
+    """A multirun's plan, written before its first job; returns the sweep's folder."""
+    return _write_plan(results_dir, sweep_id(str(hydra_cfg.sweep.dir)), str(hydra_cfg.sweep.dir),
+                       launcher_kind(hydra_cfg.launcher.get("_target_")), list(hydra_cfg.overrides.task),
+                       planned_overrides(hydra_cfg))
+
+
 def register_job(results_dir: str | Path, hydra_cfg, job: dict) -> None:
-    """A started job's run ids, beside its sweep's manifest (multirun only)."""
-    sid = sweep_id(str(hydra_cfg.sweep.dir))
-    num = int(hydra_cfg.job.num)
-    _write_json(
-        sweep_path(results_dir, sid) / "jobs" / f"{num}.json",
-        {
-            "num": num,
-            "overrides": list(hydra_cfg.overrides.task),
-            "run_id": job["run_id"],
-            "base_run_id": job["base_run_id"],
-            "method": job["method"],
-            "started_at": now_iso(),
-            "host": os.uname().nodename,
-            "pid": os.getpid(),
-        },
-    )
+    """A started multirun job's run ids."""
+    folder = sweep_path(results_dir, sweep_id(str(hydra_cfg.sweep.dir)))
+    _write_job(folder, int(hydra_cfg.job.num), list(hydra_cfg.overrides.task), job)
 
 
 def register_single_run(results_dir: str | Path, hydra_cfg, job: dict) -> records.FileLock:
     """A run started without ``-m``: a sweep of one job for ``harness-status`` (its manifest,
     its job, and its launcher lock, held by this process until it ends; returned to release)."""
     sid = sweep_id(f"{hydra_cfg.run.dir}#{os.getpid()}")  # two runs can start in the same second
-    folder = sweep_path(results_dir, sid)
     overrides = list(hydra_cfg.overrides.task)
-    _write_json(folder / "manifest.json", {
-        "sweep_id": sid, "created_at": now_iso(), "sweep_dir": str(Path(str(hydra_cfg.run.dir)).resolve()),
-        "launcher": "single run", "overrides": overrides, "jobs": [{"num": 0, "overrides": overrides}],
-        "host": os.uname().nodename, "pid": os.getpid(),
-    })
+    folder = _write_plan(results_dir, sid, str(hydra_cfg.run.dir), "single run", overrides, [overrides])
     lock = launcher_lock(folder)
     lock.acquire()
-    _write_json(folder / "jobs" / "0.json", {
-        "num": 0, "overrides": overrides, "run_id": job["run_id"], "base_run_id": job["base_run_id"],
-        "method": job["method"], "started_at": now_iso(), "host": os.uname().nodename, "pid": os.getpid(),
-    })
+    _write_job(folder, 0, overrides, job)
     return lock
 
 
@@ -180,7 +177,7 @@ def read_sweeps(results_dir: str | Path) -> list[dict]:
                 continue
             sweep["registered"][int(entry["num"])] = entry
         sweeps.append(sweep)
-    return sorted(sweeps, key=lambda s: s.get("created_at", ""))
+    return sorted(sweeps, key=lambda s: (s.get("created_at", ""), s.get("created_ns", 0)))
 
 
 # ---------------------------------------------------------------- what a job had
