@@ -398,7 +398,8 @@ def _non_negative(value: str) -> float:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="harness-check", description="Fail when the PEFT-vs-full accuracy gap regresses against a baseline."
+        prog="harness-check", description="Fail when the PEFT-vs-full accuracy gap regresses against a baseline.",
+        epilog="exit codes: 0 no regression; 1 a regression beyond the noise; 2 cannot judge (no baseline, missing arms, bad records). Docs: docs/gate.md",
     )
     p.add_argument("--baseline", required=True, type=Path, help="baseline JSON (written by --update-baseline)")
     p.add_argument("--results", default=Path("results"), type=Path, help="folder of run records (default: results)")

@@ -638,9 +638,11 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    from harness import console
     from harness.config import usage_exit
     from harness.plan import check_names
 
+    console.quiet()
     check_names(sys.argv[1:], CONF_DIR, functools.partial(usage_exit, prog="harness-estimate"))  # before Hydra's text
     hydra_main()
 

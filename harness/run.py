@@ -242,7 +242,12 @@ def main() -> None:
     jobs = preflight(sys.argv[1:], CONF_DIR)  # every job of the command, before the first one runs
     done_before = {j["run_id"] for j in jobs if records.find_ok(j["config"]["results_dir"], j["run_id"])}
     _progress.update(n=len(jobs), t0=time.monotonic())
-    hydra_main()
+    try:
+        hydra_main()
+    except ValueError as exc:  # Hydra's own usage rule, e.g. -m with --cfg
+        if not str(exc).startswith("Only one of"):
+            raise
+        usage_exit(str(exc))
     if not jobs:  # Hydra's own commands (--help, --cfg, ...)
         return
     counts = outcomes(jobs, done_before)

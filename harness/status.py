@@ -127,7 +127,8 @@ def folder_summary(results_dir: str | Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="harness-status", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="harness-status", description=__doc__.split("\n\n")[0],
+                                     epilog="exit codes: 0 shown; 2 no such results folder. Docs: docs/running.md#harness-status")
     parser.add_argument("--results", default="results", help="folder of run records (default: results)")
     parser.add_argument("--all", action="store_true", help="every sweep and run over the folder, not only the latest")
     args = parser.parse_args(argv)

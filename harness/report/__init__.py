@@ -96,7 +96,8 @@ def build_report(results_dir: str | Path, reports_dir: str | Path, estimate_mode
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="harness-report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="harness-report", description=__doc__.split("\n\n")[0],
+                                     epilog="exit codes: 0 report written; 2 no such results folder. Docs: docs/report.md")
     parser.add_argument("--results", default="results", help="folder of run records (default: results)")
     parser.add_argument("--reports", default="reports", help="folder to write the report into (default: reports)")
     parser.add_argument("--estimate-models", default="", help="comma-separated models (e.g. llama-2-13b-arch) "
