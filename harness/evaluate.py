@@ -195,3 +195,10 @@ def evaluate_indomain(model, tokenizer, heldout_rows: list[dict], indomain_cfg: 
     items = _items(results, {"indomain": subject}, "indomain", {})
     acc, se, n = accuracy(items)
     return {"indomain_acc": acc, "indomain_stderr": se, "indomain_n": n}, items
+
+
+def gains_vs_base(metrics: dict, base_metrics: dict) -> dict:
+    """``<task>_gain_vs_base``: the arm's accuracy minus the base model's, where both were scored."""
+    return {f"{task}_gain_vs_base": metrics[f"{task}_acc"] - base_metrics[f"{task}_acc"]
+            for task in ("mmlu", "indomain")
+            if metrics.get(f"{task}_acc") is not None and base_metrics.get(f"{task}_acc") is not None}

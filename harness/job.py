@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from harness import console, failure, records
 from harness.measure.environment import environment, now_iso
@@ -77,6 +78,48 @@ def base_record(job: dict, cfg: dict, heldout: list[dict], env: dict, startup_s:
     return rec
 
 
+@dataclass
+class Run:
+    """What the phases of one job share: its plan, its record, this rank's own figures (gathered
+    to rank 0 at the end) and what each phase hands to the next."""
+
+    job: dict
+    env: dict
+    record: dict
+    phases: failure.Phases = field(default_factory=failure.Phases)
+    mine: dict = field(default_factory=lambda: {"device": None})  # this rank's figures
+    skipped: dict = field(default_factory=dict)  # measurements not taken, and why
+    examples: list = field(default_factory=list)
+    heldout: list = field(default_factory=list)
+    evaluate: bool = False
+    base: dict | None = None
+    args: Any = None  # the Trainer's TrainingArguments
+    loaded: Any = None  # harness.models.Loaded
+    model: Any = None  # the model with its method applied
+    trainer: Any = None
+    embedding_params: int = 0
+    train_dtype: Any = None
+    flops_per_token: float | None = None
+
+    @property
+    def cfg(self) -> dict:
+        return self.job["config"]
+
+    @property
+    def metrics(self) -> dict:
+        return self.record["metrics"]
+
+    @property
+    def label(self) -> str:
+        return self.job["run_id"]
+
+    @property
+    def strategy(self) -> str:
+        from harness import distributed
+
+        return distributed.strategy_of(self.cfg)
+
+
 def execute(job: dict, own_process: bool = False) -> dict | None:
     """Run one planned job end to end on this process; rank 0 writes the one record.
     ``own_process``: this process was started for the job (``harness.job``), so its start-up
@@ -88,167 +131,205 @@ def execute(job: dict, own_process: bool = False) -> dict | None:
     (``HARNESS_JOB_ERROR_DIR``) and exits, so that the launcher stops the other ranks and the
     parent writes the record.
     """
+    from harness import distributed
+    from harness.measure import flops
+
+    console.quiet()  # progress of this harness (steps, loss, ETA), not a bar per file loaded
+    env = environment()
+    started = now_iso()
+    t_run = time.perf_counter()
+    run = Run(job=job, env=env, record=new_record(job, env))
+    run.metrics["startup_wall_s"] = failure.process_age_s() if own_process else None
+    try:
+        load(run)
+        train(run)
+        peak_flops(run)
+        if run.evaluate:
+            evaluate(run)
+        serve(run)
+        combine(run)
+    except Exception as exc:  # record every failure; the sweep goes on
+        traceback.print_exc()
+        run.record.update(failure.fields(exc, run.phases.current))
+        if distributed.world_size() > 1:
+            write_rank_error(run.record["status"], run.record["error"], run.record["failed_phase"])
+            sys.stdout.flush()
+            os._exit(1)  # the launcher stops the other ranks; the parent writes the record
+        if run.mine.get("peak_flops_per_s"):  # training finished and the peak was measured: its MFU stands
+            run.metrics.update(flops.flops_metrics(run.flops_per_token, run.metrics["tokens_per_s"],
+                                                   run.mine["peak_flops_per_s"]))
+    if not distributed.is_main():
+        return None
+    return finish(run, started, time.perf_counter() - t_run)
+
+
+def load(run: Run) -> None:
+    """Data, the base model's record (evaluated first when missing), the process group and this
+    process's device, the model with its method applied."""
     import torch
     from transformers import set_seed
 
     from harness import distributed
     from harness.data import load_examples
-    from harness.measure import callback, flops, memory, pricing, serving
+    from harness.measure import flops
     from harness.methods import apply_method, quantization_config
     from harness.models import load_model, model_dtype
-    from harness.train import (
-        build_trainer,
-        release_optimizer,
-        token_budget,
-        training_arguments,
-        training_features,
-        use_bf16,
-    )
+    from harness.train import training_arguments
 
-    console.quiet()  # progress of this harness (steps, loss, ETA), not a bar per file loaded
-    cfg = job["config"]
-    strategy = distributed.strategy_of(cfg)
-    sharded = strategy in distributed.SHARDED
-    results_dir = cfg["results_dir"]
-    label = job["run_id"]
-    env = environment()
-    started = now_iso()
-    t_run = time.perf_counter()
-    record = new_record(job, env)
-    metrics = record["metrics"]
-    mine: dict = {"device": None}  # this rank's figures, gathered to rank 0
-    skipped: dict = {}
-    phases = failure.Phases()
-    metrics["startup_wall_s"] = failure.process_age_s() if own_process else None
-    try:
-        set_seed(int(cfg["seed"]))
-        examples, heldout = load_examples(cfg["data"])
-        evaluate = should_evaluate(cfg, record["model"]["random_weights"])
-        base = None
-        if evaluate:
-            base = records.find_ok(results_dir, job["base_run_id"])
-            if base is None and distributed.world_size() > 1:
-                raise RuntimeError(f"base-model record {job['base_run_id']} is missing; the launcher writes it first")
-            if base is None:
-                phases.enter("base_eval")
-                base = base_record(job, cfg, heldout, env)
-                phases.enter("load")
-            record["base_run_id"] = base["run_id"]
-        # before the model: starts the process group and puts this process on its device
-        args = training_arguments(cfg["train"], float(cfg["method"]["learning_rate"]), int(cfg["seed"]))
-        world = args.world_size
-        env.update(device_count=world, visible_device_count=torch.cuda.device_count() if torch.cuda.is_available() else 1)
-        mine["device"] = distributed.device_label(args.device)
-        set_seed(int(cfg["seed"]))  # the same initial RNG state for every arm, base eval or not
-        metrics["model_dtype"] = model_dtype(cfg["model"], cfg["method"], args.device, sharded)
-        loaded = load_model(cfg["model"], dtype=getattr(torch, metrics["model_dtype"]),
+    cfg, metrics = run.cfg, run.metrics
+    sharded = run.strategy in distributed.SHARDED
+    set_seed(cfg["seed"])
+    run.examples, run.heldout = load_examples(cfg["data"])
+    run.evaluate = should_evaluate(cfg, run.record["model"]["random_weights"])
+    if run.evaluate:
+        run.base = records.find_ok(cfg["results_dir"], run.job["base_run_id"])
+        if run.base is None and distributed.world_size() > 1:
+            raise RuntimeError(f"base-model record {run.job['base_run_id']} is missing; the launcher writes it first")
+        if run.base is None:
+            run.phases.enter("base_eval")
+            run.base = base_record(run.job, cfg, run.heldout, run.env)
+            run.phases.enter("load")
+        run.record["base_run_id"] = run.base["run_id"]
+    # before the model: starts the process group and puts this process on its device
+    run.args = args = training_arguments(cfg["train"], cfg["method"]["learning_rate"], cfg["seed"])
+    run.env.update(device_count=args.world_size,
+                   visible_device_count=torch.cuda.device_count() if torch.cuda.is_available() else 1)
+    run.mine["device"] = distributed.device_label(args.device)
+    set_seed(cfg["seed"])  # the same initial RNG state for every arm, base eval or not
+    metrics["model_dtype"] = model_dtype(cfg["model"], cfg["method"], args.device, sharded)
+    run.loaded = load_model(cfg["model"], dtype=getattr(torch, metrics["model_dtype"]),
                             quantization_config=quantization_config(cfg["method"], sharded=sharded),
                             device="cpu" if sharded else args.device, mmap=args.device.type != "cpu")
-        record["model"]["total_params"] = loaded.total_params
-        model = apply_method(loaded.model, cfg["method"], bool(cfg["train"]["gradient_checkpointing"]))
-        metrics.update(flops.param_counts(model))
-        trainable, total = metrics["trainable_params"], metrics["total_params"]
-        embedding = flops.embedding_params(model)  # before sharding turns weights into shards
-        distributed.print0(f"[{label}] trainable params: {trainable:,} || all params: {total:,} || "
-                           f"trainable%: {100 * trainable / total:.4f} || {strategy} over {world} process(es)")
+    run.record["model"]["total_params"] = run.loaded.total_params
+    run.model = apply_method(run.loaded.model, cfg["method"], cfg["train"]["gradient_checkpointing"])
+    metrics.update(flops.param_counts(run.model))
+    run.embedding_params = flops.embedding_params(run.model)  # before sharding turns weights into shards
+    trainable, total = metrics["trainable_params"], metrics["total_params"]
+    distributed.print0(f"[{run.label}] trainable params: {trainable:,} || all params: {total:,} || "
+                       f"trainable%: {100 * trainable / total:.4f} || {run.strategy} over {args.world_size} process(es)")
 
-        probe = callback.MeasureCallback(warmup_steps=int(cfg["train"]["warmup_steps_excluded"]))
-        features, fit = training_features(examples, loaded.tokenizer, cfg["train"], cfg["data"], label)
-        metrics.update(fit)
-        trainer = build_trainer(model, loaded.tokenizer, features, cfg["train"], float(cfg["method"]["learning_rate"]),
-                                int(cfg["seed"]), callbacks=[probe], label=label, args=args)
-        phases.enter("train")
-        try:
-            trainer.train()
-        finally:  # stop the probe's hooks and keep what it measured, even when training fails
-            probe.close()
-            # padded positions from the steps taken; real tokens counted by the Trainer on every rank
-            metrics.update(probe.metrics(
-                train_tokens=flops.padded_tokens(trainer.state.global_step, args, int(cfg["train"]["seq_len"])),
-                real_tokens=int(trainer.state.num_input_tokens_seen) or None))
-        metrics["token_budget"] = token_budget(cfg["train"])  # per process
-        for key in ("peak_memory_bytes", "peak_memory_growth_bytes", "peak_memory_reserved_bytes",
-                    "memory_breakdown_bytes"):
-            mine[key] = metrics[key]
-        # nothing after training steps the optimizer: its moments and the gradients must not sit
-        # in the evaluation's memory peak (AdamW: 2 x the trainable weights, for full FT)
-        release_optimizer(trainer)
 
-        # MFU: each device's matmul peak in the training dtype, measured once per hardware (cached)
-        device = args.device
-        train_dtype = torch.bfloat16 if use_bf16(str(cfg["train"]["precision"])) else torch.float32
-        arch = model.config
-        fpt = flops.flops_per_token(
-            job["method"], total, trainable, embedding_params=embedding, n_layers=arch.num_hidden_layers,
-            seq_len=int(cfg["train"]["seq_len"]), hidden_size=arch.hidden_size)
-        phases.enter("mfu")
-        peak = flops.device_peak_flops(device, train_dtype)
-        mine["peak_flops_per_s"] = peak.pop("peak_flops_per_s")
-        metrics.update(peak)  # where rank 0's peak came from (measured now / cached, when)
-        metrics["train_dtype"] = str(train_dtype).removeprefix("torch.")
+def train(run: Run) -> None:
+    """Tokenize, train under the measuring probe, and free the optimizer for what follows."""
+    from harness.measure import callback, flops
+    from harness.train import build_trainer, release_optimizer, token_budget, training_features
 
-        if evaluate:
-            phases.enter("eval")
-            # every rank evaluates the same questions: a sharded model's forward needs them all
-            with memory.eval_peak_memory(device) as eval_mem:
-                acc, items = evaluate_all(model, loaded.tokenizer, cfg, heldout)
-            metrics.update(acc)
-            mine.update(eval_mem)
-            for task in ("mmlu", "indomain"):
-                if metrics.get(f"{task}_acc") is not None and base["metrics"].get(f"{task}_acc") is not None:
-                    metrics[f"{task}_gain_vs_base"] = metrics[f"{task}_acc"] - base["metrics"][f"{task}_acc"]
-            if distributed.is_main():
-                record["items_file"] = records.write_items(results_dir, job["run_id"], items)
+    cfg, metrics, args = run.cfg, run.metrics, run.args
+    probe = callback.MeasureCallback(warmup_steps=cfg["train"]["warmup_steps_excluded"])
+    features, fit = training_features(run.examples, run.loaded.tokenizer, cfg["train"], cfg["data"], run.label)
+    metrics.update(fit)
+    run.trainer = build_trainer(run.model, run.loaded.tokenizer, features, cfg["train"],
+                                cfg["method"]["learning_rate"], cfg["seed"], callbacks=[probe], label=run.label,
+                                args=args)
+    run.phases.enter("train")
+    try:
+        run.trainer.train()
+    finally:  # stop the probe's hooks and keep what it measured, even when training fails
+        probe.close()
+        # padded positions from the steps taken; real tokens counted by the Trainer on every rank
+        metrics.update(probe.metrics(
+            train_tokens=flops.padded_tokens(run.trainer.state.global_step, args, cfg["train"]["seq_len"]),
+            real_tokens=int(run.trainer.state.num_input_tokens_seen) or None))
+    metrics["token_budget"] = token_budget(cfg["train"])  # per process
+    for key in ("peak_memory_bytes", "peak_memory_growth_bytes", "peak_memory_reserved_bytes",
+                "memory_breakdown_bytes"):
+        run.mine[key] = metrics[key]
+    # nothing after training steps the optimizer: its moments and the gradients must not sit
+    # in the evaluation's memory peak (AdamW: 2 x the trainable weights, for full FT)
+    release_optimizer(run.trainer)
 
-        # serving: adapter vs full checkpoint, exact tensor bytes in the serving dtype: QLoRA's compute
-        # dtype; else the weights' dtype when it is narrower than fp32 (a bf16 frozen base), else the
-        # training dtype (bf16 where training ran in bf16, fp32 on CPU); latency
-        weights_dtype = getattr(torch, metrics["model_dtype"])
-        serve_dtype = (getattr(torch, cfg["method"]["compute_dtype"]) if cfg["method"].get("quantize")
-                       else weights_dtype if weights_dtype.itemsize < 4 else train_dtype)
-        # a sharded adapter is saved from its parameters gathered by every rank
-        phases.enter("footprint")
-        state_dict = (distributed.adapter_state_dict(trainer.accelerator, model, strategy)
-                      if sharded and trainable < total else None)
-        if distributed.is_main():
-            metrics.update(serving.footprint_metrics(model, serve_dtype, state_dict=state_dict))
-        lat = cfg["eval"]["latency"]
-        if lat["enabled"] and sharded:
-            # merging adapters into sharded weights is not supported by peft; a sharded forward
-            # is not a serving latency either
-            skipped["latency"] = f"not measured under distributed={strategy}: peft cannot merge adapters into " \
-                                 "sharded weights; measure serving latency with distributed=none"
-        elif lat["enabled"] and distributed.is_main():
-            phases.enter("latency")
-            prompts = [ex["prompt"] for ex in examples[: int(lat["prompts"])]]
-            metrics.update(serving.compare_latency(model, loaded.tokenizer, prompts, reps=int(lat["reps"]),
-                                                   new_tokens=int(lat["gen_tokens"])))
-        per_rank = distributed.gather(mine)
-        metrics.update(distributed.combine(per_rank, strategy))
-        peaks = [p for p in metrics["peak_flops_per_s_per_rank"] if p]
-        metrics.update(flops.flops_metrics(fpt, metrics["tokens_per_s"], statistics.fmean(peaks) if peaks else None,
-                                             world))
-        metrics.update(flops.datasheet_metrics(cfg["hardware"], metrics["achieved_flops_per_s"], metrics["train_dtype"],
-                                               world))
-        metrics["tokens_per_s_per_device"] = metrics["tokens_per_s"] / world if metrics["tokens_per_s"] else None
-        metrics["achieved_flops_per_s_per_device"] = (metrics["achieved_flops_per_s"] / world
-                                                      if metrics["achieved_flops_per_s"] else None)
-    except Exception as exc:  # record every failure; the sweep goes on
-        traceback.print_exc()
-        record.update(failure.fields(exc, phases.current))
-        if distributed.world_size() > 1:
-            write_rank_error(record["status"], record["error"], record["failed_phase"])
-            sys.stdout.flush()
-            os._exit(1)  # the launcher stops the other ranks; the parent writes the record
-        if mine.get("peak_flops_per_s"):  # training finished and the peak was measured: its MFU stands
-            metrics.update(flops.flops_metrics(fpt, metrics["tokens_per_s"], mine["peak_flops_per_s"]))
-    if not distributed.is_main():
-        return None
-    metrics["skipped_measurements"] = skipped or None
+
+def peak_flops(run: Run) -> None:
+    """FLOPs per token of this model and method, and this device's matmul peak in the training
+    dtype (measured once per hardware, then cached), for MFU."""
+    import torch
+
+    from harness.measure import flops
+    from harness.train import use_bf16
+
+    cfg, metrics = run.cfg, run.metrics
+    run.train_dtype = torch.bfloat16 if use_bf16(cfg["train"]["precision"]) else torch.float32
+    arch = run.model.config
+    run.flops_per_token = flops.flops_per_token(
+        run.job["method"], metrics["total_params"], metrics["trainable_params"],
+        embedding_params=run.embedding_params, n_layers=arch.num_hidden_layers, seq_len=cfg["train"]["seq_len"],
+        hidden_size=arch.hidden_size)
+    run.phases.enter("mfu")
+    peak = flops.device_peak_flops(run.args.device, run.train_dtype)
+    run.mine["peak_flops_per_s"] = peak.pop("peak_flops_per_s")
+    metrics.update(peak)  # where rank 0's peak came from (measured now / cached, when)
+    metrics["train_dtype"] = str(run.train_dtype).removeprefix("torch.")
+
+
+def evaluate(run: Run) -> None:
+    """MMLU and in-domain accuracy of the trained arm, its gain over the base model, its answers."""
+    from harness import distributed
+    from harness.evaluate import gains_vs_base
+    from harness.measure import memory
+
+    run.phases.enter("eval")
+    # every rank evaluates the same questions: a sharded model's forward needs them all
+    with memory.eval_peak_memory(run.args.device) as eval_mem:
+        acc, items = evaluate_all(run.model, run.loaded.tokenizer, run.cfg, run.heldout)
+    run.metrics.update(acc)
+    run.mine.update(eval_mem)
+    run.metrics.update(gains_vs_base(run.metrics, run.base["metrics"]))
+    if distributed.is_main():
+        run.record["items_file"] = records.write_items(run.cfg["results_dir"], run.job["run_id"], items)
+
+
+def serve(run: Run) -> None:
+    """Serving footprint (adapter vs full checkpoint, exact tensor bytes in the serving dtype)
+    and, on one process, the latency of the merged and the dynamic adapter against the base."""
+    import torch
+
+    from harness import distributed
+    from harness.measure import serving
+
+    cfg, metrics = run.cfg, run.metrics
+    sharded = run.strategy in distributed.SHARDED
+    dtype = serving.serve_dtype(cfg["method"], getattr(torch, metrics["model_dtype"]), run.train_dtype)
+    run.phases.enter("footprint")
+    # a sharded adapter is saved from its parameters gathered by every rank
+    state_dict = (distributed.adapter_state_dict(run.trainer.accelerator, run.model, run.strategy)
+                  if sharded and metrics["trainable_params"] < metrics["total_params"] else None)
+    if distributed.is_main():
+        metrics.update(serving.footprint_metrics(run.model, dtype, state_dict=state_dict))
+    lat = cfg["eval"]["latency"]
+    if lat["enabled"] and sharded:
+        # merging adapters into sharded weights is not supported by peft; a sharded forward
+        # is not a serving latency either
+        run.skipped["latency"] = f"not measured under distributed={run.strategy}: peft cannot merge adapters " \
+                                 "into sharded weights; measure serving latency with distributed=none"
+    elif lat["enabled"] and distributed.is_main():
+        run.phases.enter("latency")
+        prompts = [ex["prompt"] for ex in run.examples[: lat["prompts"]]]
+        metrics.update(serving.compare_latency(run.model, run.loaded.tokenizer, prompts, reps=lat["reps"],
+                                               new_tokens=lat["gen_tokens"]))
+
+
+def combine(run: Run) -> None:
+    """Every rank's figures gathered to rank 0, and the FLOPs figures over all devices."""
+    from harness import distributed
+    from harness.measure import flops
+
+    metrics = run.metrics
+    metrics.update(distributed.combine(distributed.gather(run.mine), run.strategy))
+    metrics.update(flops.run_flops_metrics(run.flops_per_token, metrics["tokens_per_s"],
+                                           metrics["peak_flops_per_s_per_rank"], run.cfg["hardware"],
+                                           metrics["train_dtype"], run.args.world_size))
+
+
+def finish(run: Run, started: str, wall_s: float) -> dict:
+    """Rank 0: costs, where the time went, and the record written."""
+    from harness.measure import pricing
+
+    cfg, metrics, record = run.cfg, run.metrics, run.record
+    metrics["skipped_measurements"] = run.skipped or None
     metrics.setdefault("world_size", 1)
-    metrics.setdefault("strategy", strategy)
-    metrics["run_wall_s"] = time.perf_counter() - t_run
-    metrics["phase_wall_s"] = phases.seconds()  # where run_wall_s went (this rank's)
+    metrics.setdefault("strategy", run.strategy)
+    metrics["run_wall_s"] = wall_s
+    metrics["phase_wall_s"] = run.phases.seconds()  # where run_wall_s went (this rank's)
     # cost_usd: the fine-tuning itself (training phase); run_cost_usd: the whole run with evals;
     # both × the devices used (one per process), not the devices visible
     # (a CPU run: the cores its processes' torch threads used); projected at the real-token rate
@@ -257,12 +338,12 @@ def execute(job: dict, own_process: bool = False) -> dict | None:
                                         # no projection from a run that did not finish
                                         dataset_tokens=cfg.get("projected_tokens") if record["status"] == "ok" else None,
                                         tokens_per_s=metrics.get("real_tokens_per_s"),
-                                        cpu_cores=pricing.cpu_cores_used(env["cpu_threads"], devices_used),
+                                        cpu_cores=pricing.cpu_cores_used(run.env["cpu_threads"], devices_used),
                                         run_seconds=metrics["run_wall_s"]))
-    env.update(started_at=started, ended_at=now_iso())
-    records.write_record(results_dir, record)
+    run.env.update(started_at=started, ended_at=now_iso())
+    records.write_record(cfg["results_dir"], record)
     phase = f" in phase {record['failed_phase']}" if record["failed_phase"] else ""
-    print(f"[{label}] {record['status']}{phase}: record {records.record_path(results_dir, job['run_id'])} "
+    print(f"[{run.label}] {record['status']}{phase}: record {records.record_path(cfg['results_dir'], run.job['run_id'])} "
           f"({time_breakdown(metrics)})", flush=True)
     return record
 

@@ -71,6 +71,20 @@ TINY = [
 ]
 
 
+def composed(*overrides: str, config_name: str = "config") -> dict:
+    """The resolved config of ``overrides``: the one way tests compose (harness.config.compose)."""
+    from harness.config import compose
+
+    return compose(overrides, config_name=config_name)
+
+
+def planned(*overrides: str) -> dict:
+    """The job harness-run would plan for ``overrides``."""
+    from harness.plan import plan
+
+    return plan(composed(*overrides))
+
+
 @pytest.fixture
 def mmlu_dir() -> Path:
     """The committed MMLU fixture (4 subjects x 4 test + 2 dev questions)."""

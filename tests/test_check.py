@@ -288,16 +288,10 @@ def test_ci_smoke_config_has_a_baseline_group():
     """The committed baseline must hold the group `make ci-smoke` produces, or CI's gate judges nothing
     ("new group" passes). Fails when a config key or default that enters run hashes changes without
     `make refresh-baseline`."""
-    from hydra import compose, initialize_config_dir
-
-    from harness.plan import plan
+    from conftest import planned
 
     def job(method: str) -> dict:
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=["experiment=ci-smoke", f"method={method}", "seed=0"])
-        from omegaconf import OmegaConf
-
-        return plan(OmegaConf.to_container(cfg, resolve=True))
+        return planned("experiment=ci-smoke", f"method={method}", "seed=0")
 
     lora, full = job("lora"), job("full")
     key = identity.gap_key({"config": lora["config"], "method": "lora"}, {"config": full["config"], "method": "full"})

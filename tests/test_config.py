@@ -1,17 +1,10 @@
 """Config composition through Hydra's compose API, and job planning (hashes, run ids)."""
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from conftest import composed
 
 from harness.config import CONF_DIR, UsageError
 from harness.plan import plan
-
-
-def composed(*overrides: str) -> dict:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides))
-    return OmegaConf.to_container(cfg, resolve=True)
 
 
 @pytest.mark.parametrize("group", ["model", "method", "data", "train", "eval", "hardware", "distributed", "experiment"])

@@ -126,22 +126,16 @@ def test_fit_settings_are_checked(data, needle):
 
 @pytest.mark.parametrize("overlong,counts", [("truncate", (4, 1, 0)), ("drop", (3, 0, 1))])
 def test_a_run_records_and_warns_how_many_examples_were_cut_or_dropped(tmp_path, capsys, overlong, counts):
-    from conftest import TINY
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from conftest import TINY, planned
 
     from harness import job as run
-    from harness.config import CONF_DIR
-    from harness.plan import plan
 
     rows = [{"prompt": "Q: short?", "completion": " A"}] * 2 + [{"prompt": "x" * 300, "completion": " " + "y" * 300}]
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + json.dumps({"prompt": "Q?", "completion": " B"}))
     tiny = [a for a in TINY if not a.startswith("data.")]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["method=lora", *tiny, "data=file", f"data.path={path}",
-                                                       f"data.overlong={overlong}", f"results_dir={tmp_path}"])
-    rec = run.execute(plan(OmegaConf.to_container(cfg, resolve=True)))
+    rec = run.execute(planned("method=lora", *tiny, "data=file", f"data.path={path}", f"data.overlong={overlong}",
+                              f"results_dir={tmp_path}"))
     m = rec["metrics"]
     assert rec["status"] == "ok", rec["error"]
     assert (m["examples_kept"], m["examples_truncated"], m["examples_dropped"]) == counts

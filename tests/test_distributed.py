@@ -30,14 +30,7 @@ TINY_DIST = [a for a in TINY if not a.startswith(("train.max_steps", "train.batc
 ]
 
 
-def compose(*overrides: str) -> dict:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides))
-    return OmegaConf.to_container(cfg, resolve=True)
+from conftest import composed as compose  # noqa: E402
 
 
 @pytest.fixture(scope="module")

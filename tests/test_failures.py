@@ -6,27 +6,22 @@ by a monkeypatched function of the stack it calls; a job killed outright is in t
 
 from __future__ import annotations
 
+import conftest
 import pytest
 import torch
 import transformers
 from conftest import TINY
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from harness import failure, records
 from harness import job as run
-from harness.config import CONF_DIR
 from harness.measure import serving
-from harness.plan import plan
 
 CPU_ALLOC = ("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to "
              "allocate 7516192768 bytes. Error code 12 (Cannot allocate memory)")
 
 
 def planned(tmp_path, *overrides: str) -> dict:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["method=lora", *TINY, f"results_dir={tmp_path}", *overrides])
-    return plan(OmegaConf.to_container(cfg, resolve=True))
+    return conftest.planned("method=lora", *TINY, f"results_dir={tmp_path}", *overrides)
 
 
 @pytest.mark.parametrize(

@@ -6,22 +6,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from conftest import planned
 
 from harness import identity
 from harness.check import main as check_main
 from harness.config import CONF_DIR
-from harness.plan import plan
 from harness.records import REQUIRED_METRICS, write_items, write_record
 from harness.report import AT_A_GLANCE, build_report
 from harness.stats import pair_gaps, seed_summary
 
 
 def job(*overrides: str) -> dict:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["model=tiny-random", *overrides])
-    return plan(OmegaConf.to_container(cfg, resolve=True))
+    return planned("model=tiny-random", *overrides)
 
 
 @pytest.mark.parametrize(

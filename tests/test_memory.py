@@ -125,12 +125,9 @@ def test_release_optimizer_frees_adam_state_and_gradients():
 
 def test_run_evaluates_with_no_optimizer_alive(monkeypatch, tmp_path):
     """In harness-run's own job (job.execute), evaluation starts with no optimizer state alive."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from conftest import planned
 
     from harness import job as run
-    from harness.config import CONF_DIR
-    from harness.plan import plan
 
     seen = []
     evaluate_all = run.evaluate_all
@@ -142,10 +139,8 @@ def test_run_evaluates_with_no_optimizer_alive(monkeypatch, tmp_path):
         return evaluate_all(model, tokenizer, cfg, heldout)
 
     monkeypatch.setattr(run, "evaluate_all", spy)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[*TINY, "method=full", "eval.on_random_weights=true",
-                                                        "eval.latency.enabled=false", f"results_dir={tmp_path}"])
-    job = plan(OmegaConf.to_container(cfg, resolve=True))
+    job = planned(*TINY, "method=full", "eval.on_random_weights=true", "eval.latency.enabled=false",
+                  f"results_dir={tmp_path}")
     record = run.execute(job)
     assert record["status"] == "ok", record["error"]
     assert seen == [0, 0]  # base model, then the trained arm: no optimizer holds state

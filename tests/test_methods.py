@@ -2,10 +2,8 @@
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from conftest import composed
 
-from harness.config import CONF_DIR
 from harness.data import load_examples
 from harness.measure.flops import param_counts
 from harness.methods import apply_method, quantization_config
@@ -14,9 +12,7 @@ from harness.train import build_trainer, training_features
 
 
 def method_cfg(name: str, *overrides: str) -> dict:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"method={name}", *overrides])
-    return OmegaConf.to_container(cfg, resolve=True)["method"]
+    return composed(f"method={name}", *overrides)["method"]
 
 
 TINY = {"name": "tiny-random", "source": "config", "arch": "tiny-random"}

@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import math
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -225,3 +226,15 @@ def flops_metrics(
     }
 
 
+
+
+def run_flops_metrics(flops_per_token: float, tokens_per_s: float | None, peaks_per_rank: list, hardware: dict,
+                      train_dtype: str, world: int) -> dict:
+    """A finished run's FLOPs figures over all its devices: achieved FLOP/s and MFU against the
+    measured matmul peak (mean over ranks) and against the datasheet, and the per-device rates."""
+    peaks = [p for p in peaks_per_rank if p]
+    out = flops_metrics(flops_per_token, tokens_per_s, statistics.fmean(peaks) if peaks else None, world)
+    out.update(datasheet_metrics(hardware, out["achieved_flops_per_s"], train_dtype, world))
+    out["tokens_per_s_per_device"] = tokens_per_s / world if tokens_per_s else None
+    out["achieved_flops_per_s_per_device"] = out["achieved_flops_per_s"] / world if out["achieved_flops_per_s"] else None
+    return out

@@ -93,6 +93,15 @@ def tensor_bytes(model: torch.nn.Module, dtype: torch.dtype) -> dict:
     return {"checkpoint": total[False], "adapter": total[True] if _is_peft(model) else None}
 
 
+def serve_dtype(method_cfg: dict, weights_dtype: torch.dtype, train_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a variant is served in: QLoRA's compute dtype; else the weights' dtype when it
+    is narrower than fp32 (a bf16 frozen base); else the training dtype (bf16 where training ran
+    in bf16, fp32 on a CPU)."""
+    if method_cfg.get("quantize"):
+        return getattr(torch, method_cfg["compute_dtype"])
+    return weights_dtype if weights_dtype.itemsize < 4 else train_dtype
+
+
 def footprint_metrics(model: torch.nn.Module, dtype: torch.dtype, state_dict: dict | None = None) -> dict:
     """The serving footprint for the record, in the serving ``dtype`` run.py passes.
 
