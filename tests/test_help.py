@@ -38,3 +38,10 @@ def test_harness_estimate_help_shows_its_own_settings_not_the_run_config():
 def test_argparse_commands_name_exit_codes_and_docs(cmd, docs):
     text = _help(cmd)
     assert "exit codes: 0" in text and docs in text, text
+
+
+def test_multirun_with_cfg_is_a_usage_error_in_one_line():
+    out = subprocess.run([str(BIN / "harness-run"), "-m", "method=lora", "--cfg", "job"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().startswith("harness-run: error: Only one of") and "Traceback" not in out.stderr, out.stderr

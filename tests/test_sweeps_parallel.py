@@ -339,3 +339,23 @@ def test_status_lists_a_run_without_m_as_running_then_finished_or_stopped(tmp_pa
     text = status.render(tmp_path, sweep.read_sweeps(tmp_path)[-1])
     assert ": stopped before every job ran" in text and "1 missing" in text, text
     assert len(sweep.read_sweeps(tmp_path)) == 2
+
+
+def test_the_latest_of_two_runs_started_in_the_same_second_is_the_one_started_last(tmp_path, monkeypatch):
+    """Ordered by when they started, not by their ids: the second run's id is chosen to sort
+    before the first's, and both get the same second-resolution start time."""
+    from omegaconf import OmegaConf
+
+    monkeypatch.setattr(sweep, "now_iso", lambda: "2026-12-03T09:49:28+00:00")
+
+    def hc(run_dir):
+        return OmegaConf.create({"run": {"dir": str(tmp_path / run_dir)}, "overrides": {"task": ["method=lora"]}})
+
+    def sid(run_dir):
+        return sweep.sweep_id(f"{hc(run_dir).run.dir}#{os.getpid()}")
+
+    first = "a"
+    second = next(d for d in (f"b{i}" for i in range(100)) if sid(d) < sid(first))
+    for d in (first, second):
+        sweep.register_single_run(tmp_path, hc(d), {"run_id": f"lora-{d}", "base_run_id": "b", "method": "lora"}).release()
+    assert sweep.read_sweeps(tmp_path)[-1]["sweep_id"] == sid(second)

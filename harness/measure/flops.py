@@ -226,8 +226,6 @@ def flops_metrics(
     }
 
 
-
-
 def run_flops_metrics(flops_per_token: float, tokens_per_s: float | None, peaks_per_rank: list, hardware: dict,
                       train_dtype: str, world: int) -> dict:
     """A finished run's FLOPs figures over all its devices: achieved FLOP/s and MFU against the

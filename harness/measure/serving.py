@@ -103,7 +103,7 @@ def serve_dtype(method_cfg: dict, weights_dtype: torch.dtype, train_dtype: torch
 
 
 def footprint_metrics(model: torch.nn.Module, dtype: torch.dtype, state_dict: dict | None = None) -> dict:
-    """The serving footprint for the record, in the serving ``dtype`` run.py passes.
+    """The serving footprint for the record, in the serving ``dtype`` (``serve_dtype``).
 
     ``adapter_bytes``: the adapter file as saved (its trained dtype); ``adapter_serving_bytes`` and
     ``full_checkpoint_bytes``: exact tensor bytes in ``dtype`` (``tensor_bytes``), so their ratio
