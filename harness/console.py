@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import subprocess
+import sys
 import warnings
 
 VERBOSE_ENV = "HARNESS_VERBOSE"
@@ -47,8 +48,6 @@ def quiet() -> None:
         warnings.filterwarnings("ignore", message=message, category=category)
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
-    import sys
-
     if "datasets" in sys.modules:  # imported before the variables were set
         sys.modules["datasets"].disable_progress_bars()
     if "transformers" in sys.modules:
@@ -72,7 +71,9 @@ def _git_hash_quietly() -> str | None:
         out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
 
 
 @contextlib.contextmanager

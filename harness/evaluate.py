@@ -114,8 +114,7 @@ def _run(model, tokenizer, tasks: list, num_fewshot: int, limit, batch_size: int
 
     from harness import console
 
-    # lm-eval logs a line per task (57 for MMLU); keep the run's own progress readable
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    console.quiet()  # lm-eval logs a line per task (57 for MMLU): also when called outside a job
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     with console.lm_eval_bars(show=progress), mock.patch.object(lm_eval.evaluator, "add_env_info", _lm_eval_versions):
         return lm_eval.simple_evaluate(

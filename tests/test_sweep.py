@@ -19,6 +19,17 @@ def sweep(tmp_path_factory):
     return results, proc
 
 
+def test_a_three_arm_sweep_prints_a_short_log_without_the_stacks_noise(sweep):
+    """One line per phase and the step lines: no progress bars (lm-eval's, datasets', the Trainer's),
+    no FutureWarning, no git complaint (the sweep runs outside a git repository)."""
+    _, proc = sweep
+    out = proc.stdout + proc.stderr
+    assert len(out.splitlines()) <= 40, out
+    for noise in ("\r", "it/s", "%|", "fatal: not a git", "FutureWarning", "UserWarning", "Traceback"):
+        assert noise not in out, (noise, out)
+    assert "harness-run: 3 jobs: 3 ok, 0 failed, 0 skipped" in out
+
+
 def test_sweep_writes_three_valid_records_with_one_pair_key(sweep):
     results, _ = sweep
     arms = [r for r in records.load_records(results) if r["method"] != "base"]
