@@ -26,7 +26,7 @@ import time
 import torch
 
 from harness import estimate
-from harness.data import load_examples
+from harness.data import load_data
 from harness.measure import callback, flops, memory
 from harness.methods import apply_method, normalize, quantization_config
 from harness.models import load_model
@@ -57,7 +57,7 @@ def padded(cfg: dict) -> bool:
     from harness.data import tokenize_examples
     from harness.models import model_folder
 
-    examples, _ = load_examples(cfg["data"])
+    examples = load_data(cfg["data"]).train
     tok = AutoTokenizer.from_pretrained(model_folder(cfg["model"])[0])
     seq = int(cfg["train"]["seq_len"])
     return any(len(f["input_ids"]) < seq for f in tokenize_examples(examples, tok, seq, cfg["data"])[0])
@@ -66,7 +66,7 @@ def padded(cfg: dict) -> bool:
 def measure_point(cfg: dict) -> dict:
     """Train 2 steps through the harness and return step 1's tracked breakdown."""
     method = normalize(cfg["method"])
-    examples, _ = load_examples(cfg["data"])
+    examples = load_data(cfg["data"]).train
     torch.manual_seed(0)
     loaded = load_model(cfg["model"], quantization_config=quantization_config(method))
     model = apply_method(loaded.model, method, bool(cfg["train"]["gradient_checkpointing"]))

@@ -24,7 +24,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from harness.config import CONF_DIR
-from harness.data import load_examples
+from harness.data import load_data
 from harness.measure.serving import latency_metrics, time_variants
 from harness.methods import apply_method
 from harness.models import load_model
@@ -57,8 +57,8 @@ def main() -> None:
     torch.manual_seed(0)
     loaded = load_model(cfg["model"])
     model = apply_method(loaded.model, cfg["method"])
-    examples, _ = load_examples(cfg["data"])
-    prompts = [ex["prompt"] for ex in examples[:n_prompts]]
+    examples = load_data(cfg["data"]).train
+    prompts = [ex["messages"][0]["content"] for ex in examples[:n_prompts]]
     t0 = time.perf_counter()
     timed = time_variants(model, loaded.tokenizer, prompts, reps=reps, new_tokens=new_tokens)
     wall = time.perf_counter() - t0

@@ -22,7 +22,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from harness.config import CONF_DIR
-from harness.data import load_examples
+from harness.data import load_data
 from harness.measure import callback
 from harness.methods import apply_method, quantization_config
 from harness.models import load_model
@@ -86,7 +86,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     cfg = config(args.model, args.method, args.steps, args.batch, args.seq_len)
-    examples, _ = load_examples(cfg["data"])
+    examples = load_data(cfg["data"]).train
     tokens_per_step = args.batch * args.seq_len
     harness, bare = [], []
     for r in range(args.rounds):

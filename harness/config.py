@@ -53,6 +53,8 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
 MODEL_DTYPES = ("auto", "fp32", "bf16", "fp16", "float32", "bfloat16", "float16")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 STRATEGIES = ("none", "ddp", "fsdp", "zero3")
+LOSS_ON = ("assistant", "last", "all")  # data.loss_on: which tokens carry the loss (harness.data.render)
+OVERLONG = ("truncate", "drop")  # data.overlong: what becomes of an example longer than train.seq_len
 # The latency probe's repetitions alternate the variants' order (ABBA): two repetitions make one
 # cycle, and the paired t interval needs a few degrees of freedom to mean anything (at 2
 # repetitions t = 12.7 and the interval read [-100%, +9e9%]).
@@ -126,13 +128,18 @@ class DataConfig:
     kind: Literal["demo", "file", "hub"]
     path: str | None
     heldout_path: str | None
-    dataset: str | None
-    split: str | None
+    dataset: str | None       # data=hub: a hub id, or a local file or save_to_disk folder
+    config_name: str | None   # data=hub: the dataset's configuration
+    split: str | None         # a hub dataset's or a DatasetDict folder's split
+    columns: dict | None      # field -> the user's column name (harness.data.shapes.FIELDS)
+    chat_template: str        # auto, none, or a .jinja file
+    loss_on: Literal[LOSS_ON]  # type: ignore[valid-type]
+    heldout_fraction: Annotated[float, Range(ge=0, lt=1)]
     n_train: Positive
     n_heldout: Count
     seed: int
     min_prompt_tokens: Positive
-    overlong: Literal["truncate", "drop"]
+    overlong: Literal[OVERLONG]  # type: ignore[valid-type]
 
 
 @dataclass

@@ -197,7 +197,11 @@ def evaluate_indomain(model, tokenizer, heldout_rows: list[dict], indomain_cfg: 
 
 
 def gains_vs_base(metrics: dict, base_metrics: dict) -> dict:
-    """``<task>_gain_vs_base``: the arm's accuracy minus the base model's, where both were scored."""
-    return {f"{task}_gain_vs_base": metrics[f"{task}_acc"] - base_metrics[f"{task}_acc"]
-            for task in ("mmlu", "indomain")
-            if metrics.get(f"{task}_acc") is not None and base_metrics.get(f"{task}_acc") is not None}
+    """``<task>_gain_vs_base``: the arm's accuracy minus the base model's, where both were scored;
+    ``heldout_loss_change_vs_base``: its held-out loss minus the base model's (below 0: learned)."""
+    out = {f"{task}_gain_vs_base": metrics[f"{task}_acc"] - base_metrics[f"{task}_acc"]
+           for task in ("mmlu", "indomain")
+           if metrics.get(f"{task}_acc") is not None and base_metrics.get(f"{task}_acc") is not None}
+    if metrics.get("heldout_loss") is not None and base_metrics.get("heldout_loss") is not None:
+        out["heldout_loss_change_vs_base"] = metrics["heldout_loss"] - base_metrics["heldout_loss"]
+    return out

@@ -65,6 +65,13 @@ NON_RESULT_PATHS = (
 NEUTRAL_DEFAULTS = (
     (("train", "max_grad_norm"), 1.0),  # the Trainer's default clipping norm
     (("train", "lr_scheduler_kwargs"), {}),
+    # how rows are rendered and masked: multiple-choice rows (the demo, ci-smoke) ignore the first two
+    (("data", "chat_template"), "auto"),
+    (("data", "loss_on"), "assistant"),
+    (("data", "columns"), None),
+    (("data", "heldout_fraction"), 0),
+    (("data", "config_name"), None),
+    (("data", "split"), None),
 )
 # Method settings an arm label can show, with their short names (e.g. "lora r16 lr 0.001")
 ARM_LABEL_FIELDS = (("learning_rate", "lr"), ("alpha", "alpha"), ("target_modules", "targets"), ("dropout", "dropout"))

@@ -29,9 +29,12 @@ def should_evaluate(cfg: dict, random_weights: bool) -> bool:
     return not random_weights or bool(cfg["eval"].get("on_random_weights"))
 
 
-def evaluate_all(model, tokenizer, cfg: dict, heldout: list[dict]) -> tuple[dict, list[dict]]:
-    """MMLU and in-domain accuracy of ``model`` as configured; (metrics, per-question items)."""
+def evaluate_all(model, tokenizer, cfg: dict, data) -> tuple[dict, list[dict]]:
+    """MMLU, in-domain accuracy (multiple-choice held-out rows) and held-out loss (other held-out
+    rows) of ``model`` as configured; (metrics, per-question / per-example items). ``data``: a
+    ``harness.data.Data``."""
     from harness.evaluate import evaluate_indomain, evaluate_mmlu
+    from harness.nll import evaluate_heldout_loss
 
     metrics: dict = {"mmlu_acc": None, "mmlu_stderr": None, "mmlu_n": None, "indomain_acc": None,
                      "indomain_stderr": None, "indomain_n": None}
@@ -42,16 +45,20 @@ def evaluate_all(model, tokenizer, cfg: dict, heldout: list[dict]) -> tuple[dict
         m, it = evaluate_mmlu(model, tokenizer, cfg["eval"]["mmlu"])
         metrics.update(m)
         items += it
-    if cfg["eval"]["indomain"]["enabled"] and heldout:
+    if cfg["eval"]["indomain"]["enabled"] and data.heldout_mc:
         with tempfile.TemporaryDirectory() as tmp:
-            m, it = evaluate_indomain(model, tokenizer, heldout, cfg["eval"]["indomain"], tmp)
+            m, it = evaluate_indomain(model, tokenizer, data.heldout_mc, cfg["eval"]["indomain"], tmp)
+        metrics.update(m)
+        items += it
+    if cfg["eval"]["indomain"]["enabled"] and data.heldout_text:
+        m, it = evaluate_heldout_loss(model, tokenizer, data.heldout_text, cfg)
         metrics.update(m)
         items += it
     model.train(was_training)
     return metrics, items
 
 
-def base_record(job: dict, cfg: dict, heldout: list[dict], env: dict, startup_s: float | None = None) -> dict:
+def base_record(job: dict, cfg: dict, data, env: dict, startup_s: float | None = None) -> dict:
     """Evaluate the base model without fine-tuning once per (model, eval settings, data);
     ``startup_s``: the start-up of its own process, when it has one."""
     import torch
@@ -64,7 +71,7 @@ def base_record(job: dict, cfg: dict, heldout: list[dict], env: dict, startup_s:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = model_dtype(cfg["model"], {"name": "base"}, device)
     loaded = load_model(cfg["model"], dtype=getattr(torch, dtype), mmap=device != "cpu")
-    acc, items = evaluate_all(loaded.model, loaded.tokenizer, cfg, heldout)
+    acc, items = evaluate_all(loaded.model, loaded.tokenizer, cfg, data)
     base_job = {**job, "run_id": job["base_run_id"], "config_hash": job["eval_key"], "pair_key": None,
                 "method": "base", "rank": None, "config": {**cfg, "method": {"name": "base"}}}
     rec = new_record(base_job, {**env, "started_at": started, "ended_at": now_iso()})
@@ -89,8 +96,7 @@ class Run:
     phases: failure.Phases = field(default_factory=failure.Phases)
     mine: dict = field(default_factory=lambda: {"device": None})  # this rank's figures
     skipped: dict = field(default_factory=dict)  # measurements not taken, and why
-    examples: list = field(default_factory=list)
-    heldout: list = field(default_factory=list)
+    data: Any = None  # harness.data.Data: training examples and held-out rows
     evaluate: bool = False
     base: dict | None = None
     args: Any = None  # the Trainer's TrainingArguments
@@ -170,7 +176,7 @@ def load(run: Run) -> None:
     from transformers import set_seed
 
     from harness import distributed
-    from harness.data import load_examples
+    from harness.data import load_data
     from harness.measure import flops
     from harness.methods import apply_method, quantization_config
     from harness.models import load_model, model_dtype
@@ -179,7 +185,7 @@ def load(run: Run) -> None:
     cfg, metrics = run.cfg, run.metrics
     sharded = run.strategy in distributed.SHARDED
     set_seed(cfg["seed"])
-    run.examples, run.heldout = load_examples(cfg["data"])
+    run.data = load_data(cfg["data"])
     run.evaluate = should_evaluate(cfg, run.record["model"]["random_weights"])
     if run.evaluate:
         run.base = records.find_ok(cfg["results_dir"], run.job["base_run_id"])
@@ -187,7 +193,7 @@ def load(run: Run) -> None:
             raise RuntimeError(f"base-model record {run.job['base_run_id']} is missing; the launcher writes it first")
         if run.base is None:
             run.phases.enter("base_eval")
-            run.base = base_record(run.job, cfg, run.heldout, run.env)
+            run.base = base_record(run.job, cfg, run.data, run.env)
             run.phases.enter("load")
         run.record["base_run_id"] = run.base["run_id"]
     # before the model: starts the process group and puts this process on its device
@@ -216,7 +222,7 @@ def train(run: Run) -> None:
 
     cfg, metrics, args = run.cfg, run.metrics, run.args
     probe = callback.MeasureCallback(warmup_steps=cfg["train"]["warmup_steps_excluded"])
-    features, fit = training_features(run.examples, run.loaded.tokenizer, cfg["train"], cfg["data"], run.label)
+    features, fit = training_features(run.data.train, run.loaded.tokenizer, cfg["train"], cfg["data"], run.label)
     metrics.update(fit)
     run.trainer = build_trainer(run.model, run.loaded.tokenizer, features, cfg["train"],
                                 cfg["method"]["learning_rate"], cfg["seed"], callbacks=[probe], label=run.label,
@@ -270,7 +276,7 @@ def evaluate(run: Run) -> None:
     run.phases.enter("eval")
     # every rank evaluates the same questions: a sharded model's forward needs them all
     with memory.eval_peak_memory(run.args.device) as eval_mem:
-        acc, items = evaluate_all(run.model, run.loaded.tokenizer, run.cfg, run.heldout)
+        acc, items = evaluate_all(run.model, run.loaded.tokenizer, run.cfg, run.data)
     run.metrics.update(acc)
     run.mine.update(eval_mem)
     run.metrics.update(gains_vs_base(run.metrics, run.base["metrics"]))
@@ -303,7 +309,9 @@ def serve(run: Run) -> None:
                                  "into sharded weights; measure serving latency with distributed=none"
     elif lat["enabled"] and distributed.is_main():
         run.phases.enter("latency")
-        prompts = [ex["prompt"] for ex in run.examples[: lat["prompts"]]]
+        from harness.data import prompt_texts
+
+        prompts = prompt_texts(run.data.train[: lat["prompts"]], run.loaded.tokenizer, cfg["data"])
         metrics.update(serving.compare_latency(run.model, run.loaded.tokenizer, prompts, reps=lat["reps"],
                                                new_tokens=lat["gen_tokens"]))
 
@@ -372,12 +380,10 @@ def execute_base(job: dict, own_process: bool = False) -> None:
     import torch  # noqa: F401  (the start-up includes the heavy imports, as an arm's does)
     import transformers  # noqa: F401
 
-    from harness.data import load_examples
+    from harness.data import load_data
 
     startup = failure.process_age_s() if own_process else None
-
-    _, heldout = load_examples(job["config"]["data"])
-    base_record(job, job["config"], heldout, environment(), startup_s=startup)
+    base_record(job, job["config"], load_data(job["config"]["data"]), environment(), startup_s=startup)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -80,7 +80,7 @@ def schema_of(cfg: dict) -> type:
 def check_inputs(cfg: dict) -> None:
     """Fail fast, before any record is written, on inputs that cannot work: paths that do not
     exist, MMLU from the hub on a machine that cannot reach it, target modules the model lacks."""
-    from harness.data import DataError, load_examples
+    from harness.data import DataError, load_data
     from harness.evaluate import EvalDataError, mmlu_tasks
     from harness.methods import MethodError, check_targets
     from harness.models import ModelSourceError, arch_path, model_folder, resolve_gguf
@@ -93,8 +93,11 @@ def check_inputs(cfg: dict) -> None:
             arch_path(str(model["arch"]))
         elif model["source"] == "hub":
             model_folder(model)
-        if cfg["data"]["kind"] != "hub":
-            load_examples(cfg["data"])
+        if cfg["data"]["kind"] != "hub" or Path(str(cfg["data"]["dataset"])).expanduser().exists():
+            load_data(cfg["data"])  # every row checked: a bad one is one line, before any job
+        elif not _hub_cached(str(cfg["data"]["dataset"])) and (reason := hub_offline()):
+            raise DataError(f"data.dataset={cfg['data']['dataset']!r} is not a local file or folder and the hub "
+                            f"cannot be reached ({reason}); give a local file or a save_to_disk folder")
         mmlu = cfg["eval"]["mmlu"]
         if mmlu["enabled"] and mmlu.get("dir"):
             mmlu_tasks(mmlu)

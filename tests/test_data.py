@@ -5,8 +5,23 @@ import re
 
 import pytest
 
-from harness.data import DataError, format_mc, load_examples, make_demo, tokenize_examples
+from harness.data import DataError, format_mc, load_data, make_demo, tokenize_examples
+from harness.data.shapes import to_example
 from harness.models import byte_tokenizer
+
+
+def pc(prompt: str, completion: str) -> dict:
+    """A prompt/completion example."""
+    return to_example({"prompt": prompt, "completion": completion}, "test row")
+
+
+def raw(example: dict) -> tuple[str, str]:
+    """(prompt, reply) text of a two-turn example."""
+    return example["messages"][0]["content"], example["messages"][-1]["content"]
+
+
+def fit_counts(counts: dict) -> tuple[int, int, int]:
+    return counts["examples_kept"], counts["examples_truncated"], counts["examples_dropped"]
 
 
 def test_demo_is_seeded_and_splits_never_overlap():
@@ -33,35 +48,36 @@ def test_demo_prompt_is_mmlu_format():
 @pytest.mark.parametrize(
     "rows,expected",
     [
-        ([{"instruction": "Add", "input": "2+2", "output": "4"}], {"prompt": "Add\n\n2+2\n\n", "completion": "4"}),
-        ([{"prompt": "Q?", "completion": " A"}], {"prompt": "Q?", "completion": " A"}),
+        ([{"instruction": "Add", "input": "2+2", "output": "4"}], ("instruction", "Add\n\n2+2", "4")),
+        ([{"prompt": "Q?", "completion": " A"}], ("completion", "Q?", " A")),
     ],
 )
 def test_user_jsonl_formats(tmp_path, rows, expected):
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    examples, heldout = load_examples({"kind": "file", "path": str(path)})
-    assert examples == [expected] and heldout == []
+    data = load_data({"kind": "file", "path": str(path)})
+    (ex,) = data.train
+    assert (ex["style"], *raw(ex)) == expected and data.heldout_mc == data.heldout_text == []
 
 
 def test_user_csv(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("prompt,completion\nhello,world\n")
-    assert load_examples({"kind": "file", "path": str(path)})[0] == [{"prompt": "hello", "completion": "world"}]
+    assert [raw(ex) for ex in load_data({"kind": "file", "path": str(path)}).train] == [("hello", "world")]
 
 
 def test_unknown_columns_and_missing_file_are_clear_errors(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"text": "x"}) + "\n")
-    with pytest.raises(DataError, match="expected instruction/input/output"):
-        load_examples({"kind": "file", "path": str(path)})
+    with pytest.raises(DataError, match="expected messages"):
+        load_data({"kind": "file", "path": str(path)})
     with pytest.raises(DataError, match="does not exist"):
-        load_examples({"kind": "file", "path": str(tmp_path / "nope.jsonl")})
+        load_data({"kind": "file", "path": str(tmp_path / "nope.jsonl")})
 
 
 def test_loss_is_on_the_completion_only_even_when_truncated():
     tok = byte_tokenizer()
-    ex = {"prompt": "x" * 100, "completion": " B"}
+    ex = pc("x" * 100, " B")
     (feat,), _ = tokenize_examples([ex], tok, seq_len=32)
     assert len(feat["input_ids"]) == 32
     completion = tok(" B", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -76,7 +92,7 @@ def _fit(prompt_len: int, completion_len: int, seq_len: int, **data):
     """One example of ``prompt_len`` prompt bytes and ``completion_len`` completion bytes (+ eos)
     through tokenize_examples with the byte tokenizer (one token per byte)."""
     tok = byte_tokenizer()
-    ex = {"prompt": "p" * (prompt_len - 1) + "P", "completion": "C" + "c" * (completion_len - 1)}
+    ex = pc("p" * (prompt_len - 1) + "P", "C" + "c" * (completion_len - 1))
     return tok, tokenize_examples([ex], tok, seq_len=seq_len, data_cfg=data)
 
 
@@ -89,7 +105,7 @@ def test_a_long_completion_keeps_the_end_of_the_prompt_and_loses_its_own_end():
     completion = [lab for lab in feat["labels"] if lab != -100]
     assert len(prompt) == 16 and tok.decode(prompt) == "p" * 15 + "P"  # the prompt's end, next to the completion
     assert len(completion) == 16 and tok.decode(completion) == "C" + "c" * 15  # the completion's start
-    assert counts == {"examples_kept": 1, "examples_truncated": 1, "examples_dropped": 0}
+    assert fit_counts(counts) == (1, 1, 0)
 
 
 def test_a_short_completion_is_kept_whole_and_the_prompt_start_goes():
@@ -100,12 +116,12 @@ def test_a_short_completion_is_kept_whole_and_the_prompt_start_goes():
 
 def test_overlong_drop_leaves_out_what_does_not_fit_whole():
     tok = byte_tokenizer()
-    fits = {"prompt": "q" * 20, "completion": " A"}  # 20 + 2 + eos = 23
-    too_long = {"prompt": "q" * 20, "completion": " " + "a" * 20}
+    fits = pc("q" * 20, " A")  # 20 + 2 + eos = 23
+    too_long = pc("q" * 20, " " + "a" * 20)
     features, counts = tokenize_examples([fits, too_long, fits], tok, seq_len=23, data_cfg={"overlong": "drop"})
     assert [len(f["input_ids"]) for f in features] == [23, 23]
-    assert counts == {"examples_kept": 2, "examples_truncated": 0, "examples_dropped": 1}
-    with pytest.raises(DataError, match="left no training example"):
+    assert fit_counts(counts) == (2, 0, 1)
+    with pytest.raises(DataError, match="no training example is left"):
         tokenize_examples([too_long], tok, seq_len=23, data_cfg={"overlong": "drop"})
 
 

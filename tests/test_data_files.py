@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from harness.data import DataError, load_examples
+from harness.data import DataError, load_data
 
 MC = [
     {"question": "Which is a fruit?", "choices": ["dog", "pear", "red", "car"], "answer": "B"},
@@ -33,7 +33,9 @@ def write_csv(path, rows, columns: bool):
 
 
 def load(path, heldout=None):
-    return load_examples({"kind": "file", "path": str(path), "heldout_path": str(heldout) if heldout else None})
+    """(training examples as (prompt, reply) text, held-out multiple-choice rows)."""
+    data = load_data({"kind": "file", "path": str(path), "heldout_path": str(heldout) if heldout else None})
+    return [(ex["messages"][0]["content"], ex["messages"][-1]["content"]) for ex in data.train], data.heldout_mc
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv-list", "csv-columns"])
@@ -43,8 +45,8 @@ def test_multiple_choice_rows_train_and_hold_out_in_every_format(tmp_path, fmt):
     else:
         path = write_csv(tmp_path / "mc.csv", MC, columns=fmt == "csv-columns")
     examples, heldout = load(path, heldout=path)
-    assert [ex["completion"] for ex in examples] == [" B", " A", " C"]
-    assert examples[0]["prompt"].endswith("Which is a fruit?\nA. dog\nB. pear\nC. red\nD. car\nAnswer:")
+    assert [reply for _, reply in examples] == [" B", " A", " C"]
+    assert examples[0][0].endswith("Which is a fruit?\nA. dog\nB. pear\nC. red\nD. car\nAnswer:")
     assert [r["answer"] for r in heldout] == EXPECTED_ANSWERS
     assert [r["choices"] for r in heldout] == [r["choices"] for r in MC]
 
@@ -54,7 +56,7 @@ def test_heldout_path_in_the_other_format(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "Q?", "completion": " A"}])
     heldout_csv = write_csv(tmp_path / "heldout.csv", MC, columns=True)
     examples, heldout = load(train, heldout=heldout_csv)
-    assert examples == [{"prompt": "Q?", "completion": " A"}] and [r["answer"] for r in heldout] == EXPECTED_ANSWERS
+    assert examples == [("Q?", " A")] and [r["answer"] for r in heldout] == EXPECTED_ANSWERS
     heldout_jsonl = write_jsonl(tmp_path / "heldout.jsonl", MC)
     assert load(write_csv(tmp_path / "train.csv", MC, columns=False), heldout=heldout_jsonl)[1] == heldout
 
@@ -175,7 +177,7 @@ def test_fuzzed_files_always_give_one_line_data_errors(tmp_path):
         # as training data and as the held-out split
         for cfg in ({"path": str(path)}, {"path": str(ok_file(tmp_path)), "heldout_path": str(path)}):
             try:
-                load_examples({"kind": "file", **cfg})
+                load_data({"kind": "file", **cfg})
             except DataError as exc:
                 assert "\n" not in str(exc) and str(path) in str(exc), (kind, path.read_bytes(), str(exc))
             else:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import composed
 
-from harness.data import load_examples
+from harness.data import load_data
 from harness.measure.flops import param_counts
 from harness.methods import apply_method, quantization_config
 from harness.models import load_model
@@ -37,7 +37,7 @@ def train_briefly(method: dict):
     loaded = load_model(TINY, quantization_config=quantization_config(method))
     model = apply_method(loaded.model, method)
     before = base_weights(model)
-    examples, _ = load_examples(DATA)
+    examples = load_data(DATA).train
     features, _ = training_features(examples, loaded.tokenizer, TRAIN, DATA)
     build_trainer(model, loaded.tokenizer, features, TRAIN, float(method["learning_rate"]), seed=0).train()
     return model, before, base_weights(model)
