@@ -261,6 +261,16 @@ def arch_config(model_cfg: dict):
         raise ModelSourceError(str(exc).splitlines()[0]) from exc
 
 
+def local_tokenizer(model_cfg: dict):
+    """The model's tokenizer where it is on this machine (None for a hub id not downloaded)."""
+    from transformers import AutoTokenizer
+
+    folder, _ = model_folder(model_cfg)
+    if not os.path.isdir(folder):
+        return None
+    return AutoTokenizer.from_pretrained(folder)
+
+
 def load_model(model_cfg: dict, dtype: torch.dtype = torch.float32, quantization_config=None,
                device: str | torch.device | None = None, mmap: bool = True) -> LoadedModel:
     """Load the base model (optionally 4-bit) and its tokenizer.

@@ -94,7 +94,7 @@ def check_inputs(cfg: dict) -> None:
         elif model["source"] == "hub":
             model_folder(model)
         if cfg["data"]["kind"] != "hub" or Path(str(cfg["data"]["dataset"])).expanduser().exists():
-            load_data(cfg["data"])  # every row checked: a bad one is one line, before any job
+            check_rendering(cfg, load_data(cfg["data"]))  # every row checked: a bad one is one line
         elif not _hub_cached(str(cfg["data"]["dataset"])) and (reason := hub_offline()):
             raise DataError(f"data.dataset={cfg['data']['dataset']!r} is not a local file or folder and the hub "
                             f"cannot be reached ({reason}); give a local file or a save_to_disk folder")
@@ -106,6 +106,20 @@ def check_inputs(cfg: dict) -> None:
         check_targets(cfg["method"], model)
     except (ModelSourceError, DataError, EvalDataError, MethodError) as exc:
         raise UsageError(str(exc)) from exc
+
+
+def check_rendering(cfg: dict, data) -> None:
+    """Render and tokenize every non-multiple-choice example as the job will (its chat template,
+    loss_on, seq_len), so that a template that cannot render a row stops the sweep here."""
+    from harness.data import tokenize_examples
+    from harness.models import local_tokenizer
+
+    examples = [ex for ex in data.train + data.heldout_text if ex["style"] != "mc"]
+    if not examples or (tokenizer := local_tokenizer(cfg["model"])) is None:
+        return
+    tokenize_examples(data.train, tokenizer, cfg["train"]["seq_len"], cfg["data"])
+    if data.heldout_text:
+        tokenize_examples(data.heldout_text, tokenizer, cfg["train"]["seq_len"], cfg["data"])
 
 
 def hub_offline() -> str | None:

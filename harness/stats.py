@@ -499,3 +499,43 @@ def unpaired_difference(a: dict, b: dict) -> dict:
     low, high = interval95(diff, se)
     return {"diff": diff, "se": se, "ci_low": low, "ci_high": high, "paired": False, "n_seeds": None, "n": None,
             "significant": low is not None and (low > 0 or high < 0)}
+
+
+def loss_gaps(records: Iterable[dict], results_dir: str | Path) -> dict[str, dict]:
+    """Held-out loss gap ``loss(peft) - loss(full)`` per PEFT arm (identity.arm_key), in nats per
+    target token, paired example by example and averaged over seeds (positive: PEFT is worse).
+
+    Both arms of a pair score the same held-out examples, rendered into the same tokens, so each
+    example's token count ``n_i`` is fixed by the data. With ``d_si`` seed s's NLL difference on
+    example i (summed over its tokens) and ``nbar`` the mean count, ``x_si = d_si / nbar`` has
+    ``mean_i x_si = sum_i d_si / sum_i n_i``, the token-weighted gap; its question and seed noise
+    are ``seed_noise``'s, as for accuracy gaps. Examples whose token counts differ between the
+    arms (which would mean different data) are left out.
+    """
+    records = [r for r in records if r.get("status") == "ok"]
+    full_by_pair, _ = identity.full_references(records, ())
+    by_arm: dict[str, dict[Any, tuple]] = {}
+    for peft in records:
+        full = full_by_pair.get(peft["pair_key"])
+        if peft["method"] in REFERENCE_METHODS or full is None:
+            continue
+        p = {it["id"]: it for it in read_items(results_dir, peft) if it.get("task") == "heldout_loss"}
+        f = {it["id"]: it for it in read_items(results_dir, full) if it.get("task") == "heldout_loss"}
+        shared = {i for i in p.keys() & f.keys() if p[i]["n_tokens"] == f[i]["n_tokens"]}
+        if shared:
+            by_arm.setdefault(identity.arm_key(peft), {})[_seed(peft)] = (p, f, shared)
+    out = {}
+    for arm, by_seed in by_arm.items():
+        seeds = sorted(by_seed, key=str)
+        ids = sorted(set.intersection(*(by_seed[s][2] for s in seeds)))
+        first_p = by_seed[seeds[0]][0]
+        nbar = sum(first_p[i]["n_tokens"] for i in ids) / len(ids)
+        diffs = [[(by_seed[s][0][i]["nll"] - by_seed[s][1][i]["nll"]) / nbar for i in ids] for s in seeds]
+        per_seed = [sum(d) / len(ids) for d in diffs]
+        gap = sum(per_seed) / len(seeds)
+        noise = seed_noise(diffs)
+        low, high = interval95(gap, noise["se"])
+        sd = statistics.stdev(per_seed) if len(seeds) > 1 else None
+        out[arm] = {"gap": gap, "se": noise["se"], "sd": sd, "ci_low": low, "ci_high": high, "n": len(ids),
+                    "n_seeds": len(seeds), "seeds": dict(zip(seeds, per_seed))}
+    return out

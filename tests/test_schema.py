@@ -142,7 +142,7 @@ def test_the_optimizer_set_is_what_the_estimator_and_the_trainer_know():
 LAYERS = [
     {"config", "console", "records", "failure", "schedule"},
     {"identity", "stats", "data", "models", "methods", "distributed", "sweep", "measure"},
-    {"train", "evaluate"},
+    {"train", "evaluate", "nll"},
     {"plan", "job", "estimate"},
     {"run"},
     {"report", "check", "status"},

@@ -28,7 +28,7 @@ from harness.report.fmt import (
     fmt_share,
     fmt_usd,
 )
-from harness.stats import TASKS, accuracy_interval, mean_sd, pair_gaps, seed_summary
+from harness.stats import TASKS, accuracy_interval, loss_gaps, mean_sd, pair_gaps, seed_summary
 
 METHOD_ORDER = {"base": 0, "full": 1, "lora": 2, "qlora": 3}
 METHOD_LABEL = {"base": "base model", "full": "full FT", "lora": "LoRA", "qlora": "QLoRA"}
@@ -98,6 +98,7 @@ class Table:
     arms: list[Arm]
     items: Items
     gaps: dict[tuple[str, str], dict] = field(default_factory=dict)  # (arm key, task) -> stats.seed_summary row
+    loss_gaps: dict[str, dict] = field(default_factory=dict)  # arm key -> stats.loss_gaps row
     title: str = ""
 
     @property
@@ -140,6 +141,7 @@ def group(records: list[dict], results_dir: Path) -> list[Table]:
         # Gaps are paired within the table, so a full run on other hardware is never the reference
         for row in seed_summary(pair_gaps(table.runs, results_dir)):
             table.gaps[(row["arm"], row["task"])] = row
+        table.loss_gaps = loss_gaps(table.runs, results_dir)
         tables.append(table)
 
     # the title names the settings that differ only where one model/data/hardware has several tables
@@ -255,6 +257,33 @@ def _gap_cell(table: Table, arm: Arm, task: str) -> str:
     return text
 
 
+def _loss_text(arm: Arm) -> str:
+    losses = arm.values("heldout_loss")
+    if not losses:
+        return DASH
+    mean, sd = mean_sd(losses)
+    return f"{mean:.3f}" + (f" ± {sd:.3f}" if sd is not None and len(losses) > 1 else "") + " nats/token"
+
+
+def _loss_gap_cell(table: Table, arm: Arm) -> str:
+    if arm.method == "full":
+        return "reference: " + _loss_text(arm) if arm.values("heldout_loss") else DASH
+    if arm.method == "base":
+        return _loss_text(arm)
+    row = table.loss_gaps.get(arm.key)
+    if row is None:
+        return "no full FT pair" if arm.values("heldout_loss") else DASH
+    text = f"{row['gap']:+.3f}"
+    if row["sd"] is not None:
+        text += f" ± {row['sd']:.3f}"
+    text += " nats/token"
+    if row["ci_low"] is not None:
+        text += f" [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]"
+    if row["n_seeds"] == 1:
+        text += " (1 seed: training noise not estimated)"
+    return text
+
+
 def _footprint_cell(table: Table, arm: Arm) -> str:
     full_bytes = arm.values("full_checkpoint_bytes")
     estimated = any(r["metrics"].get("full_checkpoint_bytes_estimated") for r in arm.ok)
@@ -342,6 +371,7 @@ class Row:
     cell: Callable[[Table, Arm], str]
     qualifier: Callable[[Table], str] | None = None  # what the row means on this table's devices
     training: bool = False  # a training figure: the base model has none
+    optional: bool = False  # shown only where some arm has a figure (held-out loss: generative data)
 
     def label_for(self, table: Table) -> str:
         what = self.qualifier(table) if self.qualifier else ""
@@ -361,6 +391,7 @@ ROWS = (
     Row("serving footprint: adapter vs full checkpoint", _footprint_cell),
     Row("inference latency overhead vs base", _latency_cell,
         partial(_devices_qualifier, metrics=LATENCY_KEYS)),
+    Row("held-out loss gap vs full FT (95% CI)", _loss_gap_cell, optional=True),
 )
 ROW_LABELS = tuple(row.label for row in ROWS)
 
@@ -429,7 +460,8 @@ class RenderedTable:
 
 def render(table: Table) -> RenderedTable:
     columns = [_column(table, arm) for arm in table.arms]
-    rows = [[row.label_for(table)] + [col[i] for col in columns] for i, row in enumerate(ROWS)]
+    rows = [[row.label_for(table)] + [col[i] for col in columns] for i, row in enumerate(ROWS)
+            if not row.optional or any(a.ok and row.cell(table, a) != DASH for a in table.arms)]
     return RenderedTable(
         table.title, [""] + [arm_header(a) for a in table.arms], rows, _provenance(table), _footnotes(table)
     )
@@ -441,7 +473,9 @@ AT_A_GLANCE = "at-a-glance.md"
 GAP_NOTE = (
     "Gap = accuracy(PEFT) - accuracy(full FT) on the same questions, in percentage points "
     "(negative: PEFT is worse); mean ± sd over seeds, [95% interval: question noise, plus seed noise where seeds "
-    "disagree beyond it]. Accuracies: mean over seeds [95% interval, the same two noises]."
+    "disagree beyond it]. Accuracies: mean over seeds [95% interval, the same two noises]. Held-out loss gap = "
+    "loss(PEFT) - loss(full FT) in nats per target token on the same held-out examples (positive: PEFT is worse), "
+    "with the same two noises."
 )
 
 
