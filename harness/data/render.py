@@ -19,6 +19,7 @@ completion), ``last`` (the final assistant turn), ``all`` (every token).
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from pathlib import Path
 
 from harness.config import LOSS_ON, OVERLONG
@@ -70,8 +71,10 @@ def _render(tokenizer, template: str, conversations: list[list[dict]], generatio
                                          add_generation_prompt=generation)
 
 
-def _templated_segments(examples: list[dict], tokenizer, template: str) -> list[list[tuple[str, int | None]]]:
-    """Each example's rendering cut at its assistant replies (batched: three renderings at most)."""
+def _templated(examples: list[dict], tokenizer, template: str) -> list[tuple[str, list[tuple[int, int, int]]]]:
+    """Each example's rendering and its replies as character spans (start, end, assistant turn
+    number), batched: the full conversations, their prefixes up to each reply with the generation
+    prompt, and (for multi-turn rows) up to the end of each earlier reply."""
     convs = [ex["messages"] for ex in examples]
     try:
         full = _render(tokenizer, template, convs, False)
@@ -86,7 +89,7 @@ def _templated_segments(examples: list[dict], tokenizer, template: str) -> list[
                         "set data.chat_template=none or give a template file") from None
     out, si, ei = [], iter(starts), iter(ends)
     for ex, text, ts in zip(examples, full, turns):
-        segs, pos = [], 0
+        spans, pos = [], 0
         for k, i in enumerate(ts):
             start = next(si)
             end = text if i == len(ex["messages"]) - 1 else next(ei)
@@ -94,11 +97,9 @@ def _templated_segments(examples: list[dict], tokenizer, template: str) -> list[
                 raise DataError(f"{ex.get('where', 'a row')}: the chat template does not render this conversation "
                                 "turn by turn (a prefix renders differently); set data.chat_template=none or give "
                                 "a template file")
-            segs += [(text[pos:len(start)], None), (text[len(start):len(end)], k)]
+            spans.append((len(start), len(end), k))
             pos = len(end)
-        if pos < len(text):
-            segs.append((text[pos:], None))
-        out.append(segs)
+        out.append((text, spans))
     return out
 
 
@@ -112,22 +113,72 @@ def _first_failing(examples: list[dict], tokenizer, template: str) -> str:
     return "a row"
 
 
-def segments(examples: list[dict], tokenizer, template: str | None) -> list[tuple[list, bool]]:
-    """(segments, raw) per example: raw ones get the tokenizer's BOS and EOS, templated ones the template's."""
+def _split(examples: list[dict], template: str | None) -> tuple[list[int], list[int]]:
+    """(indices rendered through the template, indices rendered raw)."""
     templated = [i for i, ex in enumerate(examples) if template and ex["style"] != "mc"]
-    rendered = dict(zip(templated, _templated_segments([examples[i] for i in templated], tokenizer, template)))
-    return [(rendered[i], False) if i in rendered else (_raw_segments(ex), True) for i, ex in enumerate(examples)]
+    chosen = set(templated)
+    return templated, [i for i in range(len(examples)) if i not in chosen]
 
 
 def prompt_texts(examples: list[dict], tokenizer, data_cfg: dict) -> list[str]:
     """What a served model is asked: each example's text up to its last reply (with a template,
     up to and including the generation prompt), rendered as in training."""
     template, _ = chat_template(data_cfg, tokenizer)
-    out = []
-    for segs, _raw in segments(examples, tokenizer, template):
-        last = max(i for i, (_, turn) in enumerate(segs) if turn is not None)
-        out.append("".join(text for text, _ in segs[:last]))
-    return out
+    templated, raw = _split(examples, template)
+    out: dict[int, str] = {}
+    for i, (text, spans) in zip(templated, _templated([examples[i] for i in templated], tokenizer, template)):
+        out[i] = text[: spans[-1][0]]
+    for i in raw:
+        segs = _raw_segments(examples[i])
+        last = max(j for j, (_, turn) in enumerate(segs) if turn is not None)
+        out[i] = "".join(text for text, _ in segs[:last])
+    return [out[i] for i in range(len(examples))]
+
+
+def _tokenized(examples: list[dict], tokenizer, template: str | None, loss_on: str) -> list[tuple[list, list, int]]:
+    """(ids, labels, prompt length in tokens) of every example, unfitted.
+
+    Raw examples: their pieces tokenized one by one and joined (the first with the tokenizer's
+    specials, EOS after the last reply), as prompt + completion always were. Templated examples:
+    the rendered text tokenized whole, as ``apply_chat_template(tokenize=True)`` does (the template
+    has its own specials), each token labelled by where its first character falls."""
+    templated, raw = _split(examples, template)
+    out: dict[int, tuple[list, list, int]] = {}
+    if templated:
+        rendered = _templated([examples[i] for i in templated], tokenizer, template)
+        enc = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+        for i, (_, spans), ids, offsets in zip(templated, rendered, enc["input_ids"], enc["offset_mapping"]):
+            first_chars = [o[0] for o in offsets]
+            last_k = spans[-1][2]
+            labels = list(ids) if loss_on == "all" else [-100] * len(ids)
+            bounds = [(bisect_left(first_chars, a), bisect_left(first_chars, b), k) for a, b, k in spans]
+            if loss_on != "all":
+                for lo, hi, k in bounds:
+                    if loss_on == "assistant" or k == last_k:
+                        labels[lo:hi] = ids[lo:hi]
+            out[i] = (list(ids), labels, bounds[0][0])
+    if raw:
+        pieces = [_raw_segments(examples[i]) for i in raw]
+        first_ids = iter(tokenizer([segs[0][0] for segs in pieces], add_special_tokens=True)["input_ids"])
+        rest = [text for segs in pieces for text, _ in segs[1:]]
+        rest_ids = iter(tokenizer(rest, add_special_tokens=False)["input_ids"] if rest else [])
+        eos = tokenizer.eos_token_id
+        for i, segs in zip(raw, pieces):
+            last_turn = max(t for _, t in segs if t is not None)
+            ids: list[int] = []
+            labels: list[int] = []
+            prompt_len = None
+            for j, (_, turn) in enumerate(segs):
+                piece = list(next(first_ids) if j == 0 else next(rest_ids))
+                if turn == last_turn and eos is not None:
+                    piece.append(eos)
+                if turn is not None and prompt_len is None:
+                    prompt_len = len(ids)
+                target = loss_on == "all" or (turn is not None and (loss_on == "assistant" or turn == last_turn))
+                ids += piece
+                labels += piece if target else [-100] * len(piece)
+            out[i] = (ids, labels, prompt_len)
+    return [out[i] for i in range(len(examples))]
 
 
 def check_fit(data_cfg: dict, seq_len: int) -> None:
@@ -161,28 +212,8 @@ def tokenize_examples(examples: list[dict], tokenizer, seq_len: int, data_cfg: d
     template, template_label = chat_template(data_cfg, tokenizer)
     loss_on = data_cfg.get("loss_on", "assistant")
     min_prompt, drop = int(data_cfg.get("min_prompt_tokens", 16)), data_cfg.get("overlong", "truncate") == "drop"
-    rendered = segments(examples, tokenizer, template)
-    # two batched tokenizer calls: a raw example's first piece with the tokenizer's own specials (BOS)
-    firsts = [segs[0][0] for segs, raw in rendered if raw]
-    rest = [text for segs, raw in rendered for text, _ in (segs[1:] if raw else segs)]
-    first_ids = iter(tokenizer(firsts, add_special_tokens=True)["input_ids"] if firsts else [])
-    rest_ids = iter(tokenizer(rest, add_special_tokens=False)["input_ids"] if rest else [])
-    eos = tokenizer.eos_token_id
     out, truncated, dropped, with_loss, real = [], 0, 0, 0, 0
-    for ex, (segs, raw) in zip(examples, rendered):
-        last_turn = max(t for _, t in segs if t is not None)
-        ids: list[int] = []
-        labels: list[int] = []
-        prompt_len = None
-        for j, (_, turn) in enumerate(segs):
-            piece = list(next(first_ids) if raw and j == 0 else next(rest_ids))
-            if raw and turn == last_turn and eos is not None:
-                piece.append(eos)
-            if turn is not None and prompt_len is None:
-                prompt_len = len(ids)
-            target = loss_on == "all" or (turn is not None and (loss_on == "assistant" or turn == last_turn))
-            ids += piece
-            labels += piece if target else [-100] * len(piece)
+    for ex, (ids, labels, prompt_len) in zip(examples, _tokenized(examples, tokenizer, template, loss_on)):
         if len(ids) > seq_len:
             if drop:
                 dropped += 1
