@@ -19,5 +19,5 @@ setup(
     packages=[*find_namespace_packages(include=["harness", "harness.*"], exclude=["*__pycache__*"]),
               "harness.conf", *conf_groups],
     package_dir={"harness.conf": "conf"},
-    package_data={"": ["*.yaml", "*.json", "*.j2"]},  # *.j2: the report page template (harness/report/templates)
+    package_data={"": ["*.yaml", "*.json", "*.j2", "*.txt"]},  # *.j2: the report page template; *.txt: harness/texts
 )

@@ -178,6 +178,14 @@ class InDomainConfig:
 
 
 @dataclass
+class ForgettingConfig:
+    enabled: bool
+    path: str | None
+    max_tokens: Positive
+    chunk_tokens: Annotated[int, Range(ge=2)]
+
+
+@dataclass
 class LatencyConfig:
     enabled: bool
     prompts: Positive
@@ -189,6 +197,7 @@ class LatencyConfig:
 class EvalConfig:
     mmlu: MMLUConfig
     indomain: InDomainConfig
+    forgetting: ForgettingConfig
     on_random_weights: bool
     latency: LatencyConfig
 

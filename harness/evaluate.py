@@ -198,10 +198,13 @@ def evaluate_indomain(model, tokenizer, heldout_rows: list[dict], indomain_cfg: 
 
 def gains_vs_base(metrics: dict, base_metrics: dict) -> dict:
     """``<task>_gain_vs_base``: the arm's accuracy minus the base model's, where both were scored;
-    ``heldout_loss_change_vs_base``: its held-out loss minus the base model's (below 0: learned)."""
+    ``heldout_loss_change_vs_base``: its held-out loss minus the base model's (below 0: learned);
+    ``forgetting_loss_delta``: its loss on general text minus the base model's (above 0: forgot)."""
     out = {f"{task}_gain_vs_base": metrics[f"{task}_acc"] - base_metrics[f"{task}_acc"]
            for task in ("mmlu", "indomain")
            if metrics.get(f"{task}_acc") is not None and base_metrics.get(f"{task}_acc") is not None}
     if metrics.get("heldout_loss") is not None and base_metrics.get("heldout_loss") is not None:
         out["heldout_loss_change_vs_base"] = metrics["heldout_loss"] - base_metrics["heldout_loss"]
+    if metrics.get("forgetting_loss") is not None and base_metrics.get("forgetting_loss") is not None:
+        out["forgetting_loss_delta"] = metrics["forgetting_loss"] - base_metrics["forgetting_loss"]
     return out

@@ -72,6 +72,7 @@ NEUTRAL_DEFAULTS = (
     (("data", "heldout_fraction"), 0),
     (("data", "config_name"), None),
     (("data", "split"), None),
+    (("eval", "forgetting"), {"enabled": True, "path": None, "max_tokens": 2048, "chunk_tokens": 128}),
 )
 # Method settings an arm label can show, with their short names (e.g. "lora r16 lr 0.001")
 ARM_LABEL_FIELDS = (("learning_rate", "lr"), ("alpha", "alpha"), ("target_modules", "targets"), ("dropout", "dropout"))

@@ -30,11 +30,11 @@ def should_evaluate(cfg: dict, random_weights: bool) -> bool:
 
 
 def evaluate_all(model, tokenizer, cfg: dict, data) -> tuple[dict, list[dict]]:
-    """MMLU, in-domain accuracy (multiple-choice held-out rows) and held-out loss (other held-out
-    rows) of ``model`` as configured; (metrics, per-question / per-example items). ``data``: a
+    """MMLU, in-domain accuracy (multiple-choice held-out rows), held-out loss (other held-out
+    rows) and the loss on general text (forgetting) of ``model`` as configured; (metrics, per-question / per-example items). ``data``: a
     ``harness.data.Data``."""
     from harness.evaluate import evaluate_indomain, evaluate_mmlu
-    from harness.nll import evaluate_heldout_loss
+    from harness.nll import evaluate_forgetting, evaluate_heldout_loss
 
     metrics: dict = {"mmlu_acc": None, "mmlu_stderr": None, "mmlu_n": None, "indomain_acc": None,
                      "indomain_stderr": None, "indomain_n": None}
@@ -52,6 +52,10 @@ def evaluate_all(model, tokenizer, cfg: dict, data) -> tuple[dict, list[dict]]:
         items += it
     if cfg["eval"]["indomain"]["enabled"] and data.heldout_text:
         m, it = evaluate_heldout_loss(model, tokenizer, data.heldout_text, cfg)
+        metrics.update(m)
+        items += it
+    if (cfg["eval"].get("forgetting") or {}).get("enabled"):
+        m, it = evaluate_forgetting(model, tokenizer, cfg)
         metrics.update(m)
         items += it
     model.train(was_training)

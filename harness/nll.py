@@ -1,4 +1,4 @@
-"""Held-out loss: the mean negative log-likelihood per target token of held-out examples that are
+"""Held-out loss and forgetting: the mean negative log-likelihood per target token of held-out examples that are
 not multiple choice (generative data: chat, instruction, prompt/completion rows).
 
 Every held-out example is rendered and masked exactly as training renders it
@@ -12,13 +12,22 @@ report pairs the arms example by example (``harness.stats``).
 
 the ratio estimator's standard error over the m examples (each example a cluster of tokens:
 tokens of one example are not independent). ``heldout_ppl = exp(heldout_loss)``.
+
+Forgetting (``eval.forgetting``), as PEFT's method_comparison measures it: the same NLL on a
+general-text sample (every token scored, in chunks of ``chunk_tokens``), for the base model and
+each arm; ``forgetting_loss_delta`` = the arm's minus the base model's (above 0: the arm got worse
+at general text).
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 TASK = "heldout_loss"
+FORGETTING = "forgetting"
+# the default general-text sample (public domain; its source: harness/texts/README.md)
+DEFAULT_TEXT = Path(__file__).resolve().parent / "texts" / "jargon-file-4.4.7-ch1-12.txt"
 
 
 def ratio_mean_se(sums: list[float], counts: list[int]) -> tuple[float | None, float | None]:
@@ -78,3 +87,23 @@ def evaluate_heldout_loss(model, tokenizer, examples: list[dict], cfg: dict) -> 
     features, _ = tokenize_examples(examples, tokenizer, cfg["train"]["seq_len"], cfg["data"])
     items = nll_items(model, tokenizer, features, cfg["eval"]["indomain"].get("batch_size", 16))
     return loss_metrics(items), items
+
+
+def forgetting_text(forgetting_cfg: dict) -> Path:
+    return Path(str(forgetting_cfg.get("path"))).expanduser() if forgetting_cfg.get("path") else DEFAULT_TEXT
+
+
+def forgetting_features(tokenizer, forgetting_cfg: dict) -> list[dict]:
+    """The sample's first ``max_tokens`` tokens in chunks of ``chunk_tokens``, every token a target."""
+    size, chunk = int(forgetting_cfg["max_tokens"]), int(forgetting_cfg["chunk_tokens"])
+    text = forgetting_text(forgetting_cfg).read_text(encoding="utf-8")[: size * 16]  # enough characters
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:size]
+    return [{"input_ids": ids[i:i + chunk], "labels": ids[i:i + chunk], "id": f"chunk-{i // chunk}"}
+            for i in range(0, len(ids) - 1, chunk) if len(ids[i:i + chunk]) > 1]
+
+
+def evaluate_forgetting(model, tokenizer, cfg: dict) -> tuple[dict, list[dict]]:
+    """NLL of ``model`` on the general-text sample: ``forgetting_loss`` and the per-chunk items."""
+    features = forgetting_features(tokenizer, cfg["eval"]["forgetting"])
+    items = nll_items(model, tokenizer, features, cfg["eval"]["indomain"].get("batch_size", 16), task=FORGETTING)
+    return loss_metrics(items, prefix=FORGETTING), items

@@ -98,6 +98,10 @@ def check_inputs(cfg: dict) -> None:
         elif not _hub_cached(str(cfg["data"]["dataset"])) and (reason := hub_offline()):
             raise DataError(f"data.dataset={cfg['data']['dataset']!r} is not a local file or folder and the hub "
                             f"cannot be reached ({reason}); give a local file or a save_to_disk folder")
+        forgetting = cfg["eval"].get("forgetting") or {}
+        if forgetting.get("enabled") and forgetting.get("path") and not Path(str(forgetting["path"])).expanduser().is_file():
+            raise DataError(f"eval.forgetting.path={forgetting['path']!r} does not exist; give a text file "
+                            "(or null for the bundled sample)")
         mmlu = cfg["eval"]["mmlu"]
         if mmlu["enabled"] and mmlu.get("dir"):
             mmlu_tasks(mmlu)

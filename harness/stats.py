@@ -501,6 +501,32 @@ def unpaired_difference(a: dict, b: dict) -> dict:
             "significant": low is not None and (low > 0 or high < 0)}
 
 
+def _loss_items(results_dir: str | Path, record: dict, task: str) -> dict[str, dict]:
+    return {it["id"]: it for it in read_items(results_dir, record) if it.get("task") == task}
+
+
+def _paired_loss(by_arm: dict[str, dict[Any, tuple[dict, dict]]]) -> dict[str, dict]:
+    """Per arm: the token-weighted NLL difference against its reference over seeds (see loss_gaps)."""
+    out = {}
+    for arm, by_seed in by_arm.items():
+        seeds = sorted(by_seed, key=str)
+        shared = [{i for i in p.keys() & r.keys() if p[i]["n_tokens"] == r[i]["n_tokens"]} for p, r in by_seed.values()]
+        ids = sorted(set.intersection(*shared))
+        if not ids:
+            continue
+        first = by_seed[seeds[0]][0]
+        nbar = sum(first[i]["n_tokens"] for i in ids) / len(ids)
+        diffs = [[(by_seed[s][0][i]["nll"] - by_seed[s][1][i]["nll"]) / nbar for i in ids] for s in seeds]
+        per_seed = [sum(d) / len(ids) for d in diffs]
+        gap = sum(per_seed) / len(seeds)
+        noise = seed_noise(diffs)
+        low, high = interval95(gap, noise["se"])
+        out[arm] = {"gap": gap, "se": noise["se"], "sd": statistics.stdev(per_seed) if len(seeds) > 1 else None,
+                    "ci_low": low, "ci_high": high, "n": len(ids), "n_seeds": len(seeds),
+                    "seeds": dict(zip(seeds, per_seed))}
+    return out
+
+
 def loss_gaps(records: Iterable[dict], results_dir: str | Path) -> dict[str, dict]:
     """Held-out loss gap ``loss(peft) - loss(full)`` per PEFT arm (identity.arm_key), in nats per
     target token, paired example by example and averaged over seeds (positive: PEFT is worse).
@@ -519,23 +545,24 @@ def loss_gaps(records: Iterable[dict], results_dir: str | Path) -> dict[str, dic
         full = full_by_pair.get(peft["pair_key"])
         if peft["method"] in REFERENCE_METHODS or full is None:
             continue
-        p = {it["id"]: it for it in read_items(results_dir, peft) if it.get("task") == "heldout_loss"}
-        f = {it["id"]: it for it in read_items(results_dir, full) if it.get("task") == "heldout_loss"}
-        shared = {i for i in p.keys() & f.keys() if p[i]["n_tokens"] == f[i]["n_tokens"]}
-        if shared:
-            by_arm.setdefault(identity.arm_key(peft), {})[_seed(peft)] = (p, f, shared)
-    out = {}
-    for arm, by_seed in by_arm.items():
-        seeds = sorted(by_seed, key=str)
-        ids = sorted(set.intersection(*(by_seed[s][2] for s in seeds)))
-        first_p = by_seed[seeds[0]][0]
-        nbar = sum(first_p[i]["n_tokens"] for i in ids) / len(ids)
-        diffs = [[(by_seed[s][0][i]["nll"] - by_seed[s][1][i]["nll"]) / nbar for i in ids] for s in seeds]
-        per_seed = [sum(d) / len(ids) for d in diffs]
-        gap = sum(per_seed) / len(seeds)
-        noise = seed_noise(diffs)
-        low, high = interval95(gap, noise["se"])
-        sd = statistics.stdev(per_seed) if len(seeds) > 1 else None
-        out[arm] = {"gap": gap, "se": noise["se"], "sd": sd, "ci_low": low, "ci_high": high, "n": len(ids),
-                    "n_seeds": len(seeds), "seeds": dict(zip(seeds, per_seed))}
-    return out
+        p, f = _loss_items(results_dir, peft, "heldout_loss"), _loss_items(results_dir, full, "heldout_loss")
+        if p and f:
+            by_arm.setdefault(identity.arm_key(peft), {})[_seed(peft)] = (p, f)
+    return _paired_loss(by_arm)
+
+
+def forgetting_deltas(records: Iterable[dict], results_dir: str | Path) -> dict[str, dict]:
+    """The rise of the general-text loss, ``loss(arm) - loss(base)``, per trained arm (full FT
+    included), paired chunk by chunk with the base model's record and averaged over seeds, as
+    ``loss_gaps`` (positive: the arm forgot)."""
+    records = [r for r in records if r.get("status") == "ok"]
+    bases = {r["run_id"]: r for r in records if r["method"] == "base"}
+    by_arm: dict[str, dict[Any, tuple]] = {}
+    for rec in records:
+        base = bases.get(rec.get("base_run_id"))
+        if rec["method"] == "base" or base is None:
+            continue
+        a, b = _loss_items(results_dir, rec, "forgetting"), _loss_items(results_dir, base, "forgetting")
+        if a and b:
+            by_arm.setdefault(identity.arm_key(rec), {})[_seed(rec)] = (a, b)
+    return _paired_loss(by_arm)

@@ -103,3 +103,38 @@ def test_the_report_shows_the_paired_held_out_loss_gap_of_each_peft_arm(tmp_path
     gap = recs["lora"]["metrics"]["heldout_loss"] - recs["full"]["metrics"]["heldout_loss"]
     assert cells[2].startswith("reference: ") and f"{gap:+.3f} nats/token [" in cells[3], cells
     assert "(1 seed: training noise not estimated)" in cells[3]
+    (row,) = [line for line in table.splitlines() if line.startswith("| forgetting: general-text loss rise")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1].startswith("reference: ")  # the base model
+    for cell, method in zip(cells[2:], ("full", "lora")):
+        assert f"{recs[method]['metrics']['forgetting_loss_delta']:+.3f} nats/token [" in cell, cells
+
+
+def test_forgetting_is_the_rise_of_the_general_text_loss_over_the_base_model(tmp_path):
+    rows = [{"prompt": f"Q{i}:", "completion": " yes" if i % 2 else " no"} for i in range(8)]
+    path = write(tmp_path / "d.jsonl", rows, "jsonl")
+    text = tmp_path / "general.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    rec = job.execute(planned("method=full", *BASE, "data=file", f"data.path={path}", "train.max_steps=30",
+                              "method.learning_rate=3e-3", f"eval.forgetting.path={text}",
+                              "eval.forgetting.max_tokens=512", "eval.forgetting.chunk_tokens=64",
+                              f"results_dir={tmp_path}"))
+    assert rec["status"] == "ok", rec["error"]
+    m, base = rec["metrics"], records.find_ok(tmp_path, rec["base_run_id"])["metrics"]
+    assert m["forgetting_n"] == base["forgetting_n"] == 8 and m["forgetting_tokens"] == 512 - 8  # 63 targets a chunk
+    assert m["forgetting_loss_delta"] == pytest.approx(m["forgetting_loss"] - base["forgetting_loss"])
+    assert m["forgetting_loss_delta"] != 0  # training on the task moved the loss on other text
+
+
+def test_the_default_forgetting_sample_is_bundled_and_a_missing_one_is_a_usage_error(tmp_path):
+    from harness.config import UsageError
+    from harness.models import byte_tokenizer
+    from harness.nll import DEFAULT_TEXT, forgetting_features
+    from harness.plan import check_inputs
+
+    assert DEFAULT_TEXT.is_file() and 50_000 < DEFAULT_TEXT.stat().st_size < 500_000
+    chunks = forgetting_features(byte_tokenizer(), {"path": None, "max_tokens": 2048, "chunk_tokens": 128})
+    assert len(chunks) == 16 and all(c["labels"] == c["input_ids"] for c in chunks)
+    cfg = planned(*BASE, "eval.forgetting.path=/no/such.txt", f"results_dir={tmp_path}")["config"]
+    with pytest.raises(UsageError, match="eval.forgetting.path='/no/such.txt' does not exist"):
+        check_inputs(cfg)

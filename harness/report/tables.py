@@ -28,7 +28,7 @@ from harness.report.fmt import (
     fmt_share,
     fmt_usd,
 )
-from harness.stats import TASKS, accuracy_interval, loss_gaps, mean_sd, pair_gaps, seed_summary
+from harness.stats import TASKS, accuracy_interval, forgetting_deltas, loss_gaps, mean_sd, pair_gaps, seed_summary
 
 METHOD_ORDER = {"base": 0, "full": 1, "lora": 2, "qlora": 3}
 METHOD_LABEL = {"base": "base model", "full": "full FT", "lora": "LoRA", "qlora": "QLoRA"}
@@ -99,6 +99,7 @@ class Table:
     items: Items
     gaps: dict[tuple[str, str], dict] = field(default_factory=dict)  # (arm key, task) -> stats.seed_summary row
     loss_gaps: dict[str, dict] = field(default_factory=dict)  # arm key -> stats.loss_gaps row
+    forgetting: dict[str, dict] = field(default_factory=dict)  # arm key -> stats.forgetting_deltas row
     title: str = ""
 
     @property
@@ -142,6 +143,7 @@ def group(records: list[dict], results_dir: Path) -> list[Table]:
         for row in seed_summary(pair_gaps(table.runs, results_dir)):
             table.gaps[(row["arm"], row["task"])] = row
         table.loss_gaps = loss_gaps(table.runs, results_dir)
+        table.forgetting = forgetting_deltas(table.runs, results_dir)
         tables.append(table)
 
     # the title names the settings that differ only where one model/data/hardware has several tables
@@ -257,8 +259,8 @@ def _gap_cell(table: Table, arm: Arm, task: str) -> str:
     return text
 
 
-def _loss_text(arm: Arm) -> str:
-    losses = arm.values("heldout_loss")
+def _loss_text(arm: Arm, metric: str = "heldout_loss") -> str:
+    losses = arm.values(metric)
     if not losses:
         return DASH
     mean, sd = mean_sd(losses)
@@ -273,6 +275,19 @@ def _loss_gap_cell(table: Table, arm: Arm) -> str:
     row = table.loss_gaps.get(arm.key)
     if row is None:
         return "no full FT pair" if arm.values("heldout_loss") else DASH
+    return _paired_loss_text(row)
+
+
+def _forgetting_cell(table: Table, arm: Arm) -> str:
+    if arm.method == "base":
+        return "reference: " + _loss_text(arm, "forgetting_loss") if arm.values("forgetting_loss") else DASH
+    row = table.forgetting.get(arm.key)
+    if row is None:
+        return "no base-model record" if arm.values("forgetting_loss") else DASH
+    return _paired_loss_text(row)
+
+
+def _paired_loss_text(row: dict) -> str:
     text = f"{row['gap']:+.3f}"
     if row["sd"] is not None:
         text += f" ± {row['sd']:.3f}"
@@ -392,6 +407,7 @@ ROWS = (
     Row("inference latency overhead vs base", _latency_cell,
         partial(_devices_qualifier, metrics=LATENCY_KEYS)),
     Row("held-out loss gap vs full FT (95% CI)", _loss_gap_cell, optional=True),
+    Row("forgetting: general-text loss rise vs base (95% CI)", _forgetting_cell, optional=True),
 )
 ROW_LABELS = tuple(row.label for row in ROWS)
 
@@ -475,7 +491,8 @@ GAP_NOTE = (
     "(negative: PEFT is worse); mean ± sd over seeds, [95% interval: question noise, plus seed noise where seeds "
     "disagree beyond it]. Accuracies: mean over seeds [95% interval, the same two noises]. Held-out loss gap = "
     "loss(PEFT) - loss(full FT) in nats per target token on the same held-out examples (positive: PEFT is worse), "
-    "with the same two noises."
+    "with the same two noises. Forgetting = loss(arm) - loss(base model) on a general-text sample, the same way "
+    "(positive: the arm got worse at general text)."
 )
 
 
