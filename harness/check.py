@@ -177,8 +177,8 @@ def load_baseline(path: Path) -> dict:
             raise CannotJudge(f"baseline {path} group {i} lacks {', '.join(missing)}")
         if not _is_number(g["gap"]) or not isinstance(g["seeds"], dict) or not g["seeds"]:
             raise CannotJudge(f"baseline {path} group {i} ({g['key']}): gap is not a number or seeds are missing")
-        if g["metric"] not in TASKS:
-            raise CannotJudge(f"baseline {path} group {i}: metric {g['metric']!r} is not one of {', '.join(TASKS)}")
+        if not isinstance(g["metric"], str) or not g["metric"]:
+            raise CannotJudge(f"baseline {path} group {i}: metric {g['metric']!r} is not a task name")
     apath = path.parent / str(baseline.get("answers_file") or answers_path(path).name)
     answers = _read_json(apath, "baseline answers file").get("groups")
     for i, g in enumerate(groups):
@@ -380,9 +380,9 @@ def _version_note(baseline: dict, records: list[dict]) -> str | None:
 
 def _metrics(value: str) -> list[str]:
     names = [m.strip() for m in value.split(",") if m.strip()]
-    bad = [m for m in names if m not in TASKS]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"{value!r}: metrics must be a comma list of {', '.join(TASKS)}")
+    if not names:
+        raise argparse.ArgumentTypeError(f"{value!r}: metrics must be a comma list of tasks "
+                                         f"({', '.join(TASKS)}, or lm-eval tasks of eval.tasks)")
     return names
 
 
@@ -403,7 +403,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--baseline", required=True, type=Path, help="baseline JSON (written by --update-baseline)")
     p.add_argument("--results", default=Path("results"), type=Path, help="folder of run records (default: results)")
-    p.add_argument("--metrics", default=list(TASKS), type=_metrics, help="comma list of mmlu,indomain (default: both)")
+    p.add_argument("--metrics", default=list(TASKS), type=_metrics, help="comma list of tasks: mmlu, indomain, or lm-eval tasks of eval.tasks (default: mmlu,indomain)")
     p.add_argument(
         "--floor-pp", default=1.0, type=_non_negative, help="smallest tolerance, in percentage points (default 1.0)"
     )

@@ -198,6 +198,9 @@ class EvalConfig:
     mmlu: MMLUConfig
     indomain: InDomainConfig
     forgetting: ForgettingConfig
+    tasks: list[str]          # lm-eval tasks beside MMLU (its registry, or eval.include_path)
+    include_path: str | None  # a folder of your own lm-eval task YAMLs
+    tasks_limit: Positive | None
     on_random_weights: bool
     latency: LatencyConfig
 

@@ -9,6 +9,7 @@ category scores. The same model object that was trained is evaluated, in memory,
 
 from __future__ import annotations
 
+import difflib
 import functools
 import logging
 import math
@@ -90,12 +91,69 @@ def mmlu_tasks(mmlu_cfg: dict) -> tuple[list, dict[str, str]]:
 
 
 @functools.cache
-def _task_manager(include_defaults: bool):
+def _task_manager(include_defaults: bool, include_path: str | None = None):
     from lm_eval.tasks import TaskManager
 
     # indexing lm-eval's thousands of built-in task files takes tens of seconds on a small
-    # CPU: skip it when every task is a config dict of ours, and do it once per process
-    return TaskManager(include_defaults=include_defaults)
+    # CPU: skip it when every task is a config dict of ours (or in include_path), once per process
+    return TaskManager(include_defaults=include_defaults, include_path=include_path)
+
+
+def task_manager_for(eval_cfg: dict):
+    """The TaskManager that knows ``eval.tasks``: the user's ``eval.include_path`` alone when it
+    has them all (no indexing of lm-eval's registry), else with lm-eval's registry. EvalDataError,
+    with the closest names, for a task neither knows."""
+    names = list(eval_cfg.get("tasks") or [])
+    include = str(Path(str(eval_cfg["include_path"])).expanduser()) if eval_cfg.get("include_path") else None
+    if include and not Path(include).is_dir():
+        raise EvalDataError(f"eval.include_path={eval_cfg['include_path']!r} is not a folder of lm-eval task YAMLs")
+    if include:
+        own = _task_manager(False, include)
+        if all(n in own.all_tasks for n in names):
+            return own
+    manager = _task_manager(True, include)
+    for name in names:
+        if name not in manager.all_tasks:
+            close = difflib.get_close_matches(name, manager.all_tasks, n=3)
+            raise EvalDataError(f"eval.tasks: {name!r} is not an lm-eval task"
+                                + (f"; closest: {', '.join(close)}" if close else "")
+                                + ("" if include else " (your own task YAMLs: eval.include_path=<folder>)"))
+    return manager
+
+
+def _sample_score(sample: dict, metrics: list[str]) -> float | None:
+    for name in metrics:
+        value = sample.get(name)
+        if isinstance(value, (bool, int, float)):
+            return float(value)
+    return None
+
+
+def evaluate_tasks(model, tokenizer, eval_cfg: dict) -> tuple[dict, list[dict]]:
+    """Every task of ``eval.tasks`` through lm-eval: ``{"tasks": {name: {acc, stderr, n, metric}}}``
+    and per-sample items (``task`` = the task's name), so gaps are paired as for MMLU. A sample's
+    score is its task's first metric (``acc`` for multiple-choice tasks, ``exact_match`` for most
+    generative ones); tasks whose samples carry no 0/1 score are left out of the items."""
+    names = list(eval_cfg.get("tasks") or [])
+    manager = task_manager_for(eval_cfg)
+    results = _run(model, tokenizer, names, 0, eval_cfg.get("tasks_limit"), eval_cfg["mmlu"].get("batch_size", 8),
+                   task_manager=manager) or {}
+    items, per_task = [], {}
+    for name, samples in sorted(results.get("samples", {}).items()):
+        config = (results.get("configs") or {}).get(name) or {}
+        metric_names = [m["metric"] for m in config.get("metric_list") or [] if isinstance(m.get("metric"), str)]
+        metric_names = metric_names or ["acc", "exact_match"]
+        mine = []
+        for s in samples:
+            score = _sample_score(s, metric_names)
+            if score is None or score not in (0.0, 1.0):
+                continue
+            mine.append({"task": name, "id": f"{name}/{s['doc_id']}", "target": str(s.get("target")),
+                         "correct": score == 1.0})
+        acc, se, n = accuracy(mine)
+        per_task[name] = {"acc": acc, "stderr": se, "n": n, "metric": next((m for m in metric_names), None)}
+        items += mine
+    return {"tasks": per_task}, items
 
 
 def _lm_eval_versions(storage: dict) -> None:
@@ -106,7 +164,8 @@ def _lm_eval_versions(storage: dict) -> None:
     storage.update(lm_eval_version=version("lm_eval"), transformers_version=version("transformers"))
 
 
-def _run(model, tokenizer, tasks: list, num_fewshot: int, limit, batch_size: int, progress: bool = False) -> dict:
+def _run(model, tokenizer, tasks: list, num_fewshot: int, limit, batch_size: int, progress: bool = False,
+         task_manager=None) -> dict:
     """lm-eval over ``tasks``; ``progress``: show its one bar (the requests), for MMLU's long run."""
     import lm_eval
     import lm_eval.evaluator
@@ -120,7 +179,7 @@ def _run(model, tokenizer, tasks: list, num_fewshot: int, limit, batch_size: int
         return lm_eval.simple_evaluate(
             model=lm,
             tasks=tasks,
-            task_manager=_task_manager(any(isinstance(t, str) for t in tasks)),
+            task_manager=task_manager or _task_manager(any(isinstance(t, str) for t in tasks)),
             num_fewshot=num_fewshot,
             limit=limit,
             log_samples=True,
@@ -205,6 +264,10 @@ def gains_vs_base(metrics: dict, base_metrics: dict) -> dict:
            if metrics.get(f"{task}_acc") is not None and base_metrics.get(f"{task}_acc") is not None}
     if metrics.get("heldout_loss") is not None and base_metrics.get("heldout_loss") is not None:
         out["heldout_loss_change_vs_base"] = metrics["heldout_loss"] - base_metrics["heldout_loss"]
+    for name, task in (metrics.get("tasks") or {}).items():
+        base_task = (base_metrics.get("tasks") or {}).get(name) or {}
+        if task.get("acc") is not None and base_task.get("acc") is not None:
+            task["gain_vs_base"] = task["acc"] - base_task["acc"]
     if metrics.get("forgetting_loss") is not None and base_metrics.get("forgetting_loss") is not None:
         out["forgetting_loss_delta"] = metrics["forgetting_loss"] - base_metrics["forgetting_loss"]
     return out

@@ -72,6 +72,9 @@ NEUTRAL_DEFAULTS = (
     (("data", "heldout_fraction"), 0),
     (("data", "config_name"), None),
     (("data", "split"), None),
+    (("eval", "tasks"), []),
+    (("eval", "include_path"), None),
+    (("eval", "tasks_limit"), None),
     (("eval", "forgetting"), {"enabled": True, "path": None, "max_tokens": 2048, "chunk_tokens": 128}),
 )
 # Method settings an arm label can show, with their short names (e.g. "lora r16 lr 0.001")

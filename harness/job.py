@@ -33,7 +33,7 @@ def evaluate_all(model, tokenizer, cfg: dict, data) -> tuple[dict, list[dict]]:
     """MMLU, in-domain accuracy (multiple-choice held-out rows), held-out loss (other held-out
     rows) and the loss on general text (forgetting) of ``model`` as configured; (metrics, per-question / per-example items). ``data``: a
     ``harness.data.Data``."""
-    from harness.evaluate import evaluate_indomain, evaluate_mmlu
+    from harness.evaluate import evaluate_indomain, evaluate_mmlu, evaluate_tasks
     from harness.nll import evaluate_forgetting, evaluate_heldout_loss
 
     metrics: dict = {"mmlu_acc": None, "mmlu_stderr": None, "mmlu_n": None, "indomain_acc": None,
@@ -52,6 +52,10 @@ def evaluate_all(model, tokenizer, cfg: dict, data) -> tuple[dict, list[dict]]:
         items += it
     if cfg["eval"]["indomain"]["enabled"] and data.heldout_text:
         m, it = evaluate_heldout_loss(model, tokenizer, data.heldout_text, cfg)
+        metrics.update(m)
+        items += it
+    if cfg["eval"].get("tasks"):
+        m, it = evaluate_tasks(model, tokenizer, cfg["eval"])
         metrics.update(m)
         items += it
     if (cfg["eval"].get("forgetting") or {}).get("enabled"):

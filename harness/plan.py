@@ -81,7 +81,7 @@ def check_inputs(cfg: dict) -> None:
     """Fail fast, before any record is written, on inputs that cannot work: paths that do not
     exist, MMLU from the hub on a machine that cannot reach it, target modules the model lacks."""
     from harness.data import DataError, load_data
-    from harness.evaluate import EvalDataError, mmlu_tasks
+    from harness.evaluate import EvalDataError, mmlu_tasks, task_manager_for
     from harness.methods import MethodError, check_targets
     from harness.models import ModelSourceError, arch_path, model_folder, resolve_gguf
 
@@ -102,6 +102,8 @@ def check_inputs(cfg: dict) -> None:
         if forgetting.get("enabled") and forgetting.get("path") and not Path(str(forgetting["path"])).expanduser().is_file():
             raise DataError(f"eval.forgetting.path={forgetting['path']!r} does not exist; give a text file "
                             "(or null for the bundled sample)")
+        if cfg["eval"].get("tasks") or cfg["eval"].get("include_path"):
+            task_manager_for(cfg["eval"])  # every task name known, before any job
         mmlu = cfg["eval"]["mmlu"]
         if mmlu["enabled"] and mmlu.get("dir"):
             mmlu_tasks(mmlu)

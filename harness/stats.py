@@ -53,7 +53,24 @@ from typing import Any
 from harness import identity
 from harness.records import read_items
 
-TASKS = ("mmlu", "indomain")
+TASKS = ("mmlu", "indomain")  # the built-in accuracies; lm-eval's other tasks (eval.tasks) follow them
+
+
+def task_order(task: str) -> tuple[int, str]:
+    return (TASKS.index(task), "") if task in TASKS else (len(TASKS), task)
+
+
+def task_metric(metrics: dict, task: str, key: str):
+    """``<task>_<key>`` of a built-in task, ``tasks.<task>.<key>`` of an lm-eval task (None if absent)."""
+    if task in TASKS:
+        return metrics.get(f"{task}_{key}")
+    return ((metrics.get("tasks") or {}).get(task) or {}).get(key)
+
+
+def record_tasks(records: Iterable[dict]) -> list[str]:
+    """TASKS, then every lm-eval task (``metrics.tasks``) some record scored, sorted."""
+    extra = {name for r in records for name in ((r.get("metrics") or {}).get("tasks") or {})}
+    return [*TASKS, *sorted(extra - set(TASKS))]
 Z95 = 1.96
 REFERENCE_METHODS = ("full", "base")  # arms that are not PEFT
 
@@ -71,10 +88,10 @@ def mcnemar_exact_p(b: int, c: int) -> float:
 
 def _unpaired(task: str, peft_metrics: dict | None, full_metrics: dict | None) -> dict | None:
     peft_metrics, full_metrics = peft_metrics or {}, full_metrics or {}
-    acc_p, acc_f = peft_metrics.get(f"{task}_acc"), full_metrics.get(f"{task}_acc")
+    acc_p, acc_f = task_metric(peft_metrics, task, "acc"), task_metric(full_metrics, task, "acc")
     if acc_p is None or acc_f is None:
         return None
-    se_p, se_f = peft_metrics.get(f"{task}_stderr"), full_metrics.get(f"{task}_stderr")
+    se_p, se_f = task_metric(peft_metrics, task, "stderr"), task_metric(full_metrics, task, "stderr")
     gap = acc_p - acc_f
     se = math.sqrt(se_p**2 + se_f**2) if se_p is not None and se_f is not None else None
     return {
@@ -177,7 +194,7 @@ def pair_gaps(records: Iterable[dict], results_dir: str | Path, references: Iter
             full_items_cache[full["run_id"]] = read_items(results_dir, full)
         full_items = full_items_cache[full["run_id"]]
         settings = identity.setting_config(peft["config"])
-        for task in TASKS:
+        for task in record_tasks([peft]):
             gap = paired_gap(peft_items, full_items, task, peft["metrics"], full["metrics"])
             if gap is None:
                 continue
@@ -204,7 +221,7 @@ def pair_gaps(records: Iterable[dict], results_dir: str | Path, references: Iter
                     "ended_at": (peft.get("env") or {}).get("ended_at"),
                 }
             )
-    gaps.sort(key=lambda g: (g["key"], str(g["seed"]), TASKS.index(g["task"]), g["peft_run_id"]))
+    gaps.sort(key=lambda g: (g["key"], str(g["seed"]), task_order(g["task"]), g["peft_run_id"]))
     return gaps
 
 
@@ -339,7 +356,7 @@ def seed_summary(gaps: Iterable[dict]) -> list[dict]:
                 "run_ids": sorted({rid for r in runs for rid in (r["peft_run_id"], r["full_run_id"])}),
             }
         )
-    rows.sort(key=lambda r: (r["key"], TASKS.index(r["task"])))
+    rows.sort(key=lambda r: (r["key"], task_order(r["task"])))
     return rows
 
 
@@ -427,7 +444,7 @@ def accuracy_interval(runs: Iterable[dict], task: str, items: Callable[[dict], l
     ``sqrt(mean se_s^2 + sd^2 / k)``. Returns None when no run has an accuracy on ``task``.
     Keys: ``mean``, ``se``, ``ci_low``, ``ci_high``, ``sd`` (across seeds), ``k``, ``n``, ``paired``.
     """
-    runs = [r for r in runs if r.get("status") == "ok" and r["metrics"].get(f"{task}_acc") is not None]
+    runs = [r for r in runs if r.get("status") == "ok" and task_metric(r["metrics"], task, "acc") is not None]
     if not runs:
         return None
     correct = [{str(it["id"]): bool(it["correct"]) for it in items(r) if it.get("task") == task} for r in runs]
@@ -438,8 +455,9 @@ def accuracy_interval(runs: Iterable[dict], task: str, items: Callable[[dict], l
         mean, sd = mean_sd([sum(s) / len(ids) for s in per_seed])
         se, n = noise["se"], len(ids)
     else:
-        mean, sd = mean_sd([r["metrics"][f"{task}_acc"] for r in runs])
-        se, n = _unpaired_se([r["metrics"].get(f"{task}_stderr") for r in runs], sd), runs[0]["metrics"].get(f"{task}_n")
+        mean, sd = mean_sd([task_metric(r["metrics"], task, "acc") for r in runs])
+        se, n = (_unpaired_se([task_metric(r["metrics"], task, "stderr") for r in runs], sd),
+                 task_metric(runs[0]["metrics"], task, "n"))
     low, high = interval95(mean, se)
     # the normal interval of an accuracy near 0 or 1 reaches past what an accuracy can be, and at
     # 0 or 1 collapses to a point: cut at 0 and 1, and never narrower than one seed's Wilson

@@ -191,3 +191,60 @@ def ok_file(tmp_path):
     if not path.exists():
         write_jsonl(path, MC)
     return path
+
+
+# ---------------------------------------------------------------- fuzz: chat rows in JSONL, JSON and Parquet
+
+CHAT_BREAKS = {
+    "unknown role": lambda t: t.__setitem__(0, {"role": "narrator", "content": "x"}),
+    "empty assistant turn": lambda t: t.__setitem__(-1, {"role": "assistant", "content": "  "}),
+    "no assistant turn": lambda t: [t.__setitem__(i, {"role": "user", "content": "x"}) for i in range(len(t))],
+    "ends with a user turn": lambda t: t.append({"role": "user", "content": "and?"}),
+    "content not text": lambda t: t.__setitem__(0, {"role": "user", "content": 7}),
+    "turn not an object": lambda t: t.__setitem__(0, "hello"),
+}
+
+
+def corrupt_chat(rng: random.Random, fmt: str, path) -> str:
+    """Write a certainly invalid chat file of format ``fmt`` at ``path``; the kind of corruption."""
+    rows = [{"messages": [{"role": "user", "content": f"q{i} {rng.random():.3f}"},
+                          {"role": "assistant", "content": f"a{i}"}]} for i in range(rng.randint(1, 5))]
+    kind = rng.choice([*CHAT_BREAKS, "truncated", "not a list"])
+    k = rng.randrange(len(rows))
+    if kind in CHAT_BREAKS:
+        CHAT_BREAKS[kind](rows[k]["messages"])
+    elif kind == "not a list":
+        rows[k]["messages"] = rng.choice([None, 3, {"role": "user"}, []])
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if kind in ("turn not an object", "content not text", "not a list"):  # a column of one type
+            rows = [{"messages": json.dumps(r["messages"])} for r in rows]  # as JSON text in a string column
+        pq.write_table(pa.Table.from_pylist(rows), path)
+        if kind == "truncated":
+            data = path.read_bytes()
+            path.write_bytes(data[: rng.randrange(4, len(data) - 4)])
+    else:
+        text = json.dumps(rows) if fmt == "json" else "".join(json.dumps(r) + "\n" for r in rows)
+        if kind == "truncated":  # an array loses its end; JSON lines lose the end of the last line
+            text = text[: rng.randrange(1, len(text) - 2)] if fmt == "json" else text[: -rng.randint(2, 10)]
+        path.write_text(text)
+    return kind
+
+
+def test_fuzzed_chat_files_always_give_one_line_data_errors(tmp_path):
+    rng, kinds = random.Random(21), set()
+    for i in range(150):
+        fmt = rng.choice(["jsonl", "json", "parquet"])
+        path = tmp_path / f"chat{i}.{fmt}"
+        kind = corrupt_chat(rng, fmt, path)
+        for cfg in ({"path": str(path)}, {"path": str(ok_file(tmp_path)), "heldout_path": str(path)}):
+            try:
+                load_data({"kind": "file", **cfg})
+            except DataError as exc:
+                assert "\n" not in str(exc) and str(path) in str(exc), (kind, fmt, str(exc))
+            else:
+                raise AssertionError(f"{kind} ({fmt}): no error for {path}")
+        kinds.add(kind)
+    assert kinds == {*CHAT_BREAKS, "truncated", "not a list"}

@@ -96,7 +96,9 @@ def test_the_report_shows_the_paired_held_out_loss_gap_of_each_peft_arm(tmp_path
                                    "data.heldout_fraction=0.25", f"results_dir={results}"))
             for m in ("full", "lora")}
     assert all(r["status"] == "ok" for r in recs.values())
-    build_report(results, tmp_path / "reports")
+    written = build_report(results, tmp_path / "reports")
+    assert written["learning_vs_forgetting.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "indomain_by_rank.png" not in written  # no multiple-choice held-out rows: no in-domain accuracy
     table = (tmp_path / "reports" / "at-a-glance.md").read_text()
     (row,) = [line for line in table.splitlines() if line.startswith("| held-out loss gap vs full FT")]
     cells = [c.strip() for c in row.strip("|").split("|")]

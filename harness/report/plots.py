@@ -14,6 +14,7 @@ import textwrap
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from matplotlib import colormaps, rc_context
@@ -204,24 +205,27 @@ def plot_peak_memory(tables: list[Table], path: Path) -> Path | None:
     return _finish(fig, axes, "Peak training memory by arm and rank (mean ± sd over seeds)", path)
 
 
-def plot_mmlu_by_rank(tables: list[Table], path: Path) -> Path | None:
-    panels = [t for t in tables if any(a.rank is not None and a.accuracy.get("mmlu") for a in t.arms)]
+TASK_LABEL = {"mmlu": "MMLU", "indomain": "in-domain"}
+
+
+def plot_accuracy_by_rank(tables: list[Table], path: Path, task: str = "mmlu") -> Path | None:
+    panels = [t for t in tables if any(a.rank is not None and a.accuracy.get(task) for a in t.arms)]
     if not panels:
         return None
     colors = _method_colors(tables)
     fig, axes = figure(len(panels))
     for ax, t in zip(axes, panels):
-        ranked = [a for a in t.arms if a.rank is not None and a.accuracy.get("mmlu")]
+        ranked = [a for a in t.arms if a.rank is not None and a.accuracy.get(task)]
         methods = list(dict.fromkeys(a.method for a in ranked))  # arms are already in method order
         for i, method in enumerate(methods):
             arms = [a for a in ranked if a.method == method]
             # nudge each method sideways a little so error bars at the same rank do not hide each other
             nudge = 2 ** (0.05 * (i - (len(methods) - 1) / 2))
-            ax.errorbar([a.rank * nudge for a in arms], [a.accuracy["mmlu"]["mean"] * 100 for a in arms],
-                        yerr=_errors([a.accuracy["mmlu"] for a in arms]), marker="o", capsize=3,
+            ax.errorbar([a.rank * nudge for a in arms], [a.accuracy[task]["mean"] * 100 for a in arms],
+                        yerr=_errors([a.accuracy[task] for a in arms]), marker="o", capsize=3,
                         color=colors[method], label=METHOD_LABEL.get(method, method))
         for a in t.arms:
-            if a.method in ("full", "base") and (acc := a.accuracy.get("mmlu")):
+            if a.method in ("full", "base") and (acc := a.accuracy.get(task)):
                 ax.axhline(acc["mean"] * 100, color=colors[a.method], linestyle="-" if a.method == "full" else "--",
                            label=a.label)
                 if acc["ci_low"] is not None:
@@ -233,9 +237,46 @@ def plot_mmlu_by_rank(tables: list[Table], path: Path) -> Path | None:
             ax.set_xlim(ranks[0] / 2, ranks[0] * 2)
         ax.minorticks_off()
         ax.set_xlabel("rank")
-        ax.set_ylabel("MMLU accuracy (%)")
+        ax.set_ylabel(f"{TASK_LABEL[task]} accuracy (%)")
         _title(ax, t.title)
-    return _finish(fig, axes, "MMLU accuracy by rank (mean over seeds; bars and bands: 95% interval)", path)
+    return _finish(fig, axes, f"{TASK_LABEL[task]} accuracy by rank (mean over seeds; bars and bands: 95% interval)",
+                   path)
+
+
+def plot_learning_vs_forgetting(tables: list[Table], path: Path) -> Path | None:
+    """Per trained arm: what it learned (in-domain accuracy gain over the base model, or the fall
+    of its held-out loss) against what it forgot (the rise of its general-text loss), as Biderman
+    et al. (2024) plot LoRA against full fine-tuning. Horizontal bars: the forgetting row's 95% interval."""
+    def learned(arm) -> tuple[float, str] | None:
+        if gains := arm.values("indomain_gain_vs_base"):
+            return mean_sd(gains)[0] * 100, "in-domain accuracy gain over the base model (pp)"
+        if falls := arm.values("heldout_loss_change_vs_base"):
+            return -mean_sd(falls)[0], "held-out loss fall from the base model (nats/token)"
+        return None
+
+    panels = [t for t in tables if any(a.key in t.forgetting and learned(a) for a in t.arms)]
+    if not panels:
+        return None
+    colors = _arm_colors(tables)
+    fig, axes = figure(len(panels))
+    for ax, t in zip(axes, panels):
+        ylabel = ""
+        for a in t.arms:
+            row, y = t.forgetting.get(a.key), learned(a)
+            if row is None or y is None:
+                continue
+            xerr = ([[row["gap"] - row["ci_low"]], [row["ci_high"] - row["gap"]]] if row["ci_low"] is not None
+                    else None)
+            ax.errorbar([row["gap"]], [y[0]], xerr=xerr, marker="o", capsize=3, color=colors[arm_label(a.method, a.rank)], label=a.label)
+            ylabel = y[1]
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_xlabel("forgetting: general-text loss rise over the base model (nats/token)")
+        ax.set_ylabel(ylabel)
+        _title(ax, t.title)
+    return _finish(fig, axes, "Learning vs forgetting per arm (up: learned more; right: forgot more)", path)
+
+
+
 
 
 def plot_cost_vs_accuracy(tables: list[Table], path: Path) -> Path | None:
@@ -367,7 +408,11 @@ def plot_scaling(tables: list[Table], path: Path) -> Path | None:
 PLOTS: tuple[tuple[str, str, Callable[[list[Table], Path], Path | None]], ...] = (
     ("peak_memory.png", "Peak training memory by arm and rank", plot_peak_memory),
     ("mmlu_by_rank.png", "MMLU accuracy by rank, with full fine-tuning and base model as references (95% intervals)",
-     plot_mmlu_by_rank),
+     plot_accuracy_by_rank),
+    ("indomain_by_rank.png", "In-domain accuracy by rank, with full fine-tuning and base model as references "
+     "(95% intervals)", partial(plot_accuracy_by_rank, task="indomain")),
+    ("learning_vs_forgetting.png", "Learning vs forgetting per arm (95% intervals of the forgetting)",
+     plot_learning_vs_forgetting),
     ("cost_vs_accuracy.png", "Cost vs accuracy (95% intervals); the Pareto front is circled where an arm's lead is "
      "beyond the noise", plot_cost_vs_accuracy),
     ("memory_breakdown.png", "Training memory breakdown", plot_memory_breakdown),

@@ -28,7 +28,16 @@ from harness.report.fmt import (
     fmt_share,
     fmt_usd,
 )
-from harness.stats import TASKS, accuracy_interval, forgetting_deltas, loss_gaps, mean_sd, pair_gaps, seed_summary
+from harness.stats import (
+    TASKS,
+    accuracy_interval,
+    forgetting_deltas,
+    loss_gaps,
+    mean_sd,
+    pair_gaps,
+    record_tasks,
+    seed_summary,
+)
 
 METHOD_ORDER = {"base": 0, "full": 1, "lora": 2, "qlora": 3}
 METHOD_LABEL = {"base": "base model", "full": "full FT", "lora": "LoRA", "qlora": "QLoRA"}
@@ -137,7 +146,7 @@ def group(records: list[dict], results_dir: Path) -> list[Table]:
                 fields = identity.differing_fields([identity.arm_config(a.runs[0]) for a in siblings])
                 mine = identity.arm_config(arm.runs[0])
                 arm.settings = ", ".join(f"{f.replace('learning_rate', 'lr')} {identity.lookup(mine, f)}" for f in fields)
-            arm.accuracy = {task: accuracy_interval(arm.ok, task, items) for task in TASKS}
+            arm.accuracy = {task: accuracy_interval(arm.ok, task, items) for task in record_tasks(members[key])}
         table = Table(key, arms, items)
         # Gaps are paired within the table, so a full run on other hardware is never the reference
         for row in seed_summary(pair_gaps(table.runs, results_dir)):
@@ -241,7 +250,7 @@ def _gap_cell(table: Table, arm: Arm, task: str) -> str:
         return _accuracy_cell(arm, task)
     row = table.gaps.get((arm.key, task))
     if row is None:
-        return "no full FT pair" if arm.values(f"{task}_acc") else DASH
+        return "no full FT pair" if arm.accuracy.get(task) else DASH
     text = f"{row['gap'] * 100:+.2f}"
     if row["sd"] is not None and len(set(row["seeds"].values())) > 1:
         text += f" ± {row['sd'] * 100:.2f}"
@@ -474,10 +483,19 @@ class RenderedTable:
     notes: list[str]
 
 
+def _task_rows(table: Table) -> list[Row]:
+    """One gap row per lm-eval task (eval.tasks) the table's runs scored, after MMLU's and in-domain's."""
+    return [Row(f"gap vs full FT, {task} (95% CI)", partial(_gap_cell, task=task))
+            for task in record_tasks(table.runs) if task not in TASKS]
+
+
 def render(table: Table) -> RenderedTable:
     columns = [_column(table, arm) for arm in table.arms]
     rows = [[row.label_for(table)] + [col[i] for col in columns] for i, row in enumerate(ROWS)
             if not row.optional or any(a.ok and row.cell(table, a) != DASH for a in table.arms)]
+    for row in _task_rows(table):  # below the at-a-glance rows
+        rows.append([row.label] + [row.cell(table, a) if a.ok else failure_text(a.runs[0], short=True)
+                                   for a in table.arms])
     return RenderedTable(
         table.title, [""] + [arm_header(a) for a in table.arms], rows, _provenance(table), _footnotes(table)
     )
