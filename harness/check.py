@@ -46,7 +46,7 @@ from typing import Any
 
 from harness import identity
 from harness.records import _atomic_write_bytes, load_records
-from harness.stats import TASKS, pair_gaps, seed_noise, seed_summary
+from harness.stats import TASKS, pair_gaps, record_tasks, seed_noise, seed_summary
 
 BASELINE_SCHEMA = 2
 BASELINE_KIND = "harness-peft-gap-baseline"
@@ -422,6 +422,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cur_rows, records = current_groups(args.results, args.metrics, args.reference)
+        scored = set(record_tasks(records))
+        unknown = [m for m in args.metrics if m not in scored]
+        if unknown:  # a name no run scored: a typo, or an lm-eval task the runs did not evaluate
+            print(f"harness-check: error: --metrics {unknown[0]!r}: no run in {args.results} scored it; "
+                  f"scored: {', '.join(sorted(scored))}", file=sys.stderr)
+            return 2
         if args.update_baseline:
             if not cur_rows:
                 raise CannotJudge(f"no paired PEFT/full results in {args.results} to make a baseline from")

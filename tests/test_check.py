@@ -228,9 +228,11 @@ def test_nothing_comparable_cannot_judge(tmp_path, baseline, capsys):
     assert check(baseline, tmp_path / "does-not-exist") == 2
 
 
-def test_unknown_metric_is_a_usage_error(tmp_path, baseline):
+def test_unknown_metric_is_a_usage_error(tmp_path, baseline, capsys):
+    assert check(baseline, tmp_path, "--metrics", "mmlu,hellaswag") == 2  # no run scored hellaswag
+    assert "--metrics 'hellaswag': no run in" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
-        check(baseline, tmp_path, "--metrics", "mmlu,hellaswag")
+        check(baseline, tmp_path, "--metrics", ",")
     assert exc.value.code == 2
 
 

@@ -229,3 +229,26 @@ def test_a_template_that_cannot_render_names_the_row(tmp_path):
     data = load_data({"kind": "file", "path": str(path), "chat_template": str(template)})
     with pytest.raises(DataError, match=r"c.jsonl, line 1: the chat template cannot render this row"):
         tokenize_examples(data.train, byte_tokenizer(), 512, {"chat_template": str(template)})
+
+
+def test_a_tokenizer_without_offsets_gets_the_same_reply_mask(tmp_path):
+    """A slow (Python) tokenizer has no offset mapping: the rendering is tokenized piece by piece,
+    cut at the replies; on the byte tokenizer both ways give the same ids and labels."""
+    template = tmp_path / "chatml.jinja"
+    template.write_text(CHATML)
+    fast = byte_tokenizer()
+    slow = byte_tokenizer()
+    examples = [to_example(r, "f") for r in CHAT]
+    cfg = {"chat_template": str(template)}
+
+    class Slow:  # the same tokenizer, seen as one without offsets
+        is_fast = False
+
+        def __getattr__(self, name):
+            return getattr(slow, name)
+
+        def __call__(self, *args, **kwargs):
+            assert "return_offsets_mapping" not in kwargs
+            return slow(*args, **kwargs)
+
+    assert tokenize_examples(examples, Slow(), 512, cfg) == tokenize_examples(examples, fast, 512, cfg)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from harness import estimate
+from harness.data.shapes import to_example
 from harness.measure import memory
 from harness.models import ModelSourceError, model_dtype, resolve_dtype
 from tests.conftest import TINY, harness_run
@@ -103,7 +104,7 @@ def test_release_optimizer_frees_adam_state_and_gradients():
     from harness.train import build_trainer, release_optimizer, training_arguments, training_features
 
     model = tiny_model()
-    examples = [{"prompt": f"question {i}?", "completion": f" answer {i}"} for i in range(8)]
+    examples = [to_example({"prompt": f"question {i}?", "completion": f" answer {i}"}, "test") for i in range(8)]
     train_cfg = {"max_steps": 2, "batch_size": 2, "grad_accum": 1, "seq_len": 32, "lr_scheduler": "constant",
                  "warmup_steps": 0, "weight_decay": 0.0, "optim": "adamw_torch", "precision": "fp32",
                  "gradient_checkpointing": False, "logging_steps": 1}

@@ -469,7 +469,7 @@ def test_index_html_renders_in_a_headless_browser(report, tmp_path):
     assert "did not fit on 1x NVIDIA H200" in seen["text"]
     # every plot written is on the page, loaded (decoded, non-zero size) and laid out
     plots = sorted(n for n in written if n.endswith(".png"))
-    assert len(plots) == 5 and sorted(i["src"] for i in seen["images"]) == plots
+    assert len(plots) == 6 and sorted(i["src"] for i in seen["images"]) == plots
     broken = [i for i in seen["images"] if not (i["complete"] and i["width"] > 0 and i["height"] > 0 and i["shown"] > 0)]
     assert not broken, broken
 

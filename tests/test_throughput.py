@@ -14,6 +14,7 @@ import torch
 from conftest import TINY, harness_run
 
 from harness import records
+from harness.data.shapes import to_example
 from harness.measure import flops
 from harness.measure.callback import MeasureCallback
 from harness.models import byte_tokenizer
@@ -46,7 +47,7 @@ def train_tiny(count: str, tmp_path: Path):
     """Train on identical examples (one known length) with the harness's Trainer; the Trainer
     counts input tokens as ``count`` says ("non_padding" is what the harness asks for)."""
     tok = byte_tokenizer()
-    examples = [{"prompt": "Q: two plus two?", "completion": " four"}] * 8
+    examples = [to_example({"prompt": "Q: two plus two?", "completion": " four"}, "test")] * 8
     args = training_arguments(TRAIN, 1e-3, 0, output_dir=str(tmp_path))
     args.include_num_input_tokens_seen = count
     probe = MeasureCallback(warmup_steps=0, breakdown_step=None)
@@ -210,7 +211,7 @@ def test_bf16_autocast_trains_on_a_cpu(tmp_path, monkeypatch, capsys):
     assert args.bf16 and args.device.type == "cpu"
     assert "without native bf16" in capsys.readouterr().out
     tok = byte_tokenizer()
-    features, _ = training_features([{"prompt": "Q: two plus two?", "completion": " four"}] * 8, tok, train)
+    features, _ = training_features([to_example({"prompt": "Q: two plus two?", "completion": " four"}, "test")] * 8, tok, train)
     seen = []
     model = tiny_model()
     model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
@@ -245,7 +246,7 @@ def test_schedule_kwargs_and_clipping_reach_the_trainer(tmp_path):
     args = training_arguments(cfg, 1e-3, 0, output_dir=str(tmp_path))
     assert args.max_grad_norm == 0.3
     tok = byte_tokenizer()
-    features, _ = training_features([{"prompt": "Q: two plus two?", "completion": " four"}] * 12, tok, cfg)
+    features, _ = training_features([to_example({"prompt": "Q: two plus two?", "completion": " four"}, "test")] * 12, tok, cfg)
     trainer = build_trainer(tiny_model(), tok, features, cfg, 1e-3, 0, args=args)
     trainer.train()
     rates = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]

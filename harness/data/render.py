@@ -144,6 +144,20 @@ def _tokenized(examples: list[dict], tokenizer, template: str | None, loss_on: s
     has its own specials), each token labelled by where its first character falls."""
     templated, raw = _split(examples, template)
     out: dict[int, tuple[list, list, int]] = {}
+    if templated and not getattr(tokenizer, "is_fast", False):  # no offsets: tokenize prompt and reply pieces
+        for i, (text, spans) in zip(templated, _templated([examples[i] for i in templated], tokenizer, template)):
+            cuts = [0, *[c for a, b, _ in spans for c in (a, b)], len(text)]
+            turns = [None if j % 2 == 0 else spans[j // 2][2] for j in range(len(cuts) - 1)]
+            ids, labels, prompt_len = [], [], None
+            for (lo, hi), turn in zip(zip(cuts, cuts[1:]), turns):
+                piece = tokenizer(text[lo:hi], add_special_tokens=False)["input_ids"] if hi > lo else []
+                if turn is not None and prompt_len is None:
+                    prompt_len = len(ids)
+                target = loss_on == "all" or (turn is not None and (loss_on == "assistant" or turn == spans[-1][2]))
+                ids += piece
+                labels += piece if target else [-100] * len(piece)
+            out[i] = (ids, labels, prompt_len)
+        templated = []
     if templated:
         rendered = _templated([examples[i] for i in templated], tokenizer, template)
         enc = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
