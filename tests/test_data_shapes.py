@@ -252,3 +252,12 @@ def test_a_tokenizer_without_offsets_gets_the_same_reply_mask(tmp_path):
             return slow(*args, **kwargs)
 
     assert tokenize_examples(examples, Slow(), 512, cfg) == tokenize_examples(examples, fast, 512, cfg)
+
+
+def test_a_column_mapping_is_one_override_from_the_shell(tmp_path):
+    from conftest import composed
+
+    rows = [{"conversation": r["messages"]} for r in CHAT]
+    path = write(tmp_path / "c.jsonl", rows, "jsonl")
+    cfg = composed("data=file", f"data.path={path}", "data.columns.messages=conversation")
+    assert [ex["messages"] for ex in load_data(cfg["data"]).train] == [r["messages"] for r in CHAT]

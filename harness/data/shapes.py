@@ -31,6 +31,7 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 
 def map_columns(row: dict, columns: dict | None, here: str) -> dict:
     """``row`` with ``data.columns`` applied (field -> the user's column name)."""
+    columns = {k: v for k, v in (columns or {}).items() if v is not None}  # null: the field's own name
     if not columns:
         return row
     unknown = sorted(set(columns) - set(FIELDS))
