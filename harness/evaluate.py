@@ -151,7 +151,7 @@ def evaluate_tasks(model, tokenizer, eval_cfg: dict) -> tuple[dict, list[dict]]:
             mine.append({"task": name, "id": f"{name}/{s['doc_id']}", "target": str(s.get("target")),
                          "correct": score == 1.0})
         acc, se, n = accuracy(mine)
-        per_task[name] = {"acc": acc, "stderr": se, "n": n, "metric": next((m for m in metric_names), None)}
+        per_task[name] = {"acc": acc, "stderr": se, "n": n, "metric": metric_names[0]}
         items += mine
     return {"tasks": per_task}, items
 

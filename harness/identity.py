@@ -37,6 +37,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from harness.data.shapes import FIELDS
 from harness.records import run_id_for, stable_hash
 
 # Top-level config keys that steer the harness but do not change a result.
@@ -68,10 +69,7 @@ NEUTRAL_DEFAULTS = (
     # how rows are rendered and masked: multiple-choice rows (the demo, ci-smoke) ignore the first two
     (("data", "chat_template"), "auto"),
     (("data", "loss_on"), "assistant"),
-    (("data", "columns"), None),
-    (("data", "columns"), {f: None for f in ("prompt", "completion", "instruction", "input", "output", "system",
-                                             "question", "choices", "answer", "subject", "id", "messages",
-                                             "conversations")}),
+    (("data", "columns"), {f: None for f in FIELDS}),  # every field at its own name
     (("data", "heldout_fraction"), 0),
     (("data", "config_name"), None),
     (("data", "split"), None),

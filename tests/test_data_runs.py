@@ -1,8 +1,6 @@
 """Your data end to end on tiny-random: one run per file format and row shape, the held-out loss of
 every arm and the base model, and a bad chat template stopped before any job."""
 
-import json
-
 import pytest
 from conftest import TINY, harness_run, planned
 from test_data_shapes import CHAT, CHATML, write
@@ -80,10 +78,10 @@ def test_a_template_that_cannot_render_stops_the_sweep_before_any_job(tmp_path):
     assert not results.exists() or not any(results.iterdir())
 
 
-def test_the_record_of_a_templated_run_is_stable_json(tmp_path):
+def test_auto_on_a_tokenizer_without_a_template_trains_on_raw_text_and_says_so(tmp_path):
     path = write(tmp_path / "c.jsonl", CHAT * 2, "jsonl")
-    rec = _run(tmp_path, f"data.path={path}")
-    assert json.loads(json.dumps(rec))["metrics"]["chat_template"] == "none"  # tiny-random has no template
+    m = _run(tmp_path, f"data.path={path}")["metrics"]
+    assert m["chat_template"] == "none" and m["chat_template_hash"] is None  # tiny-random has no template
 
 
 def test_the_report_shows_the_paired_held_out_loss_gap_of_each_peft_arm(tmp_path):

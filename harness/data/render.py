@@ -29,6 +29,13 @@ from harness.records import stable_hash
 RAW_SEPARATOR = {"mc": "", "completion": "", "instruction": "\n\n", "chat": "\n\n"}
 
 
+def _template_file(choice: str) -> Path:
+    path = Path(choice).expanduser()
+    if not path.is_file():
+        raise DataError(f"data.chat_template={choice!r}: give auto, none or a .jinja file (no such file)")
+    return path
+
+
 def chat_template(data_cfg: dict, tokenizer) -> tuple[str | None, str]:
     """(template text or None, what the record says: ``tokenizer``, a file path, or ``none``)."""
     choice = str(data_cfg.get("chat_template") or "auto")
@@ -37,16 +44,15 @@ def chat_template(data_cfg: dict, tokenizer) -> tuple[str | None, str]:
     if choice == "auto":
         template = getattr(tokenizer, "chat_template", None)
         return (template, "tokenizer") if template else (None, "none")
-    path = Path(choice).expanduser()
-    if not path.is_file():
-        raise DataError(f"data.chat_template={choice!r}: give auto, none or a .jinja file (no such file)")
+    path = _template_file(choice)
     return path.read_text(), str(path)
 
 
 def check_template_file(data_cfg: dict) -> None:
+    """A template file that does not exist is a usage error before any tokenizer is loaded."""
     choice = str(data_cfg.get("chat_template") or "auto")
-    if choice not in ("auto", "none") and not Path(choice).expanduser().is_file():
-        raise DataError(f"data.chat_template={choice!r}: give auto, none or a .jinja file (no such file)")
+    if choice not in ("auto", "none"):
+        _template_file(choice)
 
 
 def _raw_segments(example: dict) -> list[tuple[str, int | None]]:
