@@ -104,10 +104,33 @@ def arch_config(model_cfg: dict):
     from harness.models import ModelSourceError
     from harness.models import arch_config as model_arch_config
 
+    path = str(model_cfg.get("path") or "")
+    if model_cfg.get("source") == "hub" and path and not Path(path).exists():
+        from harness.plan import hub_offline
+
+        if why := hub_offline():  # fail now, not after the hub client's retries
+            raise UsageError(f"model {path} is on the hub, which cannot be reached ({why}); "
+                             + arch_preset_hint(path))
     try:
         return model_arch_config(model_cfg)
     except (ModelSourceError, OSError) as exc:
         raise UsageError(str(exc).splitlines()[0]) from exc
+
+
+def arch_preset_hint(hub_id: str) -> str:
+    """Which architecture-only preset (conf/model/*-arch.yaml) stands for ``hub_id``, in words."""
+    import re
+
+    import yaml
+
+    for preset in sorted((CONF_DIR / "model").glob("*-arch.yaml")):
+        text = preset.read_text()
+        hub_twin = CONF_DIR / "model" / f"{preset.stem.removesuffix('-arch')}.yaml"
+        twin_path = (yaml.safe_load(hub_twin.read_text()) or {}).get("path") if hub_twin.is_file() else None
+        if twin_path == hub_id or re.search(rf"\({re.escape(hub_id)}\)", text):
+            return f"estimate from its architecture instead: model={preset.stem}"
+    return ("no architecture preset names it: add its config.json values as harness/architectures/<name>.json "
+            "and a conf/model/<name>-arch.yaml (docs/estimating.md)")
 
 
 def meta_model(config, method_cfg: dict):
@@ -481,6 +504,15 @@ def _devices_needed(model, config, s: Setup, capacity: float | None) -> tuple[in
     return None, strategy
 
 
+def _adapted(model) -> dict[str, int]:
+    """Adapted base linears by kind (q_proj: 40, ...): what ``target_modules`` resolved to."""
+    kinds: dict[str, int] = {}
+    for lin in linears(model):
+        if lin.r is not None:
+            kinds[lin.kind] = kinds.get(lin.kind, 0) + 1
+    return dict(sorted(kinds.items()))
+
+
 def _device_total(peak: float, s: Setup) -> float:
     return peak * (1 + ALLOCATOR_RESERVE) + CUDA_CONTEXT_BYTES if s.gpu else peak
 
@@ -521,9 +553,18 @@ def estimate_job(cfg: dict) -> dict:
     else:
         rate, rate_source = None, f"no datasheet peak for hardware {hw!r} and no run records on it"
     price = cfg["hardware"].get("price_per_device_hour_usd")
-    train_s = tokens * fpt / (rate * s.world) if rate else None
+    tokens_source = ("projected_tokens" if cfg.get("projected_tokens") else
+                     f"the token budget: max_steps {cfg['train']['max_steps']} x batch {s.batch} x grad_accum "
+                     f"{cfg['train'].get('grad_accum', 1)} x seq_len {s.seq}; set projected_tokens=N for your data")
+
+    def time_cost(world: int) -> tuple[float | None, float | None]:
+        train_s = tokens * fpt / (rate * world) if rate else None
+        return train_s, pricing.cost_usd(train_s, float(price), world) if train_s is not None and price else None
+
+    train_s, cost = time_cost(s.world)
     train_hours = train_s / 3600 if train_s is not None else None
-    cost = pricing.cost_usd(train_s, float(price), s.world) if train_s is not None and price else None
+    # a job that does not fit as configured is priced where it fits: the fewest devices
+    fit_s, fit_cost = time_cost(devices) if devices and devices != s.world else (None, None)
 
     import torch
 
@@ -544,7 +585,9 @@ def estimate_job(cfg: dict) -> dict:
         "device_total_bytes": int(device_total), "device_memory_bytes": capacity,
         "fits": device_total <= capacity if capacity else None,
         "devices_needed": devices, "devices_needed_strategy": dev_strategy,
-        "flops_per_token": fpt, "projected_tokens": tokens,
+        "flops_per_token": fpt, "projected_tokens": tokens, "tokens_source": tokens_source,
+        "target_modules": method.get("target_modules"), "adapted_modules": _adapted(model),
+        "fit_train_hours": fit_s / 3600 if fit_s is not None else None, "fit_cost_usd": fit_cost,
         "flops_per_s_per_device": rate, "rate_source": rate_source,
         "train_hours": train_hours, "cost_usd": cost,
         "adapter_bytes": adapter, "checkpoint_bytes": n_full * serve_dtype.itemsize,
@@ -571,6 +614,44 @@ def _count(n: int) -> str:
     return str(n)
 
 
+def _money(usd: float | None) -> str:
+    return "" if usd is None else f", ${usd:,.2f}" if usd >= 0.01 else f", ${usd:.2g}"
+
+
+def _time_cost(row: dict) -> str:
+    """Time and cost where the job fits: as configured, or on the fewest devices it needs."""
+    if row["fit_train_hours"] is not None:
+        return (f"{row['fit_train_hours']:.3g} h{_money(row['fit_cost_usd'])} on {row['devices_needed']} devices "
+                f"({row['devices_needed_strategy']}), the fewest it fits on")
+    if row["train_hours"] is None:
+        return "n/a"
+    where = "" if row["fits"] is not False else " (where it does not fit: no device count does)"
+    return f"{row['train_hours']:.3g} h{_money(row['cost_usd'])} on {row['world_size']} device" \
+           f"{'s' if row['world_size'] > 1 else ''}{where}"
+
+
+SIDE_BY_SIDE = (("trainable", lambda r: f"{_count(r['trainable_params'])} ({100 * r['trainable_share']:.3g}%)"),
+                ("peak / device", lambda r: _gib(r["peak_memory_bytes"])),
+                ("fits", lambda r: {True: "yes", False: "no", None: "?"}[r["fits"]]
+                 + ("" if r["fits"] is not False or not r["devices_needed"]
+                    else f" (needs {r['devices_needed']}, {r['devices_needed_strategy']})")),
+                ("time, cost", _time_cost),
+                ("serving", lambda r: ("" if r["adapter_bytes"] is None else f"adapter {_gib(r['adapter_bytes'])}; ")
+                 + f"full {_gib(r['checkpoint_bytes'])}"))
+
+
+def side_by_side(rows: list[dict]) -> str:
+    """One column per job of a ``-m`` sweep (harness-estimate prints it after the per-job blocks)."""
+    def name(r: dict) -> str:
+        return f"{r['model']} {r['method']}" + ("" if r["rank"] is None else f" r={r['rank']}")
+
+    head = ["", *(name(r) for r in rows)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join([label, *(fn(r) for r in rows)]) + " |" for label, fn in SIDE_BY_SIDE]
+    tokens = sorted({f"{r['projected_tokens']:.3g}" for r in rows})
+    return "\n".join(["Side by side (estimated; " + ", ".join(tokens) + " training tokens):", *lines])
+
+
 def format_text(row: dict) -> str:
     rank = "" if row["rank"] is None else f" r={row['rank']}"
     fits = {True: "fits", False: "does not fit", None: "capacity unknown"}[row["fits"]]
@@ -589,9 +670,11 @@ def format_text(row: dict) -> str:
                      f" of {_gib(row['device_memory_bytes'])}: {fits}; devices needed: "
                      + (f"{row['devices_needed']} ({row['devices_needed_strategy']})" if row["devices_needed"]
                         else row["devices_needed_strategy"]))
-    time_text = ("n/a" if row["train_hours"] is None else f"{row['train_hours']:.3g} h"
-                 + ("" if row["cost_usd"] is None else f", ${row['cost_usd']:,.2f}"))
-    lines.append(f"  training {row['projected_tokens']:.3g} tokens   {time_text} "
+    if row["adapted_modules"]:
+        lines.append(f"  adapted modules        target_modules={row['target_modules']}: "
+                     + ", ".join(f"{k} x{n}" for k, n in row["adapted_modules"].items()))
+    lines.append(f"  training tokens        {row['projected_tokens']:.3g} ({row['tokens_source']})")
+    lines.append(f"  time and cost          {_time_cost(row)} "
                  f"({row['flops_per_token']:.3g} FLOPs/token; rate {row['rate_source']})")
     adapter = "" if row["adapter_bytes"] is None else f"adapter {_gib(row['adapter_bytes'])} vs "
     lines.append(f"  serving footprint      {adapter}full checkpoint {_gib(row['checkpoint_bytes'])} "
@@ -635,6 +718,11 @@ def hydra_main(cfg: DictConfig) -> None:
         print(f"harness-estimate: error: {exc}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(row, sort_keys=True) if fmt == "json" else format_text(row) + "\n", flush=True)
+    if fmt == "table":
+        _SWEEP_ROWS.append(row)
+
+
+_SWEEP_ROWS: list[dict] = []  # the jobs of one -m sweep (Hydra runs them in this process, in turn)
 
 
 def main() -> None:
@@ -645,6 +733,8 @@ def main() -> None:
     console.quiet()
     check_names(sys.argv[1:], CONF_DIR, functools.partial(usage_exit, prog="harness-estimate"))  # before Hydra's text
     hydra_main()
+    if len(_SWEEP_ROWS) > 1:
+        print(side_by_side(_SWEEP_ROWS), flush=True)
 
 
 if __name__ == "__main__":

@@ -584,3 +584,119 @@ def forgetting_deltas(records: Iterable[dict], results_dir: str | Path) -> dict[
         if a and b:
             by_arm.setdefault(identity.arm_key(rec), {})[_seed(rec)] = (a, b)
     return _paired_loss(by_arm)
+
+
+# ---------------------------------------------------------------- deciding a gap against a limit
+#
+# A team's limit ``max_gap`` (a fraction, 0.01 = 1 pp) splits a gap's 95% interval three ways:
+# WITHIN when it lies above -max_gap, BEYOND when below, UNDECIDED when it straddles. For an
+# undecided gap, how many questions (or seeds) would decide it, if the gap stayed where it is, comes
+# from the variance components of the seeds' per-question differences d_si (k seeds, n questions):
+#
+#     S = var_i(dbar_i)   w = mean_i var_s(d_si)   s2 = var_s(g_s)     (ddof=1 each; see seed_noise)
+#     tau2 = max(0, S - w / k)        what questions differ by, whatever the seed
+#     excess = max(0, s2 - w / n)     what the seeds move together (seed_noise's added term)
+#     se(n', k')^2 = (tau2 + w / k') / n' + excess / k'
+#
+# which at (n, k) is seed_noise's se. The interval at (n', k') is gap -/+ 1.96 se(n', k'), never
+# narrower than Newcombe's paired interval of the seeds' mean 2x2 table scaled to n' questions
+# (gap_interval95's floor). With one seed w and excess are unknown: questions only, seeds cannot be
+# projected. Unpaired gaps (no per-question answers) are not projected.
+
+WITHIN, BEYOND, UNDECIDED = "within", "beyond", "undecided"
+MAX_QUESTIONS, MAX_SEEDS = 10_000_000, 1_000
+
+
+def judge(ci_low: float | None, ci_high: float | None, max_gap: float) -> str | None:
+    """WITHIN / BEYOND / UNDECIDED for a gap interval against ``-max_gap``; None without an interval."""
+    if ci_low is None or ci_high is None:
+        return None
+    if ci_low > -max_gap:
+        return WITHIN
+    if ci_high < -max_gap:
+        return BEYOND
+    return UNDECIDED
+
+
+def gap_components(answers: list[dict]) -> dict:
+    """Variance components of the seeds' paired answers (per seed {"peft": [...], "full": [...]} on
+    the same questions): ``gap``, ``n``, ``k``, ``tau2``, ``w``, ``excess`` (None for one seed) and
+    ``cells``, the seeds' mean 2x2 table as fractions (both right, only PEFT, only full, neither)."""
+    diffs = [[int(p) - int(f) for p, f in zip(a["peft"], a["full"])] for a in answers]
+    k, n = len(diffs), len(diffs[0])
+    dbar = [sum(d[i] for d in diffs) / k for i in range(n)]
+    gap = sum(dbar) / n
+    s = sum((x - gap) ** 2 for x in dbar) / (n - 1) if n > 1 else 0.0
+    cells = [0.0, 0.0, 0.0, 0.0]
+    for a in answers:
+        for p, f in zip(a["peft"], a["full"]):
+            cells[(0 if f else 3) if bool(p) == bool(f) else (1 if p else 2)] += 1 / (k * n)
+    if k == 1:
+        return {"gap": gap, "n": n, "k": 1, "tau2": s, "w": None, "excess": None, "cells": cells}
+    noise = seed_noise(diffs)
+    return {"gap": gap, "n": n, "k": k, "tau2": max(0.0, s - noise["w"] / k), "w": noise["w"],
+            "excess": max(0.0, noise["s2_gap"] - noise["w"] / n), "cells": cells}
+
+
+def projected_interval(c: dict, n: int, k: int) -> tuple[float, float]:
+    """The 95% interval the gap in ``c`` (gap_components) would have on ``n`` questions and ``k`` seeds."""
+    w, excess = c["w"] or 0.0, c["excess"] or 0.0
+    se = math.sqrt((c["tau2"] + w / k) / n + excess / k)
+    n_low, n_high = newcombe_paired95(*(x * n for x in c["cells"]))
+    return max(-1.0, min(c["gap"] - Z95 * se, n_low)), min(1.0, max(c["gap"] + Z95 * se, n_high))
+
+
+def _smallest(decides: Callable[[int], bool], start: int, stop: int) -> int | None:
+    """The smallest x in [start, stop] with decides(x), by doubling then bisection (decides is monotone)."""
+    hi = start
+    while not decides(hi):
+        if hi >= stop:
+            return None
+        hi = min(stop, hi * 2)
+    lo = max(start, hi // 2)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if decides(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
+def to_decide(answers: list[dict], max_gap: float) -> dict:
+    """How many questions (at today's seeds) or seeds (on today's questions) would take an undecided
+    gap's interval off ``-max_gap``, if the gap stayed at its measured value: ``questions`` and
+    ``seeds`` (totals, None where that alone cannot decide it or cannot be projected) and ``why``
+    for each None."""
+    c = gap_components(answers)
+    n, k = c["n"], c["k"]
+    decided = lambda lo_hi: judge(*lo_hi, max_gap) != UNDECIDED
+    out: dict = {"questions": None, "seeds": None, "why": {}}
+    if c["gap"] == -max_gap:
+        out["why"] = {"questions": "the gap sits on the limit", "seeds": "the gap sits on the limit"}
+        return out
+    out["questions"] = _smallest(lambda m: decided(projected_interval(c, m, k)), n, MAX_QUESTIONS)
+    if out["questions"] is None:
+        out["why"]["questions"] = ("more questions alone cannot: the seeds' shared spread sets the interval"
+                                   if c["excess"] else f"not within {MAX_QUESTIONS:,} questions")
+    if k == 1:
+        out["why"]["seeds"] = "one seed: training noise not measured (run at least 2 seeds to project it)"
+    else:
+        out["seeds"] = _smallest(lambda s: decided(projected_interval(c, n, s)), k, MAX_SEEDS)
+        if out["seeds"] is None:
+            out["why"]["seeds"] = f"more seeds alone cannot: question noise on {n} questions sets the interval"
+    return out
+
+
+def resolution(n: int, reference_acc: float, max_gap: float) -> dict:
+    """Can ``n`` questions resolve ``max_gap`` at all? Two arms that agree on every question get
+    Newcombe's interval of a tie at the reference accuracy, and one question moves an accuracy by
+    1/n. ``ok``; ``tie_half_width`` (the narrowest interval's half-width); ``questions_needed``, the
+    fewest questions that could resolve it."""
+    def half(m: int) -> float:
+        low, high = newcombe_paired95(reference_acc * m, 0.0, 0.0, (1 - reference_acc) * m)
+        return max(-low, high)
+
+    fits = lambda m: half(m) < max_gap and 1 / m <= max_gap
+    return {"ok": fits(n), "tie_half_width": half(n), "step": 1 / n,
+            "questions_needed": n if fits(n) else _smallest(fits, n, MAX_QUESTIONS)}

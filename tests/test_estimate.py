@@ -179,3 +179,36 @@ def test_cli_table_and_usage_errors():
         assert bad.stdout == ""
     with pytest.raises(estimate.UsageError, match="train.optim='lion'"):
         estimate.estimate_job(cfg_for("model=tiny-random", "train.optim=lion"))
+
+
+def test_a_sweep_prints_a_side_by_side_table_with_what_it_assumed():
+    """-m over methods: one block per job, then one column per job; the modules LoRA adapted, the
+    token count and where it comes from, and a job too big for one device priced where it fits."""
+    proc = run_cli("-m", "model=llama-2-13b-arch", "hardware=a100-80gb", "method=full,lora")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "adapted modules        target_modules=all-linear: down_proj x40, gate_proj x40" in out
+    assert "training tokens        2.05e+04 (the token budget: max_steps 40 x batch 4" in out
+    assert "set projected_tokens=N for your data" in out
+    table = out[out.index("Side by side"):].splitlines()
+    assert table[1] == "|  | llama-2-13b-arch full | llama-2-13b-arch lora r=16 |"
+    fits = next(line for line in table if line.startswith("| fits"))
+    assert fits.startswith("| fits | no (needs ") and "| yes |" in fits
+    # full FT at 13B does not fit one A100: its time and cost are on the devices it needs
+    cost = next(line for line in table if line.startswith("| time, cost"))
+    assert "devices (fsdp), the fewest it fits on" in cost.split("|")[2]
+    # one job alone prints no side-by-side table
+    assert "Side by side" not in run_cli("model=tiny-random", "hardware=a100-80gb").stdout
+
+
+def test_projected_tokens_are_named_as_the_source():
+    row = estimate.estimate_job(cfg_for("model=tiny-random", "hardware=a100-80gb", "projected_tokens=1e9"))
+    assert row["projected_tokens"] == 1e9 and row["tokens_source"] == "projected_tokens"
+
+
+def test_an_unreachable_hub_id_names_its_architecture_preset(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(estimate.UsageError, match=r"cannot be reached \(HF_HUB_OFFLINE=1\).*model=llama-2-13b-arch"):
+        estimate.arch_config({"name": "x", "source": "hub", "path": "meta-llama/Llama-2-13b-hf"})
+    with pytest.raises(estimate.UsageError, match="no architecture preset names it"):
+        estimate.arch_config({"name": "x", "source": "hub", "path": "someone/unknown-model"})

@@ -116,7 +116,7 @@ def test_a_learning_rate_sweep_is_two_groups_everywhere(tmp_path):
     assert all(" lr " in r["key"] for r in rows) and len({r["group"] for r in rows}) == 2
     # report: one table, three columns (full and one per learning rate), a gap in each LoRA column
     md = build_report(results, tmp_path / "reports")[AT_A_GLANCE].read_text()
-    header = next(line for line in md.splitlines() if line.startswith("|"))
+    header = next(line for line in md.split("\n## ", 2)[2].splitlines() if line.startswith("|"))  # after the verdict
     assert "full FT (2 seeds)" in header and "LoRA r=16 lr 0.0001 (2 seeds)" in header
     assert "LoRA r=16 lr 0.001 (2 seeds)" in header
     assert md.count("-28.12 ± 4.42 pp") == 1 and md.count("-15.62 ± 4.42 pp") == 1

@@ -4,8 +4,10 @@ import json
 
 import pytest
 from conftest import TINY, harness_run
+from test_verdict import verdict_of
 
 from harness import records
+from harness.stats import BEYOND, UNDECIDED, WITHIN
 
 # in-domain eval on (random-weight) tiny models, so the base-model evaluation runs too
 EVAL_TINY = ["eval.on_random_weights=true", "eval.indomain.batch_size=8"]
@@ -171,3 +173,28 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, need
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and needle in lines[0], proc.stderr
     assert not results.exists()
+
+
+def test_random_weights_are_no_verdict_yet_each_arm_is_worked_out(sweep, tmp_path):
+    """The verdict from a real sweep's records: random weights give no verdict, saying why; each
+    PEFT arm's gap is still judged and its cost measured."""
+    results, _ = sweep
+    v = verdict_of(results, tmp_path, max_gap=50.0)
+    assert v["state"] == "no verdict" and v["pick"] is None
+    assert "random weights" in v["recommendation"]
+    arms = {a["method"]: a for a in v["arms"]}
+    assert set(arms) == {"lora", "qlora"}
+    for a in arms.values():
+        assert a["judgement"] in (WITHIN, BEYOND, UNDECIDED) and a["cost"]["usd"] > 0 and not a["cost"]["estimated"]
+
+
+def test_target_model_costs_are_estimated_on_the_devices_that_fit(sweep, tmp_path):
+    results, _ = sweep
+    v = verdict_of(results, tmp_path, target_model="llama-2-13b-arch", target_hardware="a100-80gb", target_tokens=1e9)
+    full, peft = v["full"]["cost"], {a["method"]: a["cost"] for a in v["arms"]}
+    assert full["estimated"] and all(c["estimated"] for c in peft.values())
+    # 13B full FT needs ~16 B/param (>200 GB): never one 80 GB device; (Q)LoRA on a 13B base fits on fewer
+    assert full["devices"] > 1 and "fsdp" in full["label"]
+    assert peft["qlora"]["devices"] <= peft["lora"]["devices"] < full["devices"]
+    assert full["usd"] > peft["lora"]["usd"] > 0
+    assert "estimated by harness-estimate: llama-2-13b-arch" in full["label"]

@@ -58,8 +58,31 @@ ROWS = ("trainable parameters (share of all)", "peak training memory per device"
         "inference latency overhead vs base")
 
 
+def estimate_on_fewest_devices(config: dict, model: str | None, hardware: str | None, tokens: int,
+                               results_dir: str | Path | None) -> dict:
+    """harness-estimate of a resolved run ``config`` moved to ``model`` and ``hardware`` (conf
+    presets; None keeps the config's own) for ``tokens`` training tokens, shown on the fewest
+    devices it fits (as configured when it fits there)."""
+    from harness.estimate import compose, estimate_job, resolved
+
+    cfg = {k: v for k, v in config.items() if k != "hydra"}
+    if model:
+        cfg["model"] = compose([f"model={model}"])["model"]
+    if hardware:
+        cfg["hardware"] = compose([f"hardware={hardware}"])["hardware"]
+    cfg["projected_tokens"] = tokens
+    if results_dir:  # measured rates on this hardware come from these records
+        cfg["results_dir"] = str(results_dir)
+    row = estimate_job(resolved(cfg))
+    if not row["fits"] and row["devices_needed"]:
+        cfg["distributed"] = compose([f"distributed={row['devices_needed_strategy']}",
+                                      f"distributed.num_processes={row['devices_needed']}"])["distributed"]
+        row = estimate_job(resolved(cfg))
+    return row
+
+
 def scale_tables(models: list[str], hardware: str, tokens: int, results_dir: str | Path) -> str:
-    from harness.estimate import ALLOCATOR_RESERVE, CUDA_CONTEXT_BYTES, compose, estimate_job, resolved
+    from harness.estimate import ALLOCATOR_RESERVE, CUDA_CONTEXT_BYTES, compose
 
     parts = ["## Estimated at scale (not measured)", "",
              f"Computed by harness-estimate from the architecture alone (no weights, no GPU): "
@@ -67,15 +90,8 @@ def scale_tables(models: list[str], hardware: str, tokens: int, results_dir: str
              f"{tokens:,} training tokens. Peak memory adds a CUDA context of {_bytes(CUDA_CONTEXT_BYTES)} and "
              f"an allocator reserve of {ALLOCATOR_RESERVE:.0%}. Accuracy cannot be estimated: run the sweep.", ""]
     for model in models:
-        rows = []
-        for _, ov in SCALE_METHODS:
-            base = [f"model={model}", f"hardware={hardware}", f"projected_tokens={tokens}", f"results_dir={results_dir}",
-                    *ov]
-            row = estimate_job(resolved(compose(base)))
-            if not row["fits"] and row["devices_needed"]:  # shown on the fewest devices it fits
-                row = estimate_job(resolved(compose([*base, f"distributed={row['devices_needed_strategy']}",
-                                                     f"distributed.num_processes={row['devices_needed']}"])))
-            rows.append(row)
+        rows = [estimate_on_fewest_devices(compose([f"results_dir={results_dir}", *ov]), model, hardware, tokens,
+                                           results_dir) for _, ov in SCALE_METHODS]
         cols = [_column(r) for r in rows]
         parts += [f"**{model} on {hardware} (estimated)**", "",
                   "| | " + " | ".join(label for label, _ in SCALE_METHODS) + " |",

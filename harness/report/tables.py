@@ -41,6 +41,7 @@ from harness.stats import (
 
 METHOD_ORDER = {"base": 0, "full": 1, "lora": 2, "qlora": 3}
 METHOD_LABEL = {"base": "base model", "full": "full FT", "lora": "LoRA", "qlora": "QLoRA"}
+TASK_LABEL = {"mmlu": "MMLU", "indomain": "in-domain"}  # lm-eval tasks go by their own names
 # what a record's peak memory measures, for records written before `memory_measure` existed
 MEMORY_MEASURE = {"cuda": "CUDA allocated", "cpu": "CPU RSS growth"}
 NOT_TRAINED = "n/a (not trained)"
@@ -361,7 +362,9 @@ def _cost_cell(table: Table, arm: Arm) -> str:
     wall = arm.values("train_wall_s") or arm.values("run_wall_s")  # cost_usd prices the training phase
     cost = arm.values("cost_usd")
     projected = arm.values("projected_cost_usd")
-    parts = [fmt_duration(wall) if wall else DASH, fmt_usd(cost) if cost else "cost n/a"]
+    # one run is one measurement, not a mean: say so (a time varies from run to run)
+    once = " (1 run)" if len(wall) == 1 else ""
+    parts = [fmt_duration(wall) + once if wall else DASH, fmt_usd(cost) if cost else "cost n/a"]
     if projected:
         tokens = arm.values("projected_tokens")
         parts.append(f"projected {fmt_usd(projected)}" + (f" for {fmt_count(tokens)} tokens" if tokens else ""))
@@ -374,7 +377,17 @@ def _memory_cell(table: Table, arm: Arm) -> str:
     if not memory:
         return DASH
     devices = max(arm.values("world_size"), default=1)  # the largest rank's peak, on each of N devices
-    return fmt_bytes(memory) + (f" per GPU × {devices}" if devices > 1 else "")
+    text = fmt_bytes(memory) + (f" per GPU × {devices}" if devices > 1 else "")
+    growth = arm.values("peak_memory_growth_bytes")
+    if arm.ok and memory_measure(arm.ok[0]) == "CPU RSS" and len(growth) == len(memory):
+        # at small sizes the process itself (interpreter, libraries, the loaded model) dominates the
+        # RSS: show it beside what training added and what the tracked tensors take
+        start = [m - g for m, g in zip(memory, growth)]
+        text += f" = {fmt_bytes(start)} at train start + {fmt_bytes(growth)} training growth"
+        tracked = [p for r in arm.ok if (p := r["metrics"].get("memory_breakdown_peak_bytes"))]
+        if tracked:
+            text += f" (tracked tensors {fmt_bytes(tracked)})"
+    return text
 
 
 def _trainable_cell(table: Table, arm: Arm) -> str:
@@ -518,8 +531,9 @@ def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def markdown(tables: list[RenderedTable], skipped: list[str]) -> str:
-    lines = ["# PEFT vs full fine-tuning: at a glance", ""]
+def markdown(tables: list[RenderedTable], skipped: list[str], verdict: list[str] | None = None) -> str:
+    """The at-a-glance file: the verdict's lines (harness.report.verdict) first, then the tables."""
+    lines = ["# PEFT vs full fine-tuning: at a glance", "", *(verdict or [])]
     if not tables:
         lines += ["No run records found.", ""]
     for t in tables:
