@@ -74,13 +74,20 @@ DEVICES: dict[str, dict] = {
                  "source": "NVIDIA Ada whitepaper, RTX 4090: 165 TFLOPS BF16 dense (FP32 accumulate), 24 GB"},
 }
 
-# Optimizer state per trainable element, and whether its step allocates a temporary the size of
-# the trainable parameters (torch's foreach AdamW on a GPU: exp_avg_sq_sqrt).
+# Optimizer state per trainable element (the step's temporary: FOREACH_TEMP).
 OPTIMIZERS = {
     "adamw_torch": "adam32", "adamw_torch_fused": "adam32", "adamw_torch_4bit": None,
     "adamw_8bit": "adam8", "adamw_bnb_8bit": "adam8", "paged_adamw_8bit": "adam8",
     "paged_adamw_32bit": "adam32bnb", "adamw_bnb_32bit": "adam32bnb", "sgd": "sgd",
 }
+# The optimizers whose step allocates a temporary: torch's AdamW (adamw_torch) takes the foreach
+# path on a GPU (torch/optim/optimizer.py _default_to_fused_or_foreach: foreach when every
+# parameter is on a foreach device, fused only when asked), whose _multi_tensor_adam allocates
+# exp_avg_sq_sqrt = torch._foreach_sqrt(exp_avg_sqs), one tensor the size of every trainable
+# parameter of the group; on a CPU it steps one tensor at a time (_single_tensor_adam: sqrt and
+# denominator per tensor). adamw_torch_fused (fused=True) calls torch._fused_adamw_, one in-place
+# kernel per device and dtype: no temporary, on a GPU or a CPU (torch 2.13, torch/optim/adam.py).
+FOREACH_TEMP = {"adamw_torch"}
 # bitsandbytes keeps tensors under this many elements in 32-bit state (min_8bit_size)
 BNB_MIN_8BIT = 4096
 BNB_BLOCK = 256
@@ -331,7 +338,8 @@ def memory_breakdown(model, config, s: Setup) -> dict:
     3 x tokens x vocab x 4 bytes, on top of every saved activation) -> backward through the
     layers (activations freed, gradients allocated; both change linearly, so the extremes are
     at its ends) -> optimizer step (a temporary the size of the trainable parameters for torch's
-    foreach AdamW on a GPU; the largest parameter twice on a CPU, which steps one tensor at a time).
+    foreach AdamW on a GPU; the largest parameter twice on a CPU, which steps one tensor at a time;
+    none for adamw_torch_fused, FOREACH_TEMP).
     The peak is the largest phase; its categories add up to it, as the tracker's do.
     """
     dims = _dims(config)
@@ -398,7 +406,7 @@ def memory_breakdown(model, config, s: Setup) -> dict:
         other += SHARDED_LIVE_BLOCKS * block * (0.5 if s.quantized else 2 if s.regime != "fp32" else 4)
     if s.strategy == "ddp" and s.world > 1:
         other += grads  # DDP's gradient buckets, a second copy of the gradients (gradient_as_bucket_view=False)
-    if OPTIMIZERS[s.optim] == "adam32" and trainable:
+    if s.optim in FOREACH_TEMP and trainable:
         opt_temp = sum(trainable) * tw / shard if s.gpu else 2 * max(trainable) * tw
     else:
         opt_temp = 0

@@ -212,3 +212,17 @@ def test_an_unreachable_hub_id_names_its_architecture_preset(monkeypatch):
         estimate.arch_config({"name": "x", "source": "hub", "path": "meta-llama/Llama-2-13b-hf"})
     with pytest.raises(estimate.UsageError, match="no architecture preset names it"):
         estimate.arch_config({"name": "x", "source": "hub", "path": "someone/unknown-model"})
+
+
+def test_only_foreach_adamw_is_charged_its_step_temporary():
+    """torch's foreach AdamW (adamw_torch on a GPU) allocates exp_avg_sq_sqrt, one tensor the size
+    of the trainable parameters; the fused kernel (adamw_torch_fused) steps in place."""
+    base = ["model=llama-2-13b-arch", "method=full", "hardware=h200"]
+    foreach = estimate.estimate_job(cfg_for(*base, "train.optim=adamw_torch"))
+    fused = estimate.estimate_job(cfg_for(*base, "train.optim=adamw_torch_fused"))
+    assert foreach["breakdown"]["optimizer_state"] == fused["breakdown"]["optimizer_state"]
+    trainable = foreach["trainable_params"]
+    assert foreach["peak_phase"] == "optimizer step"
+    # fp32 weights (full fine-tuning under autocast): 4 B per trainable parameter, about 48 GiB
+    assert foreach["breakdown"]["other"] - fused["breakdown"]["other"] == 4 * trainable
+    assert foreach["peak_memory_bytes"] - fused["peak_memory_bytes"] > 40 * 2**30
