@@ -24,8 +24,14 @@ class ReportCallback(Callback):
         except Exception as exc:  # the runs are safe in results/; a report problem must not hide that
             print(f"harness-run: report not rebuilt: {exc}", file=sys.stderr)
             return
-        at_a_glance = written.get("at_a_glance") if isinstance(written, dict) else None
-        print(f"At-a-glance table: {at_a_glance or Path(config.reports_dir) / 'at-a-glance.md'}", flush=True)
+        print(f"At-a-glance table: {written.get('at-a-glance.md') or Path(config.reports_dir) / 'at-a-glance.md'}",
+              flush=True)
+        verdict = written.get("verdict.json")
+        if verdict:  # one line per table: the answer a sweep was run for (harness-report --max-gap … to judge yours)
+            import json
+
+            for table in json.loads(Path(verdict).read_text())["tables"]:
+                print(f"Verdict, {table['title']}: {table['recommendation']}", flush=True)
 
     def on_run_end(self, config: DictConfig, **kwargs) -> None:
         self._report(config)

@@ -215,7 +215,9 @@ def _decide_text(need: dict, row: dict) -> str:
         parts.append(f"~{need['questions']:,} questions (now {row['n']:,})")
     if need["seeds"]:
         parts.append(f"~{need['seeds']} seeds (now {row['n_seeds']})")
-    return " or ".join(parts) if parts else "; ".join(sorted(set(need["why"].values())))
+    text = " or ".join(parts)
+    # what cannot decide it, said once: "more seeds alone cannot: ..." beside the questions that can
+    return "; ".join([text, *sorted(set(need["why"].values()))] if text else sorted(set(need["why"].values())))
 
 
 # ---------------------------------------------------------------- one table's verdict
@@ -431,9 +433,10 @@ def verdict_rows(v: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def cost_note(v: dict) -> str:
-    labels = [c["label"] for c in [v["full"]["cost"] if v["full"] and v["full"]["cost"] else None,
-                                   *(a.get("cost") for a in v["arms"])] if c]
-    return "Training cost: " + "; ".join(dict.fromkeys(labels)) + "." if labels else ""
+    """Where each arm's cost comes from, one clause per arm."""
+    arms = [v["full"]] if v["full"] and v["full"]["cost"] else []
+    arms += [a for a in v["arms"] if a.get("cost")]
+    return "Training cost: " + "; ".join(f"{a['label']}: {a['cost']['label']}" for a in arms) + "." if arms else ""
 
 
 def markdown_section(result: dict) -> list[str]:
