@@ -522,14 +522,15 @@ def _cost_front(results: Path) -> dict[str, str]:
 
 def test_pareto_front_does_not_crown_a_lead_inside_the_noise(tmp_path):
     """Two arms of one setting 2 pp apart on 57 questions (the demo): the dearer one's lead is noise,
-    so neither dominates; 30 pp apart it is beyond the noise and the front says so."""
+    so neither dominates; 30 pp apart it is beyond the noise and the front says so. The cheaper arm
+    is the cheapest either way, never a lead."""
     noise, clear = tmp_path / "noise", tmp_path / "clear"
     make_record(noise, "lora", rank=8, cost_usd=0.01, mmlu_correct=_answers(20, 57))
     make_record(noise, "full", cost_usd=0.02, mmlu_correct=_answers(21, 57))
-    assert _cost_front(noise) == {"LoRA r=8": "front", "full FT": "within noise"}
+    assert _cost_front(noise) == {"LoRA r=8": "cheapest", "full FT": "within noise"}
     make_record(clear, "lora", rank=8, cost_usd=0.01, mmlu_correct=_answers(20, 57))
     make_record(clear, "full", cost_usd=0.02, mmlu_correct=_answers(37, 57))
-    assert _cost_front(clear) == {"LoRA r=8": "front", "full FT": "front"}
+    assert _cost_front(clear) == {"LoRA r=8": "cheapest", "full FT": "front"}
     assert "cost_vs_accuracy.png" in build_report(noise, tmp_path / "reports")
 
 
@@ -538,11 +539,36 @@ def test_front_status_rules():
 
     points = [(1, 50), (2, 60), (2, 55), (3, 61), (0.5, 40)]
     significant = lambda j, i: points[j][1] - points[i][1] > 3  # a lead over 3 points is beyond the noise
-    # (2, 55) is beaten by (2, 60); (3, 61) leads (2, 60) by 1 only; (0.5, 40) is the cheapest
-    assert front_status(points, significant) == ["front", "front", "dominated", "within noise", "front"]
-    assert front_status(points, lambda j, i: True) == ["front", "front", "dominated", "front", "front"]
-    twins = [(1, 50), (1, 50)]
-    assert front_status(twins, lambda j, i: twins[j][1] - twins[i][1] > 3) == ["within noise", "within noise"]
+    # (2, 55) is beaten by (2, 60); (3, 61) leads (2, 60) by 1 only; (0.5, 40) is the cheapest: no lead
+    assert front_status(points, significant) == ["front", "front", "dominated", "within noise", "cheapest"]
+    assert front_status(points, lambda j, i: True) == ["front", "front", "dominated", "front", "cheapest"]
+    twins = [(1, 50), (1, 50)]  # both cost the least, neither beats the other
+    assert front_status(twins, lambda j, i: twins[j][1] - twins[i][1] > 3) == ["cheapest", "cheapest"]
+    # at the lowest cost the more accurate one is the cheapest, the other dominated
+    assert front_status([(1, 50), (1, 60)], lambda j, i: True) == ["dominated", "cheapest"]
+    assert front_status([], lambda j, i: True) == []
+
+
+def test_equal_accuracies_make_no_lead(tmp_path):
+    """A user's sweep: three arms all at 29.8% (17 of 57), QLoRA the cheapest. QLoRA is the cheapest,
+    not "a lead beyond the noise" (it had nothing cheaper to beat); the dearer arms are dominated, and
+    the plot's legend has no lead entry."""
+    from harness.report import _load
+    from harness.report.plots import cost_front, front_status, plot_cost_vs_accuracy
+    from harness.report.tables import group
+
+    assert front_status([(1, 0.298), (2, 0.298), (3, 0.298)], lambda j, i: True) == [
+        "cheapest", "dominated", "dominated"]
+    results = tmp_path / "results"
+    for method, rank, cost in (("qlora", 8, 2e-5), ("lora", 8, 3e-5), ("full", None, 9e-5)):
+        make_record(results, method, rank=rank, cost_usd=cost, mmlu_correct=_answers(17, 57))
+    tables = group(_load(results)[0], results)
+    assert {p.arm.label: s for p, s in cost_front(tables)} == {
+        "QLoRA r=8": "cheapest", "LoRA r=8": "dominated", "full FT": "dominated"}
+    fig = plot_cost_vs_accuracy(tables)
+    legend = [t.get_text().replace("\n", " ") for t in fig.legends[0].get_texts()]
+    assert "cheapest arm (nothing cheaper to beat)" in legend
+    assert not [t for t in legend if t.startswith("lead")], legend
 
 
 def test_latency_by_phase_and_one_runs_interval(tmp_path):
@@ -580,3 +606,311 @@ def test_a_long_failure_keeps_its_phase_and_names_it_once(tmp_path):
     write_record(results, rec)
     cell = _table(build_report(results, tmp_path / "reports")[AT_A_GLANCE].read_text())[ROWS[0]]["LoRA r=8"]
     assert cell.startswith("failed (in latency): RuntimeError: a very long") and cell.count("latency") == 1
+
+
+# ---------------------------------------------------------------- one colour per method, readable money, tasks
+
+
+def _rich_sweep(results: Path, mmlu: bool = True) -> None:
+    """Two model sizes x (base, full, LoRA r=8 and r=64, QLoRA r=8, DoRA r=8, an unknown PEFT type),
+    one seed, with everything the plots draw: memory, costs, breakdowns, loss curves, the in-domain
+    gain and the forgetting items (general-text losses against the base model)."""
+    from harness.records import read_items
+
+    arms = (("full", None, 60, 0.5), ("lora", 8, 55, 0.02), ("lora", 64, 57, 0.03), ("qlora", 8, 52, 0.01),
+            ("dora", 8, 56, 0.025), ("vera", 8, 50, 0.015))
+    for model, size in (("small", 1_000_000), ("large", 8_000_000)):
+        base = make_record(results, "base", model=model, total_params=size, indomain_correct=_answers(20),
+                           mmlu_correct=_answers(40) if mmlu else None)
+        forgetting = lambda nll: [{"task": "forgetting", "id": f"f{i}", "nll": nll + i / 10, "n_tokens": 64}
+                                  for i in range(8)]
+        base["items_file"] = write_items(results, base["run_id"], read_items(results, base) + forgetting(100.0))
+        write_record(results, base)
+        for i, (method, rank, right, cost) in enumerate(arms):
+            rec = make_record(
+                results, method, rank=rank, model=model, total_params=size,
+                mmlu_correct=_answers(right - 10) if mmlu else None, indomain_correct=_answers(right),
+                peak_memory_bytes=(8 - i) * GiB * size // 1_000_000, memory_device="cuda", cost_usd=cost,
+                indomain_gain_vs_base=(right - 20) / 100, loss_curve=[[1, 2.0 + i / 10], [2, 1.5 + i / 10]],
+                memory_breakdown_bytes={"parameters": GiB, "gradients": GiB // 2, "optimizer_state": GiB // 4,
+                                        "activations": GiB, "other": GiB // 8},
+            )
+            rec["base_run_id"] = base["run_id"]
+            rec["items_file"] = write_items(results, rec["run_id"], read_items(results, rec) + forgetting(100.0 + i))
+            write_record(results, rec)
+
+
+@pytest.fixture(scope="module")
+def rich_tables(tmp_path_factory):
+    from harness.report import _load
+    from harness.report.tables import group
+
+    results = tmp_path_factory.mktemp("rich")
+    _rich_sweep(results)
+    return group(_load(results)[0], results)
+
+
+def _rgb(color) -> tuple[float, float, float]:
+    from matplotlib.colors import to_rgb
+
+    return tuple(round(c, 3) for c in to_rgb(color))
+
+
+def _artist_colors(artist) -> list:
+    """The colours an artist draws with (a container: its parts; "none" left out)."""
+    from matplotlib.collections import Collection
+    from matplotlib.container import Container
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    if isinstance(artist, Container):
+        return [c for part in artist.get_children() for c in _artist_colors(part)]
+    if isinstance(artist, Line2D):
+        return [artist.get_color()]
+    if isinstance(artist, Patch):
+        return [c for c in (artist.get_facecolor(), artist.get_edgecolor()) if c[3] > 0]
+    if isinstance(artist, Collection):
+        return [c for c in [*artist.get_facecolors(), *artist.get_edgecolors()] if c[3] > 0]
+    return []
+
+
+def test_one_colour_per_method_in_every_plot(rich_tables):
+    """Every plot draws a method's artists in method_color(method) (arms of one method: one hue,
+    other line styles), and the memory breakdown's categories in colours no method has."""
+    from matplotlib import rc_context
+
+    from harness.report.plots import (
+        BREAKDOWN_STYLE,
+        METHOD_COLORS,
+        PLOTS,
+        RESERVED_COLORS,
+        STYLE,
+        method_color,
+    )
+    from harness.report.tables import METHOD_LABEL
+
+    methods = {a.method for t in rich_tables for a in t.arms}
+    assert methods == {"base", "full", "lora", "qlora", "dora", "vera"}
+    assert method_color("vera") in RESERVED_COLORS and method_color("vera") == method_color("vera")
+    everyone = [*METHOD_COLORS.values(), *RESERVED_COLORS]
+    assert len({_rgb(c) for c in everyone}) == len(everyone)  # no two methods share a colour
+    method_of = {a.label: a.method for t in rich_tables for a in t.arms}
+    method_of |= {METHOD_LABEL.get(m, m): m for m in methods}
+    neutral = {_rgb("black"), _rgb("white")}
+    checked: dict[str, int] = {}
+    for name, _, plot in PLOTS:
+        with rc_context(STYLE):
+            fig = plot(rich_tables)
+        assert fig is not None, name
+        checked[name] = 0
+        for ax in fig.axes:
+            for artist, label in zip(*ax.get_legend_handles_labels()):
+                colours = {_rgb(c) for c in _artist_colors(artist)} - neutral
+                if name == "memory_breakdown.png":
+                    assert label in {p.replace("_", " ") for p in BREAKDOWN_STYLE}, label
+                    for c in colours:  # far from every method colour, not just unequal
+                        assert min(sum((x - y) ** 2 for x, y in zip(c, _rgb(m))) ** 0.5 for m in everyone) > 0.15, (
+                            label, c)
+                elif (method := method_of.get(label.split(": ")[-1])) is not None:
+                    assert colours == {_rgb(method_color(method))}, (name, label, colours)
+                    checked[name] += 1
+            if name == "peak_memory.png":  # the bars themselves carry no label: the tick says whose bar
+                ticks = [t.get_text() for t in ax.get_xticklabels()]
+                bars = [p for p in ax.patches if p.get_height() > 0 and p.get_facecolor()[3] > 0]
+                assert len(bars) == len(ticks)
+                for bar, tick in zip(sorted(bars, key=lambda b: b.get_x()), ticks):
+                    assert _rgb(bar.get_facecolor()) == _rgb(method_color(method_of[tick])), tick
+                    checked[name] += 1
+        if name == "loss_curves.png":  # LoRA r=8 and r=64: the same colour, another line style
+            lines = {ln.get_label(): ln for ln in fig.axes[0].get_lines()}
+            assert lines["LoRA r=8"].get_color() == lines["LoRA r=64"].get_color()
+            assert lines["LoRA r=8"].get_linestyle() != lines["LoRA r=64"].get_linestyle()
+    assert all(checked[name] >= 3 for name in checked if name != "memory_breakdown.png"), checked
+
+
+def test_money_reads_in_dollars_and_cents():
+    from harness.report.fmt import fmt_money
+
+    assert [fmt_money(v) for v in (2e-5, 1e-4, 0.005, 0.0123, 0.5, 0.9999, 1, 1.5, 12.5, 999.4, 1234, 0)] == [
+        "0.002¢", "0.01¢", "0.5¢", "1.23¢", "50¢", "$1", "$1", "$1.5", "$12.5", "$999", "$1,234", "$0"]
+    assert fmt_money(-0.005) == "-0.5¢"
+
+
+def test_cost_axis_ticks_are_money(tmp_path):
+    """Costs of a few thousandths of a cent (a tiny demo model): cents on the ticks, never $2e-05."""
+    from harness.report import _load
+    from harness.report.plots import plot_cost_vs_accuracy
+    from harness.report.tables import group
+
+    results = tmp_path / "results"
+    make_record(results, "lora", rank=8, cost_usd=2e-5, mmlu_correct=_answers(20, 57))
+    make_record(results, "full", cost_usd=9e-5, mmlu_correct=_answers(37, 57))
+    fig = plot_cost_vs_accuracy(group(_load(results)[0], results))
+    fig.canvas.draw()
+    ticks = [t.get_text() for t in fig.axes[0].get_xticklabels() if t.get_text()]
+    assert ticks and all(t.endswith("¢") or t == "$0" for t in ticks), ticks
+    assert not [t for t in ticks if "e-" in t or "e+" in t], ticks
+
+
+def test_cost_and_scaling_plots_without_mmlu(tmp_path):
+    """A sweep with MMLU off (in-domain only, like ci-smoke) still gets the cost-vs-accuracy plot,
+    one in-domain panel; with MMLU on it has a panel per task. scaling.png draws the in-domain gap."""
+    from harness.report import _load
+    from harness.report.plots import plot_cost_vs_accuracy, plot_scaling
+    from harness.report.tables import group
+
+    results = tmp_path / "results"
+    _rich_sweep(results, mmlu=False)
+    tables = group(_load(results)[0], results)
+    fig = plot_cost_vs_accuracy(tables)
+    assert fig is not None and [ax.get_ylabel() for ax in fig.axes if ax.get_visible()] == ["in-domain accuracy (%)"]
+    fig = plot_scaling(tables)
+    gap_axes = [ax for ax in fig.axes if ax.get_visible() and "gap" in ax.get_ylabel()]
+    assert [ax.get_ylabel() for ax in gap_axes] == ["in-domain gap vs full FT (pp, 95% interval)"]
+    assert {c.get_label() for c in gap_axes[0].containers} == {"LoRA r=8", "LoRA r=64", "QLoRA r=8", "dora r=8",
+                                                                "vera r=8"}
+    assert not [ax for ax in fig.axes if "MMLU" in ax.get_ylabel()]
+    written = build_report(results, tmp_path / "reports")
+    assert {"cost_vs_accuracy.png", "scaling.png"} <= set(written)
+
+
+def test_cost_plot_has_a_panel_per_task(rich_tables):
+    from harness.report.plots import plot_cost_vs_accuracy
+
+    fig = plot_cost_vs_accuracy(rich_tables)
+    assert [ax.get_ylabel() for ax in fig.axes if ax.get_visible()] == ["MMLU accuracy (%)", "in-domain accuracy (%)"]
+
+
+# ---------------------------------------------------------------- the explorer (plotly, optional)
+
+
+
+def test_explorer_figure_one_point_per_run_in_the_method_colours(report):
+    pytest.importorskip("plotly")
+    from matplotlib.colors import to_hex
+
+    from harness.report import _load
+    from harness.report.explorer import explorer_data, explorer_figure
+    from harness.report.plots import method_color
+    from harness.report.tables import group
+
+    results, reports, written = report
+    tables = group(_load(results)[0], results)
+    runs, metrics = explorer_data(tables)
+    assert len(runs) == 7  # the ok runs: base, full x 3, LoRA r=8 x 3 (the failed and the OOM run have nothing)
+    labels = [m.label for m in metrics]
+    assert labels[:6] == ["peak training memory (GiB)", "cost per run (¢)", "in-domain accuracy (%)",
+                          "MMLU accuracy (%)", "in-domain gap vs full FT (pp, this seed)",
+                          "MMLU gap vs full FT (pp, this seed)"]
+    by = {m.name: m.values for m in metrics}
+    assert by["peak_memory_bytes"] == [None, 4.0, 4.0, 4.0, 1.0, 2.0, 3.0]
+    assert by["cost_usd"] == [None, 50.0, 50.0, 50.0, 1.23, 1.23, 1.23]
+    assert by["gap_indomain"] == [None, None, None, None, 5.0, 10.0, 15.0]  # 65/70/75 vs full's 60 per seed
+    fig = explorer_figure(tables)
+    assert [(t["name"], t["marker"]["color"]) for t in fig["data"]] == [
+        (name, to_hex(method_color(m))) for name, m in (("base model", "base"), ("full FT", "full"), ("LoRA", "lora"))]
+    assert sum(len(t["x"]) for t in fig["data"]) == 7
+    x_menu, y_menu = fig["layout"]["updatemenus"]
+    assert [b["label"] for b in x_menu["buttons"]] == labels == [b["label"] for b in y_menu["buttons"]]
+    assert fig["layout"]["xaxis"]["title"]["text"] == labels[x_menu["active"]] == "peak training memory (GiB)"
+    assert fig["layout"]["yaxis"]["title"]["text"] == labels[y_menu["active"]] == "in-domain accuracy (%)"
+    lora = fig["data"][2]["text"][1]
+    assert all(f"{k}: " in lora for k in ("method", "rank", "seed", "lr", "run_id", "model", "data", "hardware"))
+    assert "rank: 8" in lora and "seed: 1" in lora and "model: tiny-model" in lora and "hardware: h200" in lora
+    # the page: plotly.js beside index.html, nothing loaded from outside
+    page = written["index.html"].read_text()
+    assert '<script src="plotly.min.js"' in page and (reports / "plotly.min.js").stat().st_size > 1_000_000
+    assert not re.search(r'(src|href)="(https?:)?//', page)
+    assert page.index("<h2>Plots</h2>") < page.index("<h2>Explorer</h2>")
+
+
+def test_without_plotly_the_page_says_how_to_get_the_explorer(tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    make_record(results, "full", mmlu_correct=_answers(80), peak_memory_bytes=GiB)
+    make_record(results, "lora", rank=8, mmlu_correct=_answers(70), peak_memory_bytes=GiB // 2)
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (reports / "plotly.min.js").write_text("// stale")
+    monkeypatch.setitem(sys.modules, "plotly", None)  # import plotly raises ImportError
+    page = build_report(results, reports)["index.html"].read_text()
+    assert "<h2>Explorer</h2>" in page and "pip install 'peft-harness[plotly]'" in html.unescape(page)
+    assert "plotly.min.js" not in page and not (reports / "plotly.min.js").exists()
+
+
+# Opens the explorer's x menu and picks MMLU accuracy, then the y menu and picks the cost, clicking
+# as a person does; reports the points (position, fill) per trace, the axis titles and a hover.
+EXPLORER_PROBE = """<script>window.addEventListener('load', async () => {
+  const out = {};
+  try {
+    const gd = document.getElementById('explorer');
+    const sleep = ms => new Promise(r => setTimeout(r, ms));
+    const points = () => [...gd.querySelectorAll('.scatterlayer .trace')].map(t =>
+      [...t.querySelectorAll('path.point')].map(p => [p.getAttribute('transform'), p.style.fill]));
+    const titles = () => ['x', 'y'].map(a => gd.querySelector(`.g-${a}title text`).textContent);
+    const pick = async (menu, label) => {
+      const header = [...gd.querySelectorAll('.updatemenu-header')].find(h => h.textContent === menu);
+      header.dispatchEvent(new MouseEvent('click', {bubbles: true}));
+      await sleep(300);
+      const button = [...gd.querySelectorAll('.updatemenu-dropdown-button')].find(b => b.textContent === label);
+      button.dispatchEvent(new MouseEvent('click', {bubbles: true}));
+      await sleep(500);
+    };
+    out.steps = [{points: points(), titles: titles()}];
+    await pick(titles()[0], 'MMLU accuracy (%)');
+    out.steps.push({points: points(), titles: titles()});
+    await pick(titles()[1], 'cost per run (¢)');
+    out.steps.push({points: points(), titles: titles()});
+    Plotly.Fx.hover(gd, [{curveNumber: 2, pointNumber: 1}]);
+    await sleep(200);
+    out.hover = gd.querySelector('.hoverlayer').textContent;
+  } catch (e) { out.error = String(e); }
+  document.body.dataset.explorer = JSON.stringify(out);
+})</script>"""
+
+
+@pytest.mark.skipif(find_browser() is None, reason=f"no browser on PATH ({', '.join(BROWSERS)}); .ci/run installs one")
+def test_explorer_draws_and_redraws_in_a_headless_browser(report, tmp_path):
+    pytest.importorskip("plotly")
+    from matplotlib.colors import to_rgb
+
+    from harness.report.plots import method_color
+
+    _, reports, written = report
+    probe = reports / "_explorer_probe.html"
+    probe.write_text(written["index.html"].read_text().replace("</body>", EXPLORER_PROBE + "</body>"))
+    try:
+        proc = subprocess.run(
+            [find_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'browser'}",
+             "--window-size=1280,2000", "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()],
+            check=False, capture_output=True, text=True, timeout=120,
+        )
+    finally:
+        probe.unlink()
+    found = re.search(r'data-explorer="([^"]*)"', proc.stdout)
+    assert found, proc.stdout[-2000:] + proc.stderr[-2000:]
+    seen = json.loads(html.unescape(found.group(1)))
+    assert "error" not in seen, seen
+    first, by_mmlu, by_cost = seen["steps"]
+    # traces: base model, full FT, LoRA; each point filled with its method's colour
+    for trace, method in zip(first["points"], ("base", "full", "lora")):
+        rgb = "rgb({}, {}, {})".format(*(round(c * 255) for c in to_rgb(method_color(method))))
+        assert {fill for _, fill in trace} <= {rgb}, (method, trace)
+    # peak memory x in-domain accuracy: 6 points (the base model trained nothing, no peak memory)
+    assert first["titles"] == ["peak training memory (GiB)", "in-domain accuracy (%)"]
+    assert [len(t) for t in first["points"]] == [0, 3, 3]
+    # x: MMLU accuracy: every ok run has one, so 7 points; the LoRA seeds (1, 2, 3 GiB apart before, all
+    # at 70% MMLU now) move to one x, their y (65, 70, 75% in-domain) stays
+    assert by_mmlu["titles"] == ["MMLU accuracy (%)", "in-domain accuracy (%)"]
+    assert [len(t) for t in by_mmlu["points"]] == [1, 3, 3]
+    xy = lambda p: tuple(float(v) for v in re.findall(r"[-\d.]+", p[0]))
+    before, after = [xy(p) for p in first["points"][2]], [xy(p) for p in by_mmlu["points"][2]]
+    assert len({x for x, _ in before}) == 3 and len({x for x, _ in after}) == 1
+    assert [y for _, y in before] == [y for _, y in after]
+    # y: cost: the three LoRA seeds cost the same, so they now sit on one point; the base model has none
+    assert by_cost["titles"] == ["MMLU accuracy (%)", "cost per run (¢)"]
+    assert [len(t) for t in by_cost["points"]] == [0, 3, 3] and len({xy(p) for p in by_cost["points"][2]}) == 1
+    # hover: the run's settings
+    assert all(f"{k}: " in seen["hover"] for k in ("method", "rank", "seed", "lr", "run_id", "model", "data",
+                                                    "hardware")), seen["hover"]
+    assert "LoRA" in seen["hover"] and "seed: 1" in seen["hover"]

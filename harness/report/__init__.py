@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from harness.records import RecordError, iter_records, load_record
+from harness.report.explorer import explorer_html
 from harness.report.page import render_page
 from harness.report.plots import PLOTS, draw, pareto_front
 from harness.report.tables import AT_A_GLANCE, ROW_LABELS, ROWS, arms_frame, group, markdown, render, runs_frame
@@ -87,7 +88,8 @@ def build_report(results_dir: str | Path, reports_dir: str | Path, estimate_mode
         written[name] = target
         plots.append((name, caption))
     written["index.html"] = reports_dir / "index.html"
-    written["index.html"].write_text(render_page(rendered, plots, skipped))
+    explorer = explorer_html(tables, reports_dir)  # the interactive explorer (plotly.min.js beside index.html)
+    written["index.html"].write_text(render_page(rendered, plots, skipped, explorer=explorer))
     from harness.report.estimate_report import write_estimates  # estimated sections, labelled as such
 
     written.update(write_estimates(records, reports_dir, results_dir, estimate_models, estimate_hardware,

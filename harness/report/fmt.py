@@ -71,6 +71,22 @@ def fmt_usd(values: Sequence[float]) -> str:
     return f"${mean:.{decimals}f}" + (f" ± {sd:.{decimals}f}" if sd else "")
 
 
+def fmt_money(value: float) -> str:
+    """One amount as a person reads it (an axis tick): dollars from $1 (``$1.5``, ``$12``,
+    ``$1,234``), cents below (``0.5¢``, ``0.002¢``: three significant digits, no exponent)."""
+    if value == 0:
+        return "$0"
+    sign = "-" if value < 0 else ""
+    value = abs(value)
+    cents = value * 100
+    text = f"{cents:.{max(0, 2 - math.floor(math.log10(cents)))}f}"
+    if float(text) >= 100:  # a dollar or more, after rounding
+        return f"{sign}${value:,.0f}" if value >= 999.5 else f"{sign}${value:.3g}"
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return f"{sign}{text}¢"
+
+
 def fmt_percent(values: Sequence[float], signed: bool = False, decimals: int = 1) -> str:
     mean, sd = mean_sd([v * 100 for v in values])
     text = f"{mean:+.{decimals}f}" if signed else f"{mean:.{decimals}f}"

@@ -4,13 +4,20 @@
 from __future__ import annotations
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+from markupsafe import Markup
 
+from harness.report.explorer import INSTALL
 from harness.report.tables import AT_A_GLANCE, GAP_NOTE, RenderedTable
 
 _ENV = Environment(loader=PackageLoader("harness.report", "templates"), autoescape=select_autoescape(["j2", "html"]),
                    undefined=StrictUndefined, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
 
 
-def render_page(tables: list[RenderedTable], plots: list[tuple[str, str]], skipped: list[str]) -> str:
+def render_page(tables: list[RenderedTable], plots: list[tuple[str, str]], skipped: list[str],
+                explorer: str | None = None) -> str:
+    """``explorer``: the explorer's HTML (harness.report.explorer.explorer_html), after the plots;
+    None: a line says how to get it."""
     return _ENV.get_template("report.html.j2").render(tables=tables, plots=plots, skipped=skipped,
-                                                      gap_note=GAP_NOTE, at_a_glance=AT_A_GLANCE)
+                                                      gap_note=GAP_NOTE, at_a_glance=AT_A_GLANCE,
+                                                      explorer=Markup(explorer) if explorer else None,
+                                                      explorer_install=INSTALL)

@@ -1,29 +1,36 @@
-"""The report's plots: one figure helper (one width, panel height, dpi and style for all), six plots.
+"""The report's plots: one figure helper (one width, panel height, dpi and style for all), one
+colour per method, the plots in PLOTS.
 
 Every figure is FIG_W inches wide at DPI (1000 px): panels two a row, the legend in a fixed
 column on the right, so the page shows every plot at the same scale. The object-oriented Figure
 API renders with Agg and leaves pyplot's global backend alone, so the run stage can build a report
-in its own process without side effects. Accuracies are drawn with their 95% intervals
-(harness.stats); the Pareto front crowns an arm only where its lead is outside the noise.
+in its own process without side effects. A plot function returns its Figure (None without data);
+``draw`` saves it. Every plot (and the explorer, harness.report.explorer) colours a method with
+``method_color``: full FT red, LoRA blue, QLoRA green, ... in every figure; arms of one method (its
+ranks) differ in marker and line style, never in hue. The memory breakdown's categories use greys,
+browns and a yellow no method has. Accuracies are drawn with their 95% intervals (harness.stats);
+the Pareto front marks the cheapest arm as such and crowns an arm as a lead only where it beats
+every cheaper arm beyond the noise.
 """
 
 from __future__ import annotations
 
 import math
 import textwrap
+import zlib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from matplotlib import colormaps, rc_context
+from matplotlib import rc_context
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from harness.report.fmt import fmt_count
-from harness.report.tables import METHOD_LABEL, Arm, Table, _arm_sort, arm_label, memory_measure
-from harness.stats import accuracy_difference, mean_sd, unpaired_difference
+from harness.report.fmt import fmt_count, fmt_money
+from harness.report.tables import METHOD_LABEL, Arm, Table, _arm_sort, memory_measure
+from harness.stats import accuracy_difference, mean_sd, task_order, unpaired_difference
 
 FIG_W, PANEL_H, LEGEND_W, DPI = 10.0, 3.2, 2.3, 100
 STYLE = {
@@ -32,8 +39,49 @@ STYLE = {
     "axes.spines.right": False, "savefig.facecolor": "white",
 }
 BREAKDOWN = ("parameters", "gradients", "optimizer_state", "activations", "other")
-METHOD_COLOR = {"full": "tab:red", "lora": "tab:blue", "qlora": "tab:green", "base": "tab:gray"}
-OTHER_COLORS = ("tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+TASK_LABEL = {"mmlu": "MMLU", "indomain": "in-domain"}  # lm-eval tasks go by their own names
+
+# ---------------------------------------------------------------- one colour per method, in every plot
+METHOD_COLORS = {
+    "full": "tab:red", "lora": "tab:blue", "qlora": "tab:green", "dora": "tab:purple", "rslora": "tab:cyan",
+    "ia3": "tab:orange", "base": "tab:gray",
+}
+# other PEFT types: one of these, picked by a hash of the name (the same colour in every report)
+RESERVED_COLORS = ("tab:pink", "tab:olive", "navy", "teal", "darkmagenta", "gold")
+# memory-breakdown categories (colour, hatch): greys, browns and a yellow no method uses
+BREAKDOWN_STYLE = {
+    "parameters": ("#525252", ""), "gradients": ("#a6761d", "//"), "optimizer_state": ("#f2d16b", ""),
+    "activations": ("#c8c8c8", ".."), "other": ("#e8dcc4", "xx"),
+}
+# arms of one method (ranks, settings), in table order: the method's colour, these markers and lines
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+LINESTYLES = ("-", "--", ":", "-.")
+
+
+def method_color(method: str) -> str:
+    """The colour of ``method`` in every plot (a matplotlib colour name)."""
+    if method in METHOD_COLORS:
+        return METHOD_COLORS[method]
+    return RESERVED_COLORS[zlib.crc32(method.encode()) % len(RESERVED_COLORS)]
+
+
+def arm_styles(tables: list[Table]) -> dict[str, dict]:
+    """Per arm label: its method's ``color``, and a ``marker`` and ``linestyle`` by its place among
+    that method's arms (table order), the same in every panel."""
+    arms = sorted({(a.method, a.rank, a.settings): a.label for t in tables for a in t.arms}.items(),
+                  key=lambda kv: _arm_sort(kv[0]))
+    seen: dict[str, int] = defaultdict(int)
+    styles = {}
+    for (method, _, _), label in arms:
+        i = seen[method]
+        seen[method] += 1
+        styles[label] = {"color": method_color(method), "marker": MARKERS[i % len(MARKERS)],
+                         "linestyle": LINESTYLES[i % len(LINESTYLES)]}
+    return styles
+
+
+def _method_label(method: str) -> str:
+    return METHOD_LABEL.get(method, method)
 
 
 # ---------------------------------------------------------------- one figure helper
@@ -64,8 +112,8 @@ def _title(ax, text: str) -> None:
     ax.set_title(text, y=1.0, pad=4)
 
 
-def _finish(fig: Figure, axes: list, title: str, path: Path) -> Path:
-    """One legend (entries merged over panels) in the legend column, the title, then save."""
+def _finish(fig: Figure, axes: list, title: str) -> Figure:
+    """One legend (entries merged over panels) in the legend column, and the title."""
     entries: dict[str, object] = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
@@ -74,21 +122,17 @@ def _finish(fig: Figure, axes: list, title: str, path: Path) -> Path:
         fig.legend(list(entries.values()), [textwrap.fill(label, 30) for label in entries], loc="upper left",
                    bbox_to_anchor=(1 - (LEGEND_W - 0.15) / FIG_W, axes[0].get_position().y1), frameon=False)
     fig.suptitle(title)
-    # no Software/date metadata: the same results give the same file
-    fig.savefig(path, dpi=DPI, metadata={"Software": None})
-    return path
+    return fig
 
 
-def _method_colors(tables: list[Table]) -> dict[str, str]:
-    others = sorted({a.method for t in tables for a in t.arms if a.method not in METHOD_COLOR})
-    return METHOD_COLOR | {m: OTHER_COLORS[i % len(OTHER_COLORS)] for i, m in enumerate(others)}
+def _tasks(tables: list[Table]) -> list[str]:
+    """The accuracy tasks some arm of these tables scored (MMLU, in-domain, then lm-eval tasks)."""
+    return sorted({task for t in tables for a in t.arms for task, acc in a.accuracy.items() if acc},
+                  key=task_order)
 
 
-def _arm_colors(tables: list[Table]) -> dict[str, tuple]:
-    """One color per arm label, the same in every panel."""
-    arms = sorted({(a.method, a.rank) for t in tables for a in t.arms}, key=_arm_sort)
-    palette = colormaps["tab10"].colors + colormaps["tab20"].colors[1::2]  # strong colors first
-    return {arm_label(*arm): palette[i % len(palette)] for i, arm in enumerate(arms)}
+def _task_label(task: str) -> str:
+    return TASK_LABEL.get(task, task)
 
 
 def _errors(intervals: list[dict], scale: float = 100) -> list[list[float]]:
@@ -114,19 +158,29 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
-FRONT, WITHIN_NOISE, DOMINATED = "front", "within noise", "dominated"
+CHEAPEST, FRONT, WITHIN_NOISE, DOMINATED = "cheapest", "front", "within noise", "dominated"
 
 
 def front_status(points: Sequence[tuple[float, float]], lead_significant: Callable[[int, int], bool]) -> list[str]:
-    """Per point: FRONT when it is more accurate than every point at most as costly, and
-    ``lead_significant(it, other)`` for each of them (the cheapest point has none to beat);
-    DOMINATED when one of them is at least as accurate; WITHIN_NOISE when its lead over one of them
-    is inside the noise (neither dominates)."""
+    """Per (cost, accuracy) point, against the other points at most as costly ("cheaper"):
+
+    DOMINATED     a cheaper point is at least as accurate (an exact twin does not count);
+    CHEAPEST      otherwise, when it costs the least of all: it has nothing cheaper to beat, so it
+                  is the front's start, never a lead;
+    FRONT         a lead: more accurate than every cheaper point and ``lead_significant(it, other)``
+                  for each of them (beyond the 95% noise);
+    WITHIN_NOISE  more accurate than every cheaper point, but inside the noise against one of them:
+                  neither dominates, and it is not on the front.
+
+    So equal accuracies never make a lead: the cheapest is CHEAPEST, the dearer ones DOMINATED."""
+    lowest = min((c for c, _ in points), default=None)
     status = []
     for j, (cost, acc) in enumerate(points):
         cheaper = [i for i, (c, a) in enumerate(points) if i != j and c <= cost]
-        if any(points[i][1] >= acc and points[i] != points[j] for i in cheaper):  # an equal point: within noise
+        if any(points[i][1] >= acc and points[i] != points[j] for i in cheaper):  # an equal point: not dominated
             status.append(DOMINATED)
+        elif cost == lowest:
+            status.append(CHEAPEST)
         elif all(lead_significant(j, i) for i in cheaper):
             status.append(FRONT)
         else:
@@ -139,35 +193,36 @@ class CostPoint:
     table: Table
     arm: Arm
     cost: float
-    accuracy: dict  # stats.accuracy_interval on MMLU
+    accuracy: dict  # stats.accuracy_interval on ``task``
     label: str
+    task: str = "mmlu"
 
 
-def cost_points(tables: list[Table]) -> list[CostPoint]:
+def cost_points(tables: list[Table], task: str = "mmlu") -> list[CostPoint]:
     several = len(tables) > 1
     return [
-        CostPoint(t, a, mean_sd(a.values("cost_usd"))[0], a.accuracy["mmlu"],
-                  f"{t.key[0]} ({t.key[2]}): {a.label}" if several else a.label)
+        CostPoint(t, a, mean_sd(a.values("cost_usd"))[0], a.accuracy[task],
+                  f"{t.key[0]} ({t.key[2]}): {a.label}" if several else a.label, task)
         for t in tables for a in t.arms
-        if a.values("cost_usd") and a.accuracy.get("mmlu")
+        if a.values("cost_usd") and a.accuracy.get(task)
     ]
 
 
 def lead_significant(a: CostPoint, b: CostPoint) -> bool:
-    """Is ``a`` more accurate than ``b`` beyond the noise? Arms of one table: the paired
-    difference over the questions and seeds they share; otherwise (or without a shared seed) the
-    unpaired difference of the two accuracy intervals."""
+    """Is ``a`` more accurate than ``b`` (on their task) beyond the noise? Arms of one table: the
+    paired difference over the questions and seeds they share; otherwise (or without a shared
+    seed) the unpaired difference of the two accuracy intervals."""
     diff = None
     if a.table is b.table:
-        diff = accuracy_difference(a.arm.ok, b.arm.ok, "mmlu", a.table.items)
+        diff = accuracy_difference(a.arm.ok, b.arm.ok, a.task, a.table.items)
     if diff is None:
         diff = unpaired_difference(a.accuracy, b.accuracy)
     return diff["significant"] and diff["diff"] > 0
 
 
-def cost_front(tables: list[Table]) -> list[tuple[CostPoint, str]]:
-    """The points of the cost-vs-accuracy plot with their front status."""
-    points = cost_points(tables)
+def cost_front(tables: list[Table], task: str = "mmlu") -> list[tuple[CostPoint, str]]:
+    """The points of the cost-vs-accuracy panel of ``task`` with their front status."""
+    points = cost_points(tables, task)
     xy = [(p.cost, p.accuracy["mean"]) for p in points]
     return list(zip(points, front_status(xy, lambda j, i: lead_significant(points[j], points[i]))))
 
@@ -175,11 +230,10 @@ def cost_front(tables: list[Table]) -> list[tuple[CostPoint, str]]:
 # ---------------------------------------------------------------- plots
 
 
-def plot_peak_memory(tables: list[Table], path: Path) -> Path | None:
+def plot_peak_memory(tables: list[Table]) -> Figure | None:
     panels = [t for t in tables if any(a.values("peak_memory_bytes") for a in t.arms if a.method != "base")]
     if not panels:
         return None
-    colors = _method_colors(tables)
     fig, axes = figure(len(panels), tick_room=1.5)
     for ax, t in zip(axes, panels):
         arms = [a for a in t.arms if a.method != "base"]
@@ -188,31 +242,27 @@ def plot_peak_memory(tables: list[Table], path: Path) -> Path | None:
         top = max(s[0] for s in stats if s)
         done = [x for x, s in enumerate(stats) if s]
         ax.bar(done, [stats[x][0] for x in done], yerr=[stats[x][1] or 0 for x in done], capsize=3,
-               color=[colors[arms[x].method] for x in done])
+               color=[method_color(arms[x].method) for x in done])
         for x, a in enumerate(arms):
             if stats[x] is None:
                 # nothing measured: a hatched placeholder says why instead of a silent gap
                 oom = any(r["status"] == "oom" for r in a.runs)
-                ax.bar(x, top, color="none", edgecolor=colors[a.method], hatch="//", label="did not finish")
+                ax.bar(x, top, color="none", edgecolor=method_color(a.method), hatch="//", label="did not finish")
                 ax.text(x, top / 2, "OOM" if oom else "failed", ha="center", va="center", rotation=90, fontsize=8)
         for method in dict.fromkeys(arms[x].method for x in done):  # legend: one patch per method
-            ax.bar(0, 0, color=colors[method], label=METHOD_LABEL.get(method, method))
+            ax.bar(0, 0, color=method_color(method), label=_method_label(method))
         ax.set_xticks(range(len(arms)), [a.label for a in arms], rotation=45, ha="right")
         measures = sorted({m for a in arms for r in a.ok if r["metrics"].get("peak_memory_bytes") is not None
                            and (m := memory_measure(r))})
         ax.set_ylabel(f"peak training memory, {' / '.join(measures) or 'unknown measure'} (GiB)")
         _title(ax, t.title)
-    return _finish(fig, axes, "Peak training memory by arm and rank (mean ± sd over seeds)", path)
+    return _finish(fig, axes, "Peak training memory by arm and rank (mean ± sd over seeds)")
 
 
-TASK_LABEL = {"mmlu": "MMLU", "indomain": "in-domain"}
-
-
-def plot_accuracy_by_rank(tables: list[Table], path: Path, task: str = "mmlu") -> Path | None:
+def plot_accuracy_by_rank(tables: list[Table], task: str = "mmlu") -> Figure | None:
     panels = [t for t in tables if any(a.rank is not None and a.accuracy.get(task) for a in t.arms)]
     if not panels:
         return None
-    colors = _method_colors(tables)
     fig, axes = figure(len(panels))
     for ax, t in zip(axes, panels):
         ranked = [a for a in t.arms if a.rank is not None and a.accuracy.get(task)]
@@ -223,13 +273,13 @@ def plot_accuracy_by_rank(tables: list[Table], path: Path, task: str = "mmlu") -
             nudge = 2 ** (0.05 * (i - (len(methods) - 1) / 2))
             ax.errorbar([a.rank * nudge for a in arms], [a.accuracy[task]["mean"] * 100 for a in arms],
                         yerr=_errors([a.accuracy[task] for a in arms]), marker="o", capsize=3,
-                        color=colors[method], label=METHOD_LABEL.get(method, method))
+                        color=method_color(method), label=_method_label(method))
         for a in t.arms:
             if a.method in ("full", "base") and (acc := a.accuracy.get(task)):
-                ax.axhline(acc["mean"] * 100, color=colors[a.method], linestyle="-" if a.method == "full" else "--",
-                           label=a.label)
+                ax.axhline(acc["mean"] * 100, color=method_color(a.method),
+                           linestyle="-" if a.method == "full" else "--", label=a.label)
                 if acc["ci_low"] is not None:
-                    ax.axhspan(acc["ci_low"] * 100, acc["ci_high"] * 100, color=colors[a.method], alpha=0.12)
+                    ax.axhspan(acc["ci_low"] * 100, acc["ci_high"] * 100, color=method_color(a.method), alpha=0.12)
         ranks = sorted({a.rank for a in ranked})
         ax.set_xscale("log", base=2)
         ax.set_xticks(ranks, [str(r) for r in ranks])
@@ -237,13 +287,12 @@ def plot_accuracy_by_rank(tables: list[Table], path: Path, task: str = "mmlu") -
             ax.set_xlim(ranks[0] / 2, ranks[0] * 2)
         ax.minorticks_off()
         ax.set_xlabel("rank")
-        ax.set_ylabel(f"{TASK_LABEL[task]} accuracy (%)")
+        ax.set_ylabel(f"{_task_label(task)} accuracy (%)")
         _title(ax, t.title)
-    return _finish(fig, axes, f"{TASK_LABEL[task]} accuracy by rank (mean over seeds; bars and bands: 95% interval)",
-                   path)
+    return _finish(fig, axes, f"{_task_label(task)} accuracy by rank (mean over seeds; bars and bands: 95% interval)")
 
 
-def plot_learning_vs_forgetting(tables: list[Table], path: Path) -> Path | None:
+def plot_learning_vs_forgetting(tables: list[Table]) -> Figure | None:
     """Per trained arm: what it learned (in-domain accuracy gain over the base model, or the fall
     of its held-out loss) against what it forgot (the rise of its general-text loss), as Biderman
     et al. (2024) plot LoRA against full fine-tuning. Horizontal bars: the forgetting row's 95% interval."""
@@ -257,8 +306,8 @@ def plot_learning_vs_forgetting(tables: list[Table], path: Path) -> Path | None:
     panels = [t for t in tables if any(a.key in t.forgetting and learned(a) for a in t.arms)]
     if not panels:
         return None
-    colors = _arm_colors(tables)
-    fig, axes = figure(len(panels))
+    styles = arm_styles(tables)
+    fig, axes = figure(len(panels), tick_room=0.8)
     for ax, t in zip(axes, panels):
         ylabel = ""
         for a in t.arms:
@@ -267,36 +316,40 @@ def plot_learning_vs_forgetting(tables: list[Table], path: Path) -> Path | None:
                 continue
             xerr = ([[row["gap"] - row["ci_low"]], [row["ci_high"] - row["gap"]]] if row["ci_low"] is not None
                     else None)
-            ax.errorbar([row["gap"]], [y[0]], xerr=xerr, marker="o", capsize=3, color=colors[arm_label(a.method, a.rank)], label=a.label)
+            style = styles[a.label]
+            ax.errorbar([row["gap"]], [y[0]], xerr=xerr, marker=style["marker"], capsize=3, color=style["color"],
+                        label=a.label)
             ylabel = y[1]
         ax.axvline(0, color="black", linewidth=0.8)
-        ax.set_xlabel("forgetting: general-text loss rise over the base model (nats/token)")
+        ax.set_xlabel("forgetting: general-text loss rise\nover the base model (nats/token)")
         ax.set_ylabel(ylabel)
         _title(ax, t.title)
-    return _finish(fig, axes, "Learning vs forgetting per arm (up: learned more; right: forgot more)", path)
+    return _finish(fig, axes, "Learning vs forgetting per arm (up: learned more; right: forgot more)")
 
 
-
-
-
-def plot_cost_vs_accuracy(tables: list[Table], path: Path) -> Path | None:
-    points = cost_front(tables)
-    if not points:
-        return None
-    colors = _method_colors(tables)
-    fig, (ax,) = figure(1, tick_room=0.7)
+def _cost_panel(ax, points: list[tuple[CostPoint, str]]) -> None:
+    """One task's cost-vs-accuracy panel: every arm with its 95% interval, the cheapest boxed, the
+    leads beyond the noise circled and joined by the front's line, leads within the noise dashed."""
+    task = points[0][0].task
     for p, _ in points:
         ax.errorbar([p.cost], [p.accuracy["mean"] * 100], yerr=_errors([p.accuracy]), fmt="o", capsize=3,
-                    color=colors[p.arm.method], label=METHOD_LABEL.get(p.arm.method, p.arm.method), zorder=3)
-    front = sorted((p for p, s in points if s == FRONT), key=lambda p: p.cost)
+                    color=method_color(p.arm.method), label=_method_label(p.arm.method), zorder=3)
+    cheapest = [p for p, s in points if s == CHEAPEST]
+    leads = [p for p, s in points if s == FRONT]
     noise = [p for p, s in points if s == WITHIN_NOISE]
+    front = sorted(cheapest + leads, key=lambda p: p.cost)
     ax.plot([p.cost for p in front], [p.accuracy["mean"] * 100 for p in front], color="black",
             drawstyle="steps-post", linewidth=1, zorder=2)
-    ax.scatter([p.cost for p in front], [p.accuracy["mean"] * 100 for p in front], s=160, facecolors="none",
-               edgecolors="black", label="Pareto front (lead beyond the 95% noise)", zorder=4)
+    ax.scatter([p.cost for p in cheapest], [p.accuracy["mean"] * 100 for p in cheapest], s=170, marker="s",
+               facecolors="none", edgecolors="black", label="cheapest arm (nothing cheaper to beat)",
+               zorder=4)
+    if leads:
+        ax.scatter([p.cost for p in leads], [p.accuracy["mean"] * 100 for p in leads], s=160, facecolors="none",
+                   edgecolors="black", label="lead beyond the 95% noise over every cheaper arm",
+                   zorder=4)
     if noise:
         ax.scatter([p.cost for p in noise], [p.accuracy["mean"] * 100 for p in noise], s=160, facecolors="none",
-                   edgecolors="gray", linestyles="--", label="lead within the noise: not on the front", zorder=4)
+                   edgecolors="black", linestyles="--", label="lead within the noise: not on the front", zorder=4)
     labelled = front + noise
     mid = (min(p.cost for p in labelled) + max(p.cost for p in labelled)) / 2
     for p in labelled:  # labels point away from the nearer edge so they stay inside the axes
@@ -307,14 +360,25 @@ def plot_cost_vs_accuracy(tables: list[Table], path: Path) -> Path | None:
     if min(costs) > 0 and max(costs) / min(costs) > 100:
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"${v:g}"))
-    ax.set_xlabel("cost per run (USD)")
-    ax.set_ylabel("MMLU accuracy (%)")
-    return _finish(fig, [ax], "Cost vs MMLU accuracy per arm (mean over seeds, 95% interval); circled: Pareto front",
-                   path)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_money(v)))
+    ax.set_xlabel(r"cost per run (US dollars; ¢ below \$1)")
+    ax.set_ylabel(f"{_task_label(task)} accuracy (%)")
+    _title(ax, f"{_task_label(task)}: cost vs accuracy")
 
 
-def plot_memory_breakdown(tables: list[Table], path: Path) -> Path | None:
+def plot_cost_vs_accuracy(tables: list[Table]) -> Figure | None:
+    """One panel per accuracy task the tables carry (MMLU, in-domain, lm-eval tasks) with costs."""
+    panels = [points for task in _tasks(tables) if (points := cost_front(tables, task))]
+    if not panels:
+        return None
+    fig, axes = figure(len(panels), tick_room=0.7)
+    for ax, points in zip(axes, panels):
+        _cost_panel(ax, points)
+    return _finish(fig, axes, "Cost vs accuracy per arm (mean over seeds, 95% interval); boxed: cheapest; "
+                   "circled: a lead beyond the noise")
+
+
+def plot_memory_breakdown(tables: list[Table]) -> Figure | None:
     def breakdown(a: Arm) -> dict[str, float] | None:
         parts = [p for r in a.ok if isinstance(p := r["metrics"].get("memory_breakdown_bytes"), dict)]
         if not parts:
@@ -325,36 +389,37 @@ def plot_memory_breakdown(tables: list[Table], path: Path) -> Path | None:
     panels = [(t, arms) for t, arms in panels if arms]
     if not panels:
         return None
-    colors = dict(zip(BREAKDOWN, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:gray")))
     fig, axes = figure(len(panels), tick_room=1.5)
     for ax, (t, arms) in zip(axes, panels):
         bottoms = [0.0] * len(arms)
         for part in BREAKDOWN:
             heights = [b[part] for _, b in arms]
-            ax.bar(range(len(arms)), heights, bottom=bottoms, color=colors[part], label=part.replace("_", " "))
+            color, hatch = BREAKDOWN_STYLE[part]
+            ax.bar(range(len(arms)), heights, bottom=bottoms, color=color, hatch=hatch, edgecolor="#3b3b3b",
+                   linewidth=0.5, label=part.replace("_", " "))
             bottoms = [x + h for x, h in zip(bottoms, heights)]
         ax.set_xticks(range(len(arms)), [a.label for a, _ in arms], rotation=45, ha="right")
         ax.set_ylabel("training memory (GiB)")
         _title(ax, t.title)
-    return _finish(fig, axes, "Training memory breakdown (mean over seeds)", path)
+    return _finish(fig, axes, "Training memory breakdown (mean over seeds)")
 
 
-def plot_loss_curves(tables: list[Table], path: Path) -> Path | None:
+def plot_loss_curves(tables: list[Table]) -> Figure | None:
     panels = [t for t in tables if any(r["metrics"].get("loss_curve") for a in t.arms for r in a.ok)]
     if not panels:
         return None
-    colors = _arm_colors(tables)
+    styles = arm_styles(tables)
     fig, axes = figure(len(panels))
     for ax, t in zip(axes, panels):
         for a in t.arms:
             for r in a.ok:  # one line per seed, one legend entry per arm
                 if curve := r["metrics"].get("loss_curve") or []:
-                    ax.plot([p[0] for p in curve], [p[1] for p in curve], color=colors[a.label], linewidth=1,
-                            alpha=0.8, label=a.label)
+                    ax.plot([p[0] for p in curve], [p[1] for p in curve], color=styles[a.label]["color"],
+                            linestyle=styles[a.label]["linestyle"], linewidth=1, alpha=0.8, label=a.label)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("training loss (nats/token)")
         _title(ax, t.title)
-    return _finish(fig, axes, "Training loss curves (one line per seed)", path)
+    return _finish(fig, axes, "Training loss curves (one line per seed; line style: the arm within its method)")
 
 
 def _model_size(t: Table) -> float | None:
@@ -362,50 +427,60 @@ def _model_size(t: Table) -> float | None:
     return max(sizes) if sizes else None
 
 
-def plot_scaling(tables: list[Table], path: Path) -> Path | None:
-    """Peak memory and MMLU gap (with its 95% interval) against model size, one line per arm; a
-    pair of panels per data set and hardware (only those that ran more than one model size)."""
+def plot_scaling(tables: list[Table]) -> Figure | None:
+    """Peak memory and the accuracy gap vs full FT (with its 95% interval) of every task that has
+    one (MMLU, in-domain, lm-eval tasks) against model size, one line per arm; those panels per
+    data set and hardware (only those that ran more than one model size)."""
     by_setting: dict[tuple[str, str], list[tuple[float, Table]]] = defaultdict(list)
     for t in tables:
         if size := _model_size(t):
             by_setting[(t.key[1], t.key[2])].append((size, t))
     settings = [k for k in sorted(by_setting) if len({s for s, _ in by_setting[k]}) > 1]
-    if not settings:
-        return None
-    colors = _arm_colors(tables)
-    fig, axes = figure(2 * len(settings))
-    for (data, hardware), ax_mem, ax_gap in zip(settings, axes[::2], axes[1::2]):
+    # (title, y label, {arm label: [(size, y, (below, above))]}, sizes, is a gap)
+    panels: list[tuple[str, str, dict[str, list], list[float], bool]] = []
+    for data, hardware in settings:
+        members = sorted(by_setting[(data, hardware)], key=lambda st: (st[0], st[1].key))
+        sizes = sorted({s for s, _ in members})
         memory: dict[str, list] = defaultdict(list)
-        gap: dict[str, list] = defaultdict(list)
-        sizes = set()
-        for size, t in sorted(by_setting[(data, hardware)], key=lambda st: (st[0], st[1].key)):
-            sizes.add(size)
+        gaps: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        for size, t in members:
             for a in t.arms:
                 if a.method != "base" and a.values("peak_memory_bytes"):
                     memory[a.label].append((size, mean_sd(a.values("peak_memory_bytes"))[0] / 2**30, (0.0, 0.0)))
-                if (g := t.gaps.get((a.key, "mmlu"))) is not None:
+            for a in t.arms:
+                for task in sorted({task for key, task in t.gaps if key == a.key}, key=task_order):
+                    g = t.gaps[(a.key, task)]
                     # the table's interval (asymmetric where Newcombe's floor sets it)
                     below, above = ((g["gap"] - g["ci_low"]) * 100, (g["ci_high"] - g["gap"]) * 100) \
                         if g["ci_low"] is not None else (0.0, 0.0)
-                    gap[a.label].append((size, g["gap"] * 100, (below, above)))
-        for ax, series, ylabel in ((ax_mem, memory, "peak training memory (GiB)"),
-                                   (ax_gap, gap, "MMLU gap vs full FT (pp, 95% interval)")):
-            for label, pts in series.items():
-                xs, ys, errs = zip(*pts)
-                ax.errorbar(xs, ys, yerr=list(zip(*errs)) if ax is ax_gap else None, marker="o", capsize=3, color=colors[label],
-                            label=label)
-            ax.set_xscale("log")
-            ax.set_xticks(sorted(sizes), [fmt_count([s]) for s in sorted(sizes)])
-            ax.minorticks_off()
-            ax.set_xlabel("model size (total parameters)")
-            ax.set_ylabel(ylabel)
-        ax_gap.axhline(0, color="black", linewidth=0.8)
-        _title(ax_mem, f"Peak memory, {data} ({hardware})")
-        _title(ax_gap, f"MMLU gap (negative: PEFT worse), {data} ({hardware})")
-    return _finish(fig, axes, "Scaling with model size", path)
+                    gaps[task][a.label].append((size, g["gap"] * 100, (below, above)))
+        if memory:
+            panels.append((f"Peak memory, {data} ({hardware})", "peak training memory (GiB)", memory, sizes, False))
+        for task in sorted(gaps, key=task_order):
+            panels.append((f"{_task_label(task)} gap (negative: PEFT worse), {data} ({hardware})",
+                           f"{_task_label(task)} gap vs full FT (pp, 95% interval)", gaps[task], sizes, True))
+    if not panels:
+        return None
+    styles = arm_styles(tables)
+    fig, axes = figure(len(panels))
+    for ax, (title, ylabel, series, sizes, is_gap) in zip(axes, panels):
+        for label, pts in series.items():
+            xs, ys, errs = zip(*sorted(pts))
+            style = styles[label]
+            ax.errorbar(xs, ys, yerr=list(zip(*errs)) if is_gap else None, marker=style["marker"],
+                        linestyle=style["linestyle"], capsize=3, color=style["color"], label=label)
+        ax.set_xscale("log")
+        ax.set_xticks(sizes, [fmt_count([s]) for s in sizes])
+        ax.minorticks_off()
+        ax.set_xlabel("model size (total parameters)")
+        ax.set_ylabel(ylabel)
+        if is_gap:
+            ax.axhline(0, color="black", linewidth=0.8)
+        _title(ax, title)
+    return _finish(fig, axes, "Scaling with model size")
 
 
-PLOTS: tuple[tuple[str, str, Callable[[list[Table], Path], Path | None]], ...] = (
+PLOTS: tuple[tuple[str, str, Callable[[list[Table]], Figure | None]], ...] = (
     ("peak_memory.png", "Peak training memory by arm and rank", plot_peak_memory),
     ("mmlu_by_rank.png", "MMLU accuracy by rank, with full fine-tuning and base model as references (95% intervals)",
      plot_accuracy_by_rank),
@@ -413,15 +488,20 @@ PLOTS: tuple[tuple[str, str, Callable[[list[Table], Path], Path | None]], ...] =
      "(95% intervals)", partial(plot_accuracy_by_rank, task="indomain")),
     ("learning_vs_forgetting.png", "Learning vs forgetting per arm (95% intervals of the forgetting)",
      plot_learning_vs_forgetting),
-    ("cost_vs_accuracy.png", "Cost vs accuracy (95% intervals); the Pareto front is circled where an arm's lead is "
-     "beyond the noise", plot_cost_vs_accuracy),
+    ("cost_vs_accuracy.png", "Cost vs accuracy, one panel per task (95% intervals): the cheapest arm is boxed; an "
+     "arm is circled as a lead only where it beats every cheaper arm beyond the noise", plot_cost_vs_accuracy),
     ("memory_breakdown.png", "Training memory breakdown", plot_memory_breakdown),
     ("loss_curves.png", "Training loss curves", plot_loss_curves),
     ("scaling.png", "Scaling with model size", plot_scaling),
 )
 
 
-def draw(plot: Callable[[list[Table], Path], Path | None], tables: list[Table], path: Path) -> Path | None:
-    """One plot in the report's style."""
+def draw(plot: Callable[[list[Table]], Figure | None], tables: list[Table], path: Path) -> Path | None:
+    """One plot in the report's style, saved to ``path`` (None, nothing written, without data)."""
     with rc_context(STYLE):
-        return plot(tables, path)
+        fig = plot(tables)
+        if fig is None:
+            return None
+        # no Software/date metadata: the same results give the same file
+        fig.savefig(path, dpi=DPI, metadata={"Software": None})
+    return path
