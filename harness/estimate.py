@@ -210,11 +210,13 @@ def setup_of(cfg: dict) -> Setup:
     hw = str(cfg["hardware"].get("name"))
     gpu = hw in DEVICES or (hw not in ("cpu", "auto") and not hw.startswith("unpriced (cpu"))
     has_bf16 = gpu  # every GPU of the price table has bf16
-    if hw == "auto":
+    if hw == "auto" or cfg["hardware"].get("detected"):
         import torch
 
+        from harness.measure.environment import gpu_has_native_bf16
+
         gpu = torch.cuda.is_available()
-        has_bf16 = gpu and torch.cuda.is_bf16_supported()
+        has_bf16 = gpu and gpu_has_native_bf16()
     train, method, est = cfg["train"], cfg["method"], cfg.get("estimate") or {}
     precision = str(train["precision"])
     bf16 = precision == "bf16" or (precision == "auto" and has_bf16)
@@ -707,11 +709,14 @@ def resolved(cfg: dict) -> dict:
 
     cfg = {k: v for k, v in cfg.items() if k != "hydra"}
     validate(cfg, EstimateConfig)
+    detected = cfg["hardware"].get("name") == "auto"
     try:
         entry = resolve_hardware(cfg["hardware"], load_price_table(CONF_DIR))
     except PriceTableError as exc:
         raise UsageError(str(exc)) from exc
     cfg["hardware"] = entry or {"name": "unknown", "price_per_device_hour_usd": None}
+    if detected:  # this machine's device: setup_of asks it for bf16 instead of assuming it
+        cfg["hardware"] = {**cfg["hardware"], "detected": True}
     return cfg
 
 

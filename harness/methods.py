@@ -47,12 +47,14 @@ def rank_of(method_cfg: dict) -> int | None:
 
 
 def compute_dtype(method_cfg: dict) -> str:
-    """QLoRA's compute dtype: ``auto`` is bf16 on a GPU that has it and fp32 elsewhere, because
+    """QLoRA's compute dtype: ``auto`` is bf16 on a GPU that has it natively and fp32 elsewhere, because
     bf16 matmuls on a CPU without bf16 units run many times slower (about 30 s a step here)."""
     wanted = str(method_cfg.get("compute_dtype") or "auto")
     if wanted != "auto":
         return wanted
-    return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    from harness.measure.environment import gpu_has_native_bf16
+
+    return "bfloat16" if gpu_has_native_bf16() else "float32"
 
 
 def quantization_config(method_cfg: dict, sharded: bool = False):

@@ -108,7 +108,9 @@ def resolve_dtype(wanted: str | None, method_cfg: dict, device_type: str, bf16_s
 def model_dtype(model_cfg: dict, method_cfg: dict, device: str | torch.device, sharded: bool = False) -> str:
     """``resolve_dtype`` for this process's training ``device`` (its bf16 support read from torch)."""
     device = torch.device(device)
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    from harness.measure.environment import gpu_has_native_bf16
+
+    bf16 = device.type == "cuda" and gpu_has_native_bf16()
     return resolve_dtype(model_cfg.get("dtype"), method_cfg, device.type, bf16, sharded)
 
 

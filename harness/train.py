@@ -28,9 +28,11 @@ CHECKPOINTING_ARG = ("activation_checkpointing" if "activation_checkpointing" in
 
 
 def use_bf16(precision: str) -> bool:
-    """bf16 autocast where the device supports it (precision auto), or when asked."""
+    """bf16 autocast where the GPU runs it natively (precision auto), or when asked."""
     if precision == "auto":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        from harness.measure.environment import gpu_has_native_bf16
+
+        return gpu_has_native_bf16()
     return precision == "bf16"
 
 

@@ -175,12 +175,44 @@ def test_resolve_dtype_sharded_qlora_loads_in_its_compute_dtype():
     assert resolve_dtype("auto", {**QLORA, "compute_dtype": "float16"}, "cuda", True) == "bfloat16"
 
 
+def fake_gpu(monkeypatch, major: int) -> None:
+    """A CUDA device of compute capability ``major`` on which bf16 tensors can be made (emulated
+    below 8.0, as on a V100 or T4); torch's own is_bf16_supported reads it."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: SimpleNamespace(
+        major=major, minor=0, name="Tesla V100-SXM2-16GB" if major < 8 else "NVIDIA A100-SXM4-80GB",
+        total_memory=16 * 2**30 if major < 8 else 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda *a: True)
+
+
 def test_model_dtype_reads_the_device_capability(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    fake_gpu(monkeypatch, 8)
     assert model_dtype({"dtype": "auto"}, LORA, "cuda") == "bfloat16"
     assert model_dtype({"dtype": "auto"}, LORA, "cpu") == "float32"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    fake_gpu(monkeypatch, 7)
     assert model_dtype({"dtype": "auto"}, LORA, torch.device("cuda", 0)) == "float32"
+
+
+@pytest.mark.parametrize("major, native", [(7, False), (8, True), (9, True)])
+def test_emulated_bf16_counts_as_no_bf16(monkeypatch, major, native):
+    """A V100/T4 (7.x) can make bf16 tensors, emulated: every auto choice is fp32 there."""
+    from harness.measure.environment import gpu_has_native_bf16
+    from harness.methods import compute_dtype
+    from harness.train import use_bf16
+
+    fake_gpu(monkeypatch, major)
+    assert torch.cuda.is_bf16_supported() is True  # torch's default counts emulation
+    assert gpu_has_native_bf16() is native
+    assert use_bf16("auto") is native
+    assert compute_dtype({"compute_dtype": "auto"}) == ("bfloat16" if native else "float32")
+    assert model_dtype({"dtype": "auto"}, LORA, "cuda") == ("bfloat16" if native else "float32")
+    s = estimate.setup_of(estimate.resolved(estimate.compose(["method=lora", "hardware=auto"])))
+    assert s.gpu is True and s.model_dtype == ("bfloat16" if native else "float32")
+    assert s.regime == ("bf16" if native else "fp32")
 
 
 def test_resolve_dtype_rejects_unknown_values():

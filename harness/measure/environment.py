@@ -65,6 +65,16 @@ def now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
+def gpu_has_native_bf16() -> bool:
+    """Whether CUDA device 0 runs bf16 natively (compute capability 8.0 or later, or ROCm). The
+    one place the harness asks: ``torch.cuda.is_bf16_supported()`` counts emulation by default, so
+    a V100 or T4 would get a bf16 base, bf16 autocast and bf16 QLoRA compute, emulated and many
+    times slower; ``including_emulation=False`` does not. False without CUDA."""
+    import torch
+
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False))
+
+
 def device_identity() -> tuple[str, int | None]:
     """(name, total memory in bytes) of device 0: ``torch.cuda.get_device_name(0)`` and
     ``get_device_properties(0).total_memory``, or ("cpu", None) without CUDA. Imports torch (the
