@@ -50,15 +50,26 @@ class LoadedModel:
         return count_params(self.model)
 
 
+def param_numel(p: torch.Tensor) -> int:
+    """The true element count of one parameter, whatever its storage.
+
+    A bitsandbytes 4-bit weight (Params4bit) is packed into ``quant_storage`` (uint8 by default,
+    the compute dtype under FSDP): its count is its quant_state's shape, or, before quantization
+    has one, the stored bytes x 8 / 4 bits; a ZeRO-3 partitioned parameter is empty on each rank
+    and ``ds_numel`` is its whole size (an FSDP2 DTensor's numel already is)."""
+    if p.__class__.__name__ == "Params4bit":
+        quant = getattr(p, "quant_state", None)
+        if quant is not None and getattr(quant, "shape", None) is not None:
+            return int(torch.Size(quant.shape).numel())
+        if getattr(p, "bnb_quantized", False):
+            return p.numel() * p.element_size() * 8 // 4
+    return int(getattr(p, "ds_numel", None) or p.numel())
+
+
 def count_params(model: torch.nn.Module) -> int:
-    """Parameters of the model as stored; 4-bit weights count as their unpacked size (as peft)."""
-    total = 0
-    for p in model.parameters():
-        n = p.numel()
-        if p.__class__.__name__ == "Params4bit":  # two 4-bit values per stored byte
-            n *= 2
-        total += n
-    return total
+    """Parameters of the model: 4-bit weights count as their unpacked size, ZeRO-3 partitioned ones
+    as their whole size (``param_numel``)."""
+    return sum(param_numel(p) for p in model.parameters())
 
 
 # model.dtype: the accepted spellings and the torch dtype each names

@@ -236,6 +236,41 @@ def test_param_counts_full_and_lora():
     assert counts["trainable_share"] == pytest.approx(counts["trainable_params"] / counts["total_params"])
 
 
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16])
+def test_4bit_weights_count_their_true_size_whatever_the_storage(tmp_path, storage):
+    """A real bitsandbytes Params4bit packs two 4-bit values per byte of quant_storage: 4 per
+    bf16 element. The count is the unquantized model's, as peft's own."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    from harness.models import count_params
+
+    base = tiny_model()
+    base.save_pretrained(tmp_path)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                           bnb_4bit_quant_storage=storage)
+    model = LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=q, device_map="cpu")
+    packed = [p for p in model.parameters() if p.__class__.__name__ == "Params4bit"]
+    assert packed and all(p.dtype == storage for p in packed)
+    assert count_params(model) == count_params(base) == sum(p.numel() for p in base.parameters())
+    assert param_counts(model)["total_params"] == count_params(base)
+    assert param_counts(lora(model))["total_params"] == param_counts(lora(base))["total_params"]
+
+
+def test_a_zero3_partitioned_parameter_counts_its_whole_size():
+    """ZeRO-3 leaves each rank an empty tensor and the whole size in ds_numel (DeepSpeed's
+    partition_parameters); the count is the model's, not ~0."""
+    from harness.models import count_params
+
+    model = tiny_model()
+    whole = count_params(model)
+    for p in model.parameters():
+        p.ds_numel = p.numel()
+        p.data = torch.empty(0, dtype=p.dtype)
+    assert count_params(model) == whole
+    assert param_counts(model)["total_params"] == whole
+
+
 def test_flops_per_token_formulas():
     n, n_adapter = 1_000_000, 10_000
     assert flops_per_token("full", n, n) == 6 * n

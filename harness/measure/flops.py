@@ -21,13 +21,16 @@ def param_counts(model: torch.nn.Module) -> dict:
     """Trainable and total parameters as peft prints them.
 
     PEFT models: ``model.get_nb_trainable_parameters()`` (counts a 4-bit packed weight as its
-    unpacked size). Other models: ``requires_grad`` parameters over all parameters.
+    unpacked size, and a ZeRO-3 partitioned one as its ``ds_numel``). Other models:
+    ``requires_grad`` parameters over all parameters, each counted by ``models.param_numel``.
     """
     if hasattr(model, "get_nb_trainable_parameters"):
         trainable, total = model.get_nb_trainable_parameters()
     else:
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
+        from harness.models import param_numel
+
+        trainable = sum(param_numel(p) for p in model.parameters() if p.requires_grad)
+        total = sum(param_numel(p) for p in model.parameters())
     return {
         "trainable_params": int(trainable),
         "total_params": int(total),
