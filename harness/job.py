@@ -154,6 +154,7 @@ def execute(job: dict, own_process: bool = False) -> dict | None:
     t_run = time.perf_counter()
     run = Run(job=job, env=env, record=new_record(job, env))
     run.metrics["startup_wall_s"] = failure.process_age_s() if own_process else None
+    run.metrics["hardware_warning"] = hardware_warning(run.cfg["hardware"])
     try:
         load(run)
         train(run)
@@ -175,6 +176,19 @@ def execute(job: dict, own_process: bool = False) -> dict | None:
     if not distributed.is_main():
         return None
     return finish(run, started, time.perf_counter() - t_run)
+
+
+def hardware_warning(entry: dict) -> str | None:
+    """The preset this job is priced as against the device it found (pricing.hardware_mismatch),
+    printed once (rank 0) and recorded as ``metrics.hardware_warning``."""
+    from harness import distributed
+    from harness.measure import pricing
+    from harness.measure.environment import device_identity
+
+    warning = pricing.hardware_mismatch(entry, *device_identity())
+    if warning and distributed.is_main():
+        print(f"harness: warning: {warning}", file=sys.stderr, flush=True)
+    return warning
 
 
 def load(run: Run) -> None:

@@ -86,6 +86,8 @@ def test_cpu_run_is_priced_per_core_it_used(table):
         ("NVIDIA H100 NVL", 93.1, None),
         ("NVIDIA H200", 139.8, "h200"),
         ("NVIDIA H200 NVL", 139.8, None),
+        ("NVIDIA GH200 144G HBM3e", 139.8, None),  # Grace Hopper, not an H200 SXM
+        ("NVIDIA GH200 480GB", 94.5, None),
         ("NVIDIA L40S", 44.4, "l40s"),
         ("NVIDIA L40", 44.4, None),
         ("NVIDIA GeForce RTX 4090", 23.6, "rtx-4090"),
@@ -182,3 +184,42 @@ def test_price_table_validation_names_the_file(tmp_path, body, message):
         load_price_table(tmp_path)
     text = str(exc.value)
     assert "bad-gpu.yaml" in text and message in text and "\n" not in text
+
+
+@pytest.mark.parametrize("preset, device, memory_gib, mismatch", [
+    ("h200", "NVIDIA H200", 139.8, False),
+    ("h200", "NVIDIA GH200 144G HBM3e", 139.8, True),
+    ("h200", "NVIDIA H100 80GB HBM3", 79.1, True),
+    ("a100-80gb", "NVIDIA A100-SXM4-40GB", 39.4, True),  # the name fits, the memory does not
+    ("cpu", "cpu", None, False),
+    ("h200", "cpu", None, True),
+])
+def test_an_explicit_preset_is_checked_against_the_device(table, preset, device, memory_gib, mismatch):
+    entry = resolve_hardware({"name": preset}, table)
+    warning = pricing.hardware_mismatch(entry, device, int(memory_gib * GIB) if memory_gib else None)
+    assert (warning is not None) is mismatch
+    if mismatch:
+        assert f"hardware={preset}" in warning and repr(device) in warning and "hardware=auto" in warning
+
+
+def test_a_preset_without_a_match_list_or_a_price_is_not_checked(table):
+    assert pricing.hardware_mismatch({"name": "mine", "price_per_device_hour_usd": 2.0, "match": []}, "cpu") is None
+    assert pricing.hardware_mismatch({"name": "unpriced (X)", "price_per_device_hour_usd": None}, "X") is None
+
+
+def test_a_job_on_another_device_than_its_preset_warns_once_and_records_it(tmp_path):
+    """A real job priced as hardware=h200 on this CPU: one warning line, metrics.hardware_warning."""
+    from harness import records
+    from tests.conftest import TINY, harness_run
+
+    args = [a for a in TINY if not a.startswith("hardware=")]
+    proc = harness_run(*args, "hardware=h200", "method=lora", f"results_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "does not match the device" in ln]
+    assert len(lines) == 1, lines
+    (rec,) = [r for r in records.load_records(tmp_path) if r["method"] == "lora"]
+    assert rec["status"] == "ok" and "hardware=h200" in rec["metrics"]["hardware_warning"]
+    assert rec["metrics"]["hardware"] == "h200"  # still priced as given
+    ok = harness_run(*TINY, "method=lora", f"results_dir={tmp_path / 'cpu'}")
+    (rec,) = [r for r in records.load_records(tmp_path / "cpu") if r["method"] == "lora"]
+    assert ok.returncode == 0 and rec["metrics"]["hardware_warning"] is None

@@ -129,6 +129,22 @@ def resolve_hardware(hardware_cfg: dict, table: dict[str, dict]) -> dict | None:
     return _validate_entry({**table.get(name, {}), **hardware_cfg}, f"hardware {name!r}")
 
 
+def hardware_mismatch(entry: dict | None, name: str, memory_bytes: int | None = None) -> str | None:
+    """Why the hardware preset a job is priced as does not describe the device it runs on (its
+    ``match``/``exclude``/``memory_gib`` do not fit ``name``), or None when it does. An explicit
+    ``hardware=<preset>`` is taken as given, so a wrong one would silently give another device's
+    price and datasheet MFU; a preset without a ``match`` list (one made on the command line) and
+    an unpriced run are not checked."""
+    if not entry or not entry.get("match") or price_of(entry) is None:
+        return None
+    if environment.fits(entry, name, memory_bytes):
+        return None
+    memory = f", {memory_bytes / GIB:.1f} GiB" if memory_bytes else ""
+    return (f"hardware={entry['name']} does not match the device this job runs on ({name!r}{memory}): its "
+            f"price and datasheet peak (mfu_datasheet) are {entry['name']}'s; use hardware=auto or the "
+            "preset of this device")
+
+
 def unpriced_hardware(table: dict[str, dict]) -> dict:
     """The hardware config of a run on an unknown device: its name, no price, the warning
     (printed here, and recorded as ``price_warning``)."""
