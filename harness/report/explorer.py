@@ -240,5 +240,6 @@ def explorer_html(tables: list[Table], reports_dir: Path) -> str | None:
     if not (target.is_file() and target.stat().st_size == source.stat().st_size):
         shutil.copyfile(source, target)
     div = pio.to_html(fig, include_plotlyjs=False, full_html=False, div_id=DIV_ID,
-                      config={"displaylogo": False, "responsive": True})
+                      config={"displaylogo": False, "responsive": True,
+                              "modeBarButtonsToRemove": ["sendChartToCloud", "select2d", "lasso2d"]})
     return f'<script src="{PLOTLY_JS}" charset="utf-8"></script>\n{div}'

@@ -113,13 +113,14 @@ def _title(ax, text: str) -> None:
 
 
 def _finish(fig: Figure, axes: list, title: str) -> Figure:
-    """One legend (entries merged over panels) in the legend column, and the title."""
+    """One legend (entries merged over panels) in the legend column (27 characters a line fit it),
+    and the title."""
     entries: dict[str, object] = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             entries.setdefault(label, handle)
     if entries:
-        fig.legend(list(entries.values()), [textwrap.fill(label, 30) for label in entries], loc="upper left",
+        fig.legend(list(entries.values()), [textwrap.fill(label, 27) for label in entries], loc="upper left",
                    bbox_to_anchor=(1 - (LEGEND_W - 0.15) / FIG_W, axes[0].get_position().y1), frameon=False)
     fig.suptitle(title)
     return fig
@@ -331,9 +332,11 @@ def _cost_panel(ax, points: list[tuple[CostPoint, str]]) -> None:
     """One task's cost-vs-accuracy panel: every arm with its 95% interval, the cheapest boxed, the
     leads beyond the noise circled and joined by the front's line, leads within the noise dashed."""
     task = points[0][0].task
-    for p, _ in points:
-        ax.errorbar([p.cost], [p.accuracy["mean"] * 100], yerr=_errors([p.accuracy]), fmt="o", capsize=3,
-                    color=method_color(p.arm.method), label=_method_label(p.arm.method), zorder=3)
+    for method in dict.fromkeys(p.arm.method for p, _ in points):  # one errorbar call per method: faster
+        mine = [p for p, _ in points if p.arm.method == method]
+        ax.errorbar([p.cost for p in mine], [p.accuracy["mean"] * 100 for p in mine],
+                    yerr=_errors([p.accuracy for p in mine]), fmt="o", capsize=3, color=method_color(method),
+                    label=_method_label(method), zorder=3)
     cheapest = [p for p, s in points if s == CHEAPEST]
     leads = [p for p, s in points if s == FRONT]
     noise = [p for p, s in points if s == WITHIN_NOISE]
