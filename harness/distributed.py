@@ -101,6 +101,23 @@ def _flags(values: dict) -> list[str]:
     return [x for k, v in values.items() for x in (f"--{k}", str(v).lower() if isinstance(v, bool) else str(v))]
 
 
+DEFAULT_PORT = 29500  # accelerate's (torch.distributed's) default rendezvous port
+
+
+def rendezvous_port(dist: dict) -> int:
+    """The port rank 0 listens on: ``distributed.main_process_port``, plus k in parallel slot k
+    (``hydra/launcher=parallel``: jobs run side by side on one machine, and two launches on one
+    port would collide: the second dies, or joins the first's group). On several machines every
+    machine must name the same port, so it is used as given."""
+    from harness.sweep import ENV_SLOT
+
+    port = int(dist.get("main_process_port") or DEFAULT_PORT)
+    slot = os.environ.get(ENV_SLOT)
+    if slot and int(dist.get("num_machines") or 1) == 1:
+        port += int(slot.split("/")[0])
+    return port
+
+
 def accelerate_flags(dist: dict, train_cfg: dict) -> list[str]:
     """``accelerate launch`` flags for a job (all given explicitly, so a user's accelerate
     default config cannot change what runs)."""
@@ -109,7 +126,7 @@ def accelerate_flags(dist: dict, train_cfg: dict) -> list[str]:
         "num_processes": dist["num_processes"],
         "num_machines": dist["num_machines"],
         "machine_rank": dist.get("machine_rank") or 0,
-        "main_process_port": dist.get("main_process_port") or 29500,
+        "main_process_port": rendezvous_port(dist),
         "mixed_precision": "no",  # the Trainer sets bf16 itself from train.precision
         "dynamo_backend": "no",
     })
@@ -144,7 +161,9 @@ def accelerate_flags(dist: dict, train_cfg: dict) -> list[str]:
             "offload_optimizer_device": zero.get("offload_optimizer_device", "none"),
             "offload_param_device": zero.get("offload_param_device", "none"),
             "gradient_accumulation_steps": int(train_cfg["grad_accum"]),
-            "gradient_clipping": 1.0,  # the Trainer's max_grad_norm
+            # the Trainer fills DeepSpeed's gradient_clipping from max_grad_norm and raises on a
+            # config that disagrees: the launch passes the same setting
+            "gradient_clipping": float(train_cfg.get("max_grad_norm", 1.0)),
         })
     return flags
 

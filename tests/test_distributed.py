@@ -129,6 +129,16 @@ def test_multi_node_flags_and_zero3_flags():
     assert "--use_deepspeed" in text and "--zero_stage 3" in text and "--gradient_accumulation_steps 4" in text
 
 
+@pytest.mark.parametrize("norm", ["0.3", "1.0", "0.0"])
+def test_zero3_launch_clips_at_the_trainers_max_grad_norm(norm):
+    """The Trainer fills DeepSpeed's gradient_clipping from train.max_grad_norm and raises when the
+    launch's differs: the launch passes train.max_grad_norm."""
+    cfg = compose("model=tiny-random", "distributed=zero3", f"train.max_grad_norm={norm}")
+    flags = distributed.launch_command("/tmp/j.json", cfg)
+    i = flags.index("--gradient_clipping")
+    assert float(flags[i + 1]) == float(norm) == cfg["train"]["max_grad_norm"]
+
+
 def test_strategy_and_world_size_are_in_the_identity_rendezvous_is_not():
     base = plan(compose("model=tiny-random", "distributed=fsdp"))
     other_machine = plan(

@@ -112,6 +112,42 @@ def test_parallel_slots_give_jobs_their_own_gpus_and_queue_the_rest(tmp_path):
     assert float(got[2][2]) >= min(freed[:2])
 
 
+PORT_USER = textwrap.dedent("""
+    import sys, time
+    from harness import distributed, sweep
+    cfg = {"results_dir": sys.argv[1], "parallel": {"jobs": 2, "gpus_per_job": None},
+           "distributed": {"strategy": sys.argv[3], "num_processes": 2, "num_machines": 1, "main_process_port": 29500},
+           "train": {"grad_accum": 1, "max_grad_norm": 1.0}}
+    with sweep.parallel_slot(cfg) as given:
+        cmd = distributed.launch_command("/tmp/j.json", cfg)
+        print("port", given["slot"], cmd[cmd.index("--main_process_port") + 1], flush=True)
+        time.sleep(float(sys.argv[2]))
+""")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_jobs_in_two_parallel_slots_rendezvous_on_two_ports(tmp_path, strategy):
+    """Two jobs side by side (hydra/launcher=parallel) each launch accelerate: one port per slot."""
+    env = {**ENV, sweep.ENV_DEVICES: ""}  # no GPU: two CPU slots
+    procs = [subprocess.Popen([sys.executable, "-c", PORT_USER, str(tmp_path), "4", strategy], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    ports = dict(line.split()[1:] for o in outs for line in o.splitlines() if line.startswith("port "))
+    assert sorted(ports) == ["0/2", "1/2"], outs  # both held a slot at once
+    assert ports == {"0/2": "29500", "1/2": "29501"}
+
+
+def test_the_port_is_as_given_outside_a_slot_and_on_several_machines(monkeypatch):
+    from harness import distributed
+
+    dist = {"strategy": "ddp", "num_processes": 2, "num_machines": 1, "main_process_port": 29600}
+    monkeypatch.delenv(sweep.ENV_SLOT, raising=False)
+    assert distributed.rendezvous_port(dist) == 29600
+    monkeypatch.setenv(sweep.ENV_SLOT, "3/4")
+    assert distributed.rendezvous_port(dist) == 29603
+    assert distributed.rendezvous_port({**dist, "num_machines": 2, "main_process_ip": "10.0.0.1"}) == 29600
+
+
 # ---------------------------------------------------------------- the Slurm submission (no cluster)
 
 FAKE_SBATCH = """#!/bin/sh
