@@ -1,4 +1,4 @@
-"""A job's failure: the phase it was in, and whether it ran out of memory.
+"""A job's failure: the phase it was in, and whether it ran out of memory or was killed.
 
     phases = failure.Phases()            # "load" from the start
     phases.enter("train")                # at each phase boundary of the job
@@ -7,8 +7,14 @@
         record.update(failure.fields(exc, phases.current))   # status, error, failed_phase
 
 The job process also leaves its current phase in ``HARNESS_JOB_ERROR_DIR`` (one small file per
-rank), so that when the process is killed outright (the kernel's OOM killer sends SIGKILL) the
-parent that writes its record still knows where it died. No torch import: the parent uses it.
+rank), so that when the process is killed outright (SIGKILL: the kernel's OOM killer, a scheduler,
+a person) the parent that writes its record still knows where it died. No torch import: the parent
+uses it.
+
+Statuses: ``oom`` only when a device or allocator said so (an out-of-memory error raised in the
+job, or left by a rank); ``killed`` for a process ended by SIGKILL with no such account: the host
+running out of memory is the likely cause, but a SIGKILL says nothing about the GPU. Records
+written before ``killed`` existed say ``oom`` for those (``was_killed`` tells them apart).
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ OOM_TEXTS = ("out of memory", "can't allocate memory", "cannot allocate memory",
              "cublas_status_alloc_failed")
 # exit codes of a process killed by SIGKILL, as subprocess (-9) or a shell (137) reports it
 KILLED_CODES = (-9, 137)
+# what a SIGKILL most likely was: stated as likely, since the signal does not say who sent it
+KILLED_CAUSE = "killed by SIGKILL (likely the host's out-of-memory killer or a scheduler)"
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -112,5 +120,18 @@ def killed(returncode: int, folder: str | Path) -> dict:
     """status, error and failed_phase of a job process that ended with ``returncode`` and left no
     account of its own (killed before it could say why)."""
     phase = last_phase(folder)
-    return {"status": "oom" if returncode in KILLED_CODES else "failed",
-            "error": error_text(f"job process exited with code {returncode}", phase), "failed_phase": phase}
+    if returncode in KILLED_CODES:
+        return {"status": "killed", "error": error_text(f"job process exited with code {returncode}: {KILLED_CAUSE}",
+                                                        phase), "failed_phase": phase}
+    return {"status": "failed", "error": error_text(f"job process exited with code {returncode}", phase),
+            "failed_phase": phase}
+
+
+def was_killed(record: dict) -> bool:
+    """A record of a job process killed by SIGKILL: status ``killed``, or an ``oom`` written by an
+    older harness for an exit code -9/137 (no device reported running out of memory)."""
+    if record.get("status") == "killed":
+        return True
+    error = str(record.get("error") or "")
+    return record.get("status") == "oom" and any(
+        error.startswith(f"job process exited with code {code}") for code in KILLED_CODES)

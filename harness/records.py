@@ -22,7 +22,7 @@ Schema 1 (fields other stages rely on)::
                   means a fair pair.
     eval_key      identity.base_key: sha256 of (model, eval settings, data, hardware name,
                   train.precision): the base-model record shared by all arms and seeds
-    status        "ok" | "failed" | "oom"
+    status        "ok" | "failed" | "oom" (a device/allocator out-of-memory error) | "killed" (SIGKILL)
     error         message or null; on failure it ends with "(in phase <failed_phase>)"
     failed_phase  null when ok; else where the job failed or was killed (harness.failure.PHASES):
                   "load" | "base_eval" | "train" | "mfu" | "eval" | "footprint" | "latency"
@@ -41,6 +41,7 @@ Schema 1 (fields other stages rely on)::
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -56,7 +57,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 SCHEMA = 1
-STATUSES = ("ok", "failed", "oom")
+STATUSES = ("ok", "failed", "oom", "killed")
 REQUIRED_FIELDS = (
     "schema",
     "run_id",
@@ -254,15 +255,24 @@ def holder_of(path: Path) -> dict | None:
 
 
 def read_items(results_dir: str | Path, record: dict) -> list[dict]:
-    """Per-question answers of ``record`` ([] when it has none)."""
+    """Per-question answers of ``record`` ([] when it has none). Read once per file version: a
+    report reads each file from several statistics (gaps, losses, forgetting, intervals)."""
     name = record.get("items_file")
     if not name:
         return []
     path = Path(results_dir) / name
-    if not path.exists():
+    try:
+        st = path.stat()
+    except OSError:
         return []
+    return list(_read_items_file(str(path), st.st_mtime_ns, st.st_size))
+
+
+@functools.lru_cache(maxsize=4096)
+def _read_items_file(path: str, mtime_ns: int, size: int) -> tuple[dict, ...]:
+    # keyed by the file's version as well as its name: a rewritten file is read again
     with gzip.open(path, "rt") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        return tuple(json.loads(line) for line in fh if line.strip())
 
 
 def validate(record: dict) -> None:

@@ -70,7 +70,8 @@ def run_isolated(job: dict, base: bool = False, lock: records.FileLock | None = 
                   flush=True)
             return
         rec = new_record(job, sweep.launch_env())
-        # a rank's own account, or killed (e.g. by the kernel's OOM killer: -9) before it could say why
+        # a rank's own account (an oom when the device said so), or killed by SIGKILL (-9: likely
+        # the host's OOM killer or a scheduler) before it could say why
         rec.update({**died, **errors[0]} if errors else died)
         records.write_record(results_dir, rec)
 
@@ -203,11 +204,12 @@ def _run_arm(job: dict, cfg: dict, results_dir: str, lock) -> None:
 
 
 def outcomes(jobs: list[dict], done_before: set[str]) -> dict[str, int]:
-    """ok / failed / skipped counts of a command's planned jobs, from the records they left
+    """ok / failed / skipped counts of a command's planned jobs (and, of the failed, how many
+    were oom and killed), from the records they left
     (one count per run id: the full arm of an r sweep is one job). A job whose ok record existed
     before the command (and force is off) was skipped; one that left no record was not run here
     (another sweep held it, or hardware=auto planned it on another node)."""
-    counts = {"ok": 0, "failed": 0, "skipped": 0, "no record": 0}
+    counts = {"ok": 0, "failed": 0, "skipped": 0, "no record": 0, "oom": 0, "killed": 0}
     for run_id, job in {j["run_id"]: j for j in jobs}.items():
         if run_id in done_before and not job["config"]["force"]:
             counts["skipped"] += 1
@@ -218,12 +220,16 @@ def outcomes(jobs: list[dict], done_before: set[str]) -> dict[str, int]:
             counts["no record"] += 1
             continue
         counts["ok" if rec.get("status") == "ok" else "failed"] += 1
+        if rec.get("status") in ("oom", "killed"):  # of the failed: how
+            counts[rec["status"]] += 1
     return counts
 
 
 def summary_line(counts: dict[str, int], jobs: list[dict]) -> str:
-    n = sum(counts.values())
-    parts = [f"{counts['ok']} ok", f"{counts['failed']} failed", f"{counts['skipped']} skipped"]
+    n = sum(counts[k] for k in ("ok", "failed", "skipped", "no record"))
+    how = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("oom", "killed") if counts.get(s))
+    parts = [f"{counts['ok']} ok", f"{counts['failed']} failed" + (f" ({how})" if how else ""),
+             f"{counts['skipped']} skipped"]
     if counts["no record"]:
         parts.append(f"{counts['no record']} without a record")
     line = f"harness-run: {n} job{'s' if n != 1 else ''}: {', '.join(parts)}"

@@ -1,4 +1,4 @@
-"""harness-status: which jobs of a sweep are done, running, failed, oom or missing.
+"""harness-status: which jobs of a sweep are done, running, failed, oom, killed or missing.
 
     harness-status                      the latest sweep (or run) over results/
     harness-status --results DIR --all  every sweep and run over DIR, oldest first
@@ -10,7 +10,9 @@ A job's state, from what the folder holds (see harness/sweep.py for the files):
 running  its run id's lock is held (by a job of this sweep or of another one)
 done     an ok record
 failed   a failed record (the phase it failed in and its error are shown)
-oom      an oom record (out of memory, or its process was killed: exit code -9)
+oom      an oom record (the device or allocator reported out of memory)
+killed   a killed record (its process was killed by SIGKILL, exit code -9/137: likely the host's
+         out-of-memory killer or a scheduler; an older record says oom for it)
 missing  no record: not started yet (queued while the sweep's launcher lives), or started and
          interrupted (its lock is free): rerun the sweep, finished jobs are skipped
 """
@@ -24,7 +26,8 @@ from pathlib import Path
 
 from harness import records, sweep
 
-STATES = ("done", "running", "failed", "oom", "missing")
+STATES = ("done", "running", "failed", "oom", "killed", "missing")
+ENDED = ("done", "failed", "oom", "killed")  # a record was left
 
 
 def job_state(results_dir: str | Path, entry: dict | None, alive: bool) -> tuple[str, str]:
@@ -90,7 +93,7 @@ def progress(rows: list[dict], alive: bool) -> str:
     """running (its launcher lives), finished (every job has a record) or stopped (it did not)."""
     if alive:
         return "running"
-    if all(r["state"] in ("done", "failed", "oom") for r in rows):
+    if all(r["state"] in ENDED for r in rows):
         return "finished"
     return "stopped before every job ran (rerun the same command: finished jobs are skipped)"
 

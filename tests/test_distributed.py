@@ -222,8 +222,22 @@ def test_parent_records_a_killed_job(tmp_path, monkeypatch):
     _fake_launch(monkeypatch, "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
     run_isolated(job)
     rec = records.load_record(records.record_path(tmp_path, job["run_id"]))
-    assert rec["status"] == "oom" and "exited with code -9" in rec["error"]
+    assert rec["status"] == "killed" and "exited with code -9: killed by SIGKILL (likely" in rec["error"]
     assert rec["failed_phase"] == "load"  # killed before the job process said where it was
+
+
+def test_a_rank_that_reported_out_of_memory_and_was_then_killed_is_oom(tmp_path, monkeypatch):
+    """The device said so (a CUDA OOM error left by rank 1): oom, whatever the exit code."""
+    job = plan(compose("model=tiny-random", "distributed=fsdp", f"results_dir={tmp_path}"))
+    code = (
+        "import json, os, pathlib, signal; d = pathlib.Path(os.environ['HARNESS_JOB_ERROR_DIR']); "
+        "(d / 'rank1.json').write_text(json.dumps({'status': 'oom', 'error': 'OutOfMemoryError: CUDA out of memory "
+        "(in phase train)', 'failed_phase': 'train'})); os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    _fake_launch(monkeypatch, code)
+    run_isolated(job)
+    rec = records.load_record(records.record_path(tmp_path, job["run_id"]))
+    assert rec["status"] == "oom" and rec["error"].startswith("OutOfMemoryError: CUDA out of memory")
 
 
 def test_parent_records_a_failing_ranks_own_error(tmp_path, monkeypatch):

@@ -124,8 +124,41 @@ def test_the_phase_a_killed_job_was_in_is_read_from_what_it_left(tmp_path, monke
     phases.enter("train")
     phases.enter("eval")
     died = failure.killed(-9, tmp_path)
-    assert died == {"status": "oom", "error": "job process exited with code -9 (in phase eval)",
-                    "failed_phase": "eval"}
-    assert failure.killed(1, tmp_path)["status"] == "failed"
+    assert died == {"status": "killed", "failed_phase": "eval", "error": (
+        "job process exited with code -9: killed by SIGKILL (likely the host's out-of-memory killer or a "
+        "scheduler) (in phase eval)")}
+    assert failure.killed(137, tmp_path)["status"] == "killed"
+    assert failure.killed(1, tmp_path) == {"status": "failed", "failed_phase": "eval",
+                                           "error": "job process exited with code 1 (in phase eval)"}
     with pytest.raises(ValueError, match="phase 'evaluate' is unknown"):
         phases.enter("evaluate")
+
+
+@pytest.mark.parametrize("status, error, expected", [
+    ("killed", "job process exited with code -9: killed by SIGKILL (likely the host's out-of-memory killer or a "
+     "scheduler) (in phase train)", "killed by SIGKILL (likely the host's out-of-memory killer or a scheduler) (in train)"),
+    # a record written before status killed existed: its SIGKILL read as oom, shown as killed
+    ("oom", "job process exited with code 137 (in phase train)",
+     "killed by SIGKILL (likely the host's out-of-memory killer or a scheduler) (in train)"),
+    ("oom", "OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB (in phase train)",
+     "did not fit on 1x NVIDIA H200 (in train)"),
+])
+def test_the_report_shows_a_killed_run_as_killed_not_as_did_not_fit(status, error, expected):
+    from harness.report.tables import failure_text
+
+    rec = {"status": status, "error": error, "failed_phase": "train", "env": {"device_name": "NVIDIA H200"}}
+    assert failure.was_killed(rec) is (expected.startswith("killed"))
+    assert failure_text(rec) == expected
+    assert failure_text(rec, short=True) == ("killed (in train)" if failure.was_killed(rec) else expected)
+
+
+def test_an_old_oom_record_of_a_killed_process_still_loads(tmp_path):
+    from test_faults import _record
+
+    rec = {**_record("lora-r16-0123456789", "old"), "status": "oom", "failed_phase": "train",
+           "error": "job process exited with code -9 (in phase train)"}
+    records.write_record(tmp_path, rec)
+    (loaded,) = records.load_records(tmp_path)
+    assert loaded["status"] == "oom" and failure.was_killed(loaded)
+    records.write_record(tmp_path, {**rec, "status": "killed"})
+    assert records.load_records(tmp_path)[0]["status"] == "killed"

@@ -180,7 +180,7 @@ def test_a_sweep_killed_mid_job_reruns_only_what_did_not_finish(tmp_path):
     assert held_locks(results) == []
     status = harness_status(results, env=ENV)
     assert re.search(rf"missing\s+{interrupted}\s+method=\w+\s+\[interrupted", status), status
-    assert "1 done, 0 running, 0 failed, 0 oom, 2 missing" in status
+    assert "1 done, 0 running, 0 failed, 0 oom, 0 killed, 2 missing" in status
 
     rerun = harness_run(*args)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -192,7 +192,7 @@ def test_a_sweep_killed_mid_job_reruns_only_what_did_not_finish(tmp_path):
     assert all(r["status"] == "ok" for r in arms)
     assert len([r for r in records.load_records(results) if r["method"] == "base"]) == 1
     status = harness_status(results, env=ENV)
-    assert "3 done, 0 running, 0 failed, 0 oom, 0 missing" in status, status
+    assert "3 done, 0 running, 0 failed, 0 oom, 0 killed, 0 missing" in status, status
 
 
 @pytest.mark.slow

@@ -220,7 +220,7 @@ def test_slurm_submission_carries_partition_gpus_time_limit_and_requeue(tmp_path
     countdowns = {pickle.loads(p.read_bytes())._timeout_countdown for p in pickles}
     assert countdowns == {5}
     # the sweep's plan was written before any job: six planned jobs, none started yet
-    assert "0 done, 0 running, 0 failed, 0 oom, 6 missing" in status_of(tmp_path / "results")
+    assert "0 done, 0 running, 0 failed, 0 oom, 0 killed, 6 missing" in status_of(tmp_path / "results")
 
 
 # ---------------------------------------------------------------- real parallel sweeps (slow)
@@ -263,11 +263,11 @@ def test_four_jobs_in_parallel_into_one_folder(tmp_path):
     assert arms_csv.loc["base", "n_runs"] == 1
     assert arms_csv.loc["full", "n_ok"] == arms_csv.loc["lora", "n_ok"] == 2  # two seeds each
     assert no_temp_files(results)
-    assert "4 done, 0 running, 0 failed, 0 oom, 0 missing" in status_of(results)
+    assert "4 done, 0 running, 0 failed, 0 oom, 0 killed, 0 missing" in status_of(results)
 
 
 @pytest.mark.slow
-def test_a_job_killed_like_the_oom_killer_in_a_parallel_sweep_gets_an_oom_record(tmp_path):
+def test_a_job_killed_like_the_oom_killer_in_a_parallel_sweep_gets_a_killed_record(tmp_path):
     results, sweep_dir = tmp_path / "results", tmp_path / "sweep"
     sweep_proc = start_harness_run(
         "-m", "hydra/launcher=parallel", "parallel.jobs=2", "method=full,lora", *TINY, f"results_dir={results}",
@@ -282,25 +282,27 @@ def test_a_job_killed_like_the_oom_killer_in_a_parallel_sweep_gets_an_oom_record
         if sweep_proc.poll() is None:
             os.killpg(sweep_proc.pid, signal.SIGKILL)
     assert sweep_proc.returncode == 1, out[-3000:]  # a job failed (its record written); the sweep went on
-    assert "harness-run: 2 jobs: 1 ok, 1 failed, 0 skipped" in out
+    assert "harness-run: 2 jobs: 1 ok, 1 failed (1 killed), 0 skipped" in out
     recs = {r["method"]: r for r in records.load_records(results)}
-    assert recs["full"]["status"] == "oom" and "exited with code -9" in recs["full"]["error"]
+    # a SIGKILL, not an out-of-memory error of the device: killed, its likely cause stated as likely
+    assert recs["full"]["status"] == "killed" and "exited with code -9" in recs["full"]["error"]
+    assert "killed by SIGKILL (likely the host's out-of-memory killer or a scheduler)" in recs["full"]["error"]
     assert recs["full"]["env"]["launcher"] == "parallel"  # written by its parent, which knows its slot
     assert recs["lora"]["status"] == "ok"
     status = status_of(results)
-    assert "1 done, 0 running, 0 failed, 1 oom, 0 missing" in status, status
+    assert "1 done, 0 running, 0 failed, 0 oom, 1 killed, 0 missing" in status, status
 
 
 # ---------------------------------------------------------------- harness-status (fast)
 
 
-def test_status_names_each_planned_job_done_running_failed_oom_or_missing(tmp_path):
+def test_status_names_each_planned_job_done_running_failed_oom_killed_or_missing(tmp_path):
     from omegaconf import OmegaConf
     from test_faults import _record
 
     from harness import status
 
-    methods = ["full", "lora", "qlora", "dora", "ia3", "rslora"]
+    methods = ["full", "lora", "qlora", "dora", "ia3", "loha", "rslora"]
     hc = OmegaConf.create(
         {
             "sweep": {"dir": str(tmp_path / "sweep")},
@@ -311,18 +313,18 @@ def test_status_names_each_planned_job_done_running_failed_oom_or_missing(tmp_pa
         }
     )
     sweep.write_manifest(tmp_path, hc)
-    for num, method in enumerate(methods[:5]):  # the sixth never started
+    for num, method in enumerate(methods[:6]):  # the seventh never started
         hc.job.num = num
         hc.overrides.task = [f"method={method}", "seed=0"]
         sweep.register_job(tmp_path, hc, {"run_id": f"{method}-0123456789", "base_run_id": "b", "method": method})
     records.write_record(tmp_path, _record("full-0123456789", "done"))
-    for method, state in (("qlora", "failed"), ("dora", "oom")):
+    for method, state in (("qlora", "failed"), ("dora", "oom"), ("loha", "killed")):
         records.write_record(tmp_path, {**_record(f"{method}-0123456789", state), "status": state,
                                         "error": "boom (in phase eval)", "failed_phase": "eval"})
     with records.run_lock(tmp_path, "lora-0123456789"):  # lora runs now; ia3 started and was killed
         assert status.main(["--results", str(tmp_path)]) == 0
         text = status.render(tmp_path, sweep.read_sweeps(tmp_path)[-1])
-    assert "6 jobs: 1 done, 1 running, 1 failed, 1 oom, 2 missing" in text
+    assert "7 jobs: 1 done, 1 running, 1 failed, 1 oom, 1 killed, 2 missing" in text
     lines = {line.split()[3]: line.split()[1] for line in text.splitlines()[1:]}
     assert lines == {
         "method=full": "done",
@@ -331,6 +333,7 @@ def test_status_names_each_planned_job_done_running_failed_oom_or_missing(tmp_pa
         "method=dora": "oom",
         "method=ia3": "missing",
         "method=rslora": "missing",
+        "method=loha": "killed",
     }
     assert "interrupted" in next(line for line in text.splitlines() if "method=ia3" in line)
     assert "in phase eval: boom" in next(line for line in text.splitlines() if "method=dora" in line)

@@ -213,8 +213,12 @@ def _devices_qualifier(table: Table, metrics: tuple[str, ...]) -> str:
 
 def failure_text(record: dict, short: bool = False) -> str:
     """How a run that did not finish shows in its column."""
+    from harness.failure import KILLED_CAUSE, was_killed
+
     env = record.get("env") or {}
     phase = f" (in {record['failed_phase']})" if record.get("failed_phase") else ""  # where it failed, if recorded
+    if was_killed(record):  # a SIGKILL says nothing about the GPU (an older record's oom included)
+        return f"killed{phase}" if short else f"{KILLED_CAUSE}{phase}"
     if record["status"] == "oom":
         device = env.get("device_name") or identity.hardware_name(record)
         return f"did not fit on {env.get('device_count') or 1}x {device}{phase}"
