@@ -176,9 +176,11 @@ def make_results(results: Path) -> dict[str, dict]:
 
 
 def _first_table(md: str) -> list[str]:
-    """The lines of the first markdown table (the estimated sections may append others)."""
+    """The lines of the first at-a-glance table (after the verdict; the estimated sections may
+    append others)."""
     lines = md.splitlines()
-    start = next(i for i, ln in enumerate(lines) if ln.startswith("|"))
+    first = next(i for i, ln in enumerate(lines) if ln.startswith("## ") and ln != "## Verdict")
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("|") and i > first)
     end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
     return lines[start:end]
 
@@ -437,10 +439,12 @@ def find_browser() -> str | None:
 
 # Runs after the page's load event: what a person would see, as JSON in a data attribute.
 PROBE = """<script>window.addEventListener('load', () => {
-  const rows = [...document.querySelectorAll('table tbody tr')].map(tr => tr.querySelector('th').textContent);
+  const rows = [...document.querySelectorAll('table:not(.verdict) tbody tr')].map(tr => tr.querySelector('th').textContent);
+  const verdict = [...document.querySelectorAll('#verdict table.verdict tbody tr')].map(tr => tr.querySelector('th').textContent);
   const images = [...document.images].map(i => ({src: i.getAttribute('src'), complete: i.complete,
     width: i.naturalWidth, height: i.naturalHeight, shown: i.getBoundingClientRect().width}));
-  document.body.dataset.probe = JSON.stringify({rows, images, tables: document.querySelectorAll('table').length,
+  document.body.dataset.probe = JSON.stringify({rows, verdict, images,
+    tables: document.querySelectorAll('table:not(.verdict)').length,
     text: document.body.innerText});
 })</script>"""
 
@@ -466,6 +470,9 @@ def test_index_html_renders_in_a_headless_browser(report, tmp_path):
     seen = json.loads(html.unescape(found.group(1)))
     # the at-a-glance table with every row, by its label
     assert seen["tables"] == 1 and [row_name(r) for r in seen["rows"]] == list(ROWS[:-2])
+    # the verdict first, one row per arm but the base model
+    assert seen["verdict"] == ["full FT", "LoRA r=8", "LoRA r=64", "QLoRA r=8"]
+    assert seen["text"].index("Verdict") < seen["text"].index("trainable parameters")
     assert "did not fit on 1x NVIDIA H200" in seen["text"]
     # every plot written is on the page, loaded (decoded, non-zero size) and laid out
     plots = sorted(n for n in written if n.endswith(".png"))
@@ -914,3 +921,16 @@ def test_explorer_draws_and_redraws_in_a_headless_browser(report, tmp_path):
     assert all(f"{k}: " in seen["hover"] for k in ("method", "rank", "seed", "lr", "run_id", "model", "data",
                                                     "hardware")), seen["hover"]
     assert "LoRA" in seen["hover"] and "seed: 1" in seen["hover"]
+
+
+def test_cpu_memory_shows_the_process_at_train_start_and_one_run_is_marked(tmp_path):
+    """On a CPU the RSS peak is mostly the process itself at small sizes: the cell splits it into
+    the RSS at train start and what training added, beside the tracked tensors; a time from one
+    run says it is one measurement."""
+    results = tmp_path / "r"
+    make_record(results, "full", memory_device="cpu", memory_measure="CPU RSS", peak_memory_bytes=3 * GiB,
+                peak_memory_growth_bytes=GiB, memory_breakdown_peak_bytes=512 * MiB, train_wall_s=90.0, cost_usd=0.01)
+    table = _table(build_report(results, tmp_path / "out")["at-a-glance.md"].read_text())
+    assert table["peak training memory"]["full FT"] == (
+        "3.00 GiB = 2.00 GiB at train start + 1.00 GiB training growth (tracked tensors 512 MiB)")
+    assert table["training wall-clock; cost per run"]["full FT"] == "90.0 s (1 run); $0.0100"

@@ -31,6 +31,16 @@ from harness.report.explorer import explorer_html
 from harness.report.page import render_page
 from harness.report.plots import PLOTS, draw, pareto_front
 from harness.report.tables import AT_A_GLANCE, ROW_LABELS, ROWS, arms_frame, group, markdown, render, runs_frame
+from harness.report.verdict import (
+    VERDICT_JSON,
+    Limits,
+    LimitsError,
+    check_targets,
+    load_limits,
+    markdown_section,
+    verdicts,
+    write_json,
+)
 
 __all__ = ["AT_A_GLANCE", "ROWS", "ROW_LABELS", "build_report", "main", "pareto_front"]
 
@@ -55,11 +65,13 @@ def _load(results_dir: Path) -> tuple[list[dict], list[str]]:
 
 
 def build_report(results_dir: str | Path, reports_dir: str | Path, estimate_models: list[str] | None = None,
-                 estimate_hardware: str | None = None, estimate_tokens: int | None = None) -> dict[str, Path]:
+                 estimate_hardware: str | None = None, estimate_tokens: int | None = None,
+                 limits: Limits | None = None) -> dict[str, Path]:
     """Write the report for the records in ``results_dir`` into ``reports_dir``.
 
-    Returns the written files by name (``at-a-glance.md``, ``runs.csv``, ``arms.csv``,
-    ``index.html`` and each plot that had data)."""
+    Returns the written files by name (``at-a-glance.md``, ``verdict.json``, ``runs.csv``,
+    ``arms.csv``, ``index.html`` and each plot that had data). ``limits``: the team's limits the
+    verdict judges against (default ``Limits()``: max gap 1 pp, one variant, measured costs)."""
     results_dir, reports_dir = Path(results_dir), Path(reports_dir)
     records, skipped = _load(results_dir)
     if skipped:
@@ -68,11 +80,13 @@ def build_report(results_dir: str | Path, reports_dir: str | Path, estimate_mode
         log.warning("no valid run records in %s", results_dir)
     tables = group(records, results_dir)
     rendered = [render(t) for t in tables]
+    verdict = verdicts(tables, limits or Limits(), results_dir)
 
     reports_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     written[AT_A_GLANCE] = reports_dir / AT_A_GLANCE
-    written[AT_A_GLANCE].write_text(markdown(rendered, skipped))
+    written[AT_A_GLANCE].write_text(markdown(rendered, skipped, markdown_section(verdict)))
+    written[VERDICT_JSON] = write_json(verdict, reports_dir)
     for name, frame in (("runs.csv", runs_frame(tables)), ("arms.csv", arms_frame(tables))):
         written[name] = reports_dir / name
         frame.to_csv(written[name], index=False, lineterminator="\n")
@@ -89,7 +103,7 @@ def build_report(results_dir: str | Path, reports_dir: str | Path, estimate_mode
         plots.append((name, caption))
     written["index.html"] = reports_dir / "index.html"
     explorer = explorer_html(tables, reports_dir)  # the interactive explorer (plotly.min.js beside index.html)
-    written["index.html"].write_text(render_page(rendered, plots, skipped, explorer=explorer))
+    written["index.html"].write_text(render_page(rendered, plots, skipped, verdict, explorer))
     from harness.report.estimate_report import write_estimates  # estimated sections, labelled as such
 
     written.update(write_estimates(records, reports_dir, results_dir, estimate_models, estimate_hardware,
@@ -106,6 +120,20 @@ def main(argv: list[str] | None = None) -> int:
                         "for an 'estimated at scale' table from harness-estimate")
     parser.add_argument("--estimate-hardware", default="a100-80gb", help="hardware of that table (default: a100-80gb)")
     parser.add_argument("--estimate-tokens", type=int, default=None, help="training tokens it prices (default: 1e8)")
+    limits = parser.add_argument_group("the verdict's limits (docs/verdict.md; flags override --limits)")
+    limits.add_argument("--limits", default=None, metavar="YAML", help="a file with any of: max_gap, variants, "
+                        "target_tokens, target_model, target_hardware, budget_usd, task")
+    limits.add_argument("--max-gap", type=float, default=None, metavar="PP",
+                        help="largest accepted accuracy loss vs full FT, in pp (default: 1.0)")
+    limits.add_argument("--variants", type=int, default=None, metavar="N", help="variants to serve (default: 1)")
+    limits.add_argument("--target-tokens", type=float, default=None, metavar="T",
+                        help="training tokens to price, e.g. 1e9 (default: each run's own)")
+    limits.add_argument("--target-model", default=None, metavar="MODEL",
+                        help="estimate the cost at this model preset, e.g. llama-2-13b-arch")
+    limits.add_argument("--target-hardware", default=None, metavar="HW",
+                        help="estimate the cost on this hardware preset, e.g. a100-80gb")
+    limits.add_argument("--budget-usd", type=float, default=None, metavar="USD", help="the most one training run may cost")
+    limits.add_argument("--task", default=None, help="the accuracy judged (default: indomain where measured, else mmlu)")
     args = parser.parse_args(argv)
     # warnings about skipped records must reach the user: log to stderr
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -116,7 +144,16 @@ def main(argv: list[str] | None = None) -> int:
 
     if problem := check_args(models, args.estimate_hardware):
         parser.error(problem)
-    written = build_report(args.results, args.reports, models, args.estimate_hardware, args.estimate_tokens)
+    try:
+        chosen = load_limits(args.limits, {k: getattr(args, k) for k in ("max_gap", "variants", "target_tokens",
+                                                                           "target_model", "target_hardware",
+                                                                           "budget_usd", "task")})
+    except (LimitsError, TypeError) as exc:
+        parser.error(str(exc))
+    if problem := check_targets(chosen):
+        parser.error(problem)
+    written = build_report(args.results, args.reports, models, args.estimate_hardware, args.estimate_tokens, chosen)
+    print(f"verdict: {written[VERDICT_JSON]}")
     print(f"at-a-glance table: {written[AT_A_GLANCE]}")
     print(f"full report: {written['index.html']}")
     return 0
