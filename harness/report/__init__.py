@@ -1,22 +1,26 @@
-"""harness-report: turn run records into tables, plots and one static page.
+"""harness-report: turn run records into a verdict, tables, plots and one static page.
 
-    harness-report [--results results] [--reports reports]
+    harness-report [--results results] [--reports reports] [--max-gap PP --variants N ...]
 
 Reads ``results/*.json`` (and the per-question answers beside them) only; it never loads a model.
 Writes into the reports folder:
 
-    at-a-glance.md   one table per model x data x hardware (x eval settings), one column per arm
+    at-a-glance.md   the verdict under the team's limits, then one table per model x data x
+                     hardware (x eval settings), one column per arm
+    verdict.json     the verdict (harness.report.verdict), per table
     runs.csv         one row per run, metrics flattened
     arms.csv         one row per arm: mean and sd over seeds, accuracy intervals, gap vs full fine-tuning
     *.png            plots (each skipped, with a log line, when its data is absent)
-    index.html       the same tables and the plots on one page; no server, no external assets
+    index.html       the verdict, the tables, the plots and the explorer on one page; no server,
+                     nothing loaded from outside (plotly.min.js beside it, with the plotly extra)
 
-Same results in, byte-identical markdown and CSV out: everything is sorted and no report timestamp
-is written. A broken record is skipped with a warning naming the file, and listed in the report.
+Same results in, byte-identical markdown, JSON and CSV out: everything is sorted and no report
+timestamp is written. A broken record is skipped with a warning naming the file, and listed.
 
-The package: tables.py (grouping through harness.identity, rows and cells, markdown and CSV),
-fmt.py (numbers), plots.py (one figure helper, six plots, the noise-aware Pareto front),
-page.py with templates/report.html.j2 (index.html). Every statistic comes from harness.stats.
+The package: verdict.py (which to pick, and why), tables.py (grouping through harness.identity,
+rows and cells, markdown and CSV), fmt.py (numbers), plots.py (one figure helper and colour map,
+the plots, the noise-aware Pareto front), explorer.py (the plotly figure), page.py with
+templates/report.html.j2 (index.html). Every statistic comes from harness.stats.
 """
 
 from __future__ import annotations
