@@ -255,6 +255,20 @@ class ParallelConfig:
 
 
 @dataclass
+class VerdictConfig:
+    """The limits the report's verdict judges against (harness.report.verdict.Limits; a steering
+    setting: no run id changes). harness-report's flags override them."""
+
+    max_gap: Annotated[float, Range(gt=0, le=100)]  # pp
+    variants: Positive
+    target_tokens: Annotated[float, Range(gt=0)] | None
+    target_model: str | None
+    target_hardware: str | None
+    budget_usd: Annotated[float, Range(gt=0)] | None
+    task: str | None
+
+
+@dataclass
 class RunConfig:
     """conf/config.yaml: what harness-run composes for one job."""
 
@@ -273,6 +287,7 @@ class RunConfig:
     report: bool
     projected_tokens: Annotated[float, Range(gt=0)] | None
     parallel: ParallelConfig
+    verdict: VerdictConfig
 
 
 @dataclass

@@ -608,6 +608,16 @@ def estimate_job(cfg: dict) -> dict:
 # ---------------------------------------------------------------- output
 
 
+def check_target(model: str | None, hardware: str | None, flags: tuple[str, str]) -> str | None:
+    """The verdict's target model and hardware: one line naming the one conf/ lacks, else None."""
+    known = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+    if model and model not in known:
+        return f"{flags[0]} {model!r} is unknown; valid: {', '.join(known)}"
+    if hardware and hardware not in DEVICES:
+        return f"{flags[1]} {hardware!r} has no datasheet entry; valid: {', '.join(sorted(DEVICES))}"
+    return None
+
+
 def _gib(b: float | None) -> str:
     if b is None:
         return "n/a"

@@ -55,6 +55,11 @@ def plan(cfg: dict) -> dict:
         entry = resolve_hardware(cfg["hardware"], table)
     except (MethodError, PriceTableError, distributed.DistributedError, DataError, ScheduleError) as exc:
         raise UsageError(str(exc)) from exc
+    from harness.estimate import check_target
+
+    if problem := check_target(cfg["verdict"]["target_model"], cfg["verdict"]["target_hardware"],
+                               ("verdict.target_model=", "verdict.target_hardware=")):
+        raise UsageError(problem.replace("= '", "='"))
     cfg["hardware"] = entry or unpriced_hardware(table)  # an unknown device: no neighbour's price, a warning
     method = cfg["method"]["name"]
     rank = rank_of(cfg["method"])

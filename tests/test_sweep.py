@@ -6,7 +6,7 @@ import pytest
 from conftest import TINY, harness_run
 from test_verdict import verdict_of
 
-from harness import records
+from harness import identity, records
 from harness.stats import BEYOND, UNDECIDED, WITHIN
 
 # in-domain eval on (random-weight) tiny models, so the base-model evaluation runs too
@@ -16,7 +16,10 @@ EVAL_TINY = ["eval.on_random_weights=true", "eval.indomain.batch_size=8"]
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     results = tmp_path_factory.mktemp("results")
-    proc = harness_run("-m", "method=full,lora,qlora", *TINY, *EVAL_TINY, f"results_dir={results}")
+    # the verdict's limits ride along: a steering setting, the report rebuilt with them
+    proc = harness_run("-m", "method=full,lora,qlora", *TINY, *EVAL_TINY, f"results_dir={results}",
+                       f"reports_dir={results.parent / 'reports'}", "report=true", "verdict.max_gap=50",
+                       "verdict.variants=3")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return results, proc
 
@@ -182,6 +185,11 @@ def test_random_weights_are_no_verdict_yet_each_arm_is_worked_out(sweep, tmp_pat
     # the sweep's own log ends with the verdict's line, as the report that harness-run rebuilt has it
     (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("Verdict, ")]
     assert line.startswith("Verdict, tiny-random on demo (cpu): No verdict: the model had random weights")
+    written = json.loads((results.parent / "reports" / "verdict.json").read_text())
+    assert written["limits"]["max_gap"] == 50 and written["limits"]["variants"] == 3
+    # and they are not part of what a run is: the config hashed into the run id leaves them out
+    assert all("verdict" in r["config"] and "verdict" not in identity.result_config(r["config"])
+               for r in records.load_records(results))
     v = verdict_of(results, tmp_path, max_gap=50.0)
     assert v["state"] == "no verdict" and v["pick"] is None
     assert "random weights" in v["recommendation"]

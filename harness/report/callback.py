@@ -17,10 +17,14 @@ class ReportCallback(Callback):
     def _report(self, config: DictConfig) -> None:
         if not config.get("report", True):
             return
+        from omegaconf import OmegaConf
+
         from harness.report import build_report
+        from harness.report.verdict import Limits
 
         try:
-            written = build_report(config.results_dir, config.reports_dir)
+            limits = Limits(**OmegaConf.to_container(config.verdict)) if config.get("verdict") else None
+            written = build_report(config.results_dir, config.reports_dir, limits=limits)
         except Exception as exc:  # the runs are safe in results/; a report problem must not hide that
             print(f"harness-run: report not rebuilt: {exc}", file=sys.stderr)
             return

@@ -71,18 +71,11 @@ class Limits:
 LIMIT_KEYS = tuple(f.name for f in fields(Limits))
 
 
-def check_targets(limits: Limits) -> str | None:
+def check_targets(limits: Limits, flags: tuple[str, str] = ("--target-model", "--target-hardware")) -> str | None:
     """One line naming a target model or hardware that conf/ (or the datasheet table) lacks, else None."""
-    from harness.config import CONF_DIR
-    from harness.estimate import DEVICES
+    from harness.estimate import check_target
 
-    models = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
-    if limits.target_model and limits.target_model not in models:
-        return f"--target-model {limits.target_model!r} is unknown; valid: {', '.join(models)}"
-    if limits.target_hardware and limits.target_hardware not in DEVICES:
-        return (f"--target-hardware {limits.target_hardware!r} has no datasheet entry; "
-                f"valid: {', '.join(sorted(DEVICES))}")
-    return None
+    return check_target(limits.target_model, limits.target_hardware, flags)
 
 
 def load_limits(path: str | Path | None, overrides: dict | None = None) -> Limits:
