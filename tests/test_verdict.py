@@ -7,6 +7,7 @@ import json
 import random
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from conftest import RUN_CWD
 from test_report import GiB, MiB, make_record
 
 from harness.report import AT_A_GLANCE, build_report
-from harness.report.verdict import VERDICT_JSON, Limits, LimitsError, load_limits
+from harness.report.verdict import LIMIT_KEYS, VERDICT_JSON, Limits, LimitsError, load_limits
 from harness.stats import (
     BEYOND,
     UNDECIDED,
@@ -231,3 +232,16 @@ def test_cli_limits_and_usage_errors(tmp_path):
         proc = _report("--results", str(tmp_path / "r"), "--reports", str(tmp_path / "bad"), *bad)
         assert proc.returncode == 2, (bad, proc.stderr)
         assert len(proc.stderr.strip().splitlines()[-1]) > 10 and "Traceback" not in proc.stderr
+
+
+def test_the_run_schema_and_the_report_share_the_limits_and_their_defaults():
+    """harness-run's verdict settings (conf/config.yaml, config.VerdictConfig) are the report's
+    Limits: the same keys, the same defaults."""
+    from dataclasses import fields
+
+    import yaml
+
+    from harness.config import CONF_DIR, VerdictConfig
+
+    assert [f.name for f in fields(VerdictConfig)] == list(LIMIT_KEYS)
+    assert yaml.safe_load((CONF_DIR / "config.yaml").read_text())["verdict"] == asdict(Limits())
