@@ -934,3 +934,27 @@ def test_cpu_memory_shows_the_process_at_train_start_and_one_run_is_marked(tmp_p
     assert table["peak training memory"]["full FT"] == (
         "3.00 GiB = 2.00 GiB at train start + 1.00 GiB training growth (tracked tensors 512 MiB)")
     assert table["training wall-clock; cost per run"]["full FT"] == "90.0 s (1 run); $0.0100"
+
+
+def test_a_sharded_arms_breakdown_says_it_is_one_ranks_shards(tmp_path):
+    """Under FSDP2 (and ZeRO-3) "parameters" holds this rank's shards and the all-gathered weights
+    land in "activations": the breakdown's tick says so, an unsharded arm's does not."""
+    from matplotlib import rc_context
+
+    from harness.records import load_records
+    from harness.report.plots import STYLE, plot_memory_breakdown
+    from harness.report.tables import group
+
+    results = tmp_path / "r"
+    parts = {"parameters": GiB, "gradients": GiB, "optimizer_state": GiB, "activations": GiB, "other": 0}
+    make_record(results, "full", memory_breakdown_bytes=parts)
+    rec = make_record(results, "lora", rank=8, memory_breakdown_bytes=parts)
+    rec["config"]["distributed"] = {"strategy": "fsdp", "num_processes": 2}
+    write_record(results, rec)
+    with rc_context(STYLE):
+        fig = plot_memory_breakdown(group(load_records(results), results))
+    # another strategy is another table: one panel each
+    panels = {tuple(t.get_text() for t in ax.get_xticklabels()): ax.get_ylabel() for ax in fig.axes if ax.get_visible()}
+    assert panels == {("full FT",): "training memory (GiB)",
+                      ("LoRA r=8\n(fsdp: one rank's shards;\ngathered weights in activations)",):
+                      "training memory (GiB), largest rank"}

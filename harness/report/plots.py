@@ -401,10 +401,20 @@ def plot_memory_breakdown(tables: list[Table]) -> Figure | None:
             ax.bar(range(len(arms)), heights, bottom=bottoms, color=color, hatch=hatch, edgecolor="#3b3b3b",
                    linewidth=0.5, label=part.replace("_", " "))
             bottoms = [x + h for x, h in zip(bottoms, heights)]
-        ax.set_xticks(range(len(arms)), [a.label for a, _ in arms], rotation=45, ha="right")
-        ax.set_ylabel("training memory (GiB)")
+        ax.set_xticks(range(len(arms)), [a.label + _sharded_note(a) for a, _ in arms], rotation=45, ha="right")
+        ax.set_ylabel("training memory (GiB)" + (", largest rank" if any(_sharded_note(a) for a, _ in arms) else ""))
         _title(ax, t.title)
     return _finish(fig, axes, "Training memory breakdown (mean over seeds)")
+
+
+def _sharded_note(a: Arm) -> str:
+    """What a sharded arm's breakdown holds: FSDP2 tracks this rank's shards as parameters, and the
+    weights it all-gathers for a layer's forward and backward as activations (ZeRO-3 likewise)."""
+    runs = a.ok or a.runs
+    dist = ((runs[0].get("config") or {}).get("distributed") or {}) if runs else {}
+    if dist.get("strategy") in ("fsdp", "zero3") and (dist.get("num_processes") or 1) > 1:
+        return f"\n({dist['strategy']}: one rank's shards;\ngathered weights in activations)"
+    return ""
 
 
 def plot_loss_curves(tables: list[Table]) -> Figure | None:
