@@ -958,3 +958,22 @@ def test_a_sharded_arms_breakdown_says_it_is_one_ranks_shards(tmp_path):
     assert panels == {("full FT",): "training memory (GiB)",
                       ("LoRA r=8\n(fsdp: one rank's shards;\ngathered weights in activations)",):
                       "training memory (GiB), largest rank"}
+
+
+def test_a_killed_run_is_counted_as_killed_never_as_did_not_fit(tmp_path):
+    """status killed, and an older oom record of an exit -9 (failure.was_killed): the header, the
+    provenance, arms.csv and the verdict call it killed, not out of memory."""
+    import csv
+
+    results = tmp_path / "r"
+    make_record(results, "full", indomain_correct=_answers(60))
+    make_record(results, "lora", rank=8, indomain_correct=_answers(60))
+    make_record(results, "lora", rank=8, seed=1, status="killed", error="killed by SIGKILL (likely ...)")
+    make_record(results, "qlora", rank=8, status="oom", error="job process exited with code -9 (in phase train)")
+    written = build_report(results, tmp_path / "out")
+    md = written["at-a-glance.md"].read_text()
+    assert "LoRA r=8 (1 of 2 ok; 1 killed)" in md and "4 runs (2 ok, 2 killed)" in md
+    rows = {r["arm"]: r for r in csv.DictReader(written["arms.csv"].open())}
+    assert (rows["QLoRA r=8"]["n_oom"], rows["QLoRA r=8"]["n_killed"]) == ("0", "1")
+    verdict = json.loads(written["verdict.json"].read_text())["tables"][0]
+    assert {a["label"]: a["judgement"] for a in verdict["arms"]}["QLoRA r=8"] == "killed"

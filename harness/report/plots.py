@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from harness.report.fmt import fmt_count, fmt_money
-from harness.report.tables import METHOD_LABEL, Arm, Table, _arm_sort, memory_measure
+from harness.report.tables import METHOD_LABEL, Arm, Table, _arm_sort, memory_measure, status_of
 from harness.stats import accuracy_difference, mean_sd, task_order, unpaired_difference
 
 FIG_W, PANEL_H, LEGEND_W, DPI = 10.0, 3.2, 2.3, 100
@@ -247,7 +247,7 @@ def plot_peak_memory(tables: list[Table]) -> Figure | None:
         for x, a in enumerate(arms):
             if stats[x] is None:
                 # nothing measured: a hatched placeholder says why instead of a silent gap
-                oom = any(r["status"] == "oom" for r in a.runs)
+                oom = any(status_of(r) == "oom" for r in a.runs)
                 ax.bar(x, top, color="none", edgecolor=method_color(a.method), hatch="//", label="did not finish")
                 ax.text(x, top / 2, "OOM" if oom else "failed", ha="center", va="center", rotation=90, fontsize=8)
         for method in dict.fromkeys(arms[x].method for x in done):  # legend: one patch per method

@@ -56,6 +56,13 @@ def _arm_sort(arm: tuple) -> tuple:
     return (METHOD_ORDER.get(method, len(METHOD_ORDER)), method, -1 if rank is None else rank, *key)
 
 
+def status_of(record: dict) -> str:
+    """The status to show: ``killed`` for an older ``oom`` record of a SIGKILL (failure.was_killed)."""
+    from harness.failure import was_killed
+
+    return "killed" if was_killed(record) else record["status"]
+
+
 def arm_label(method: str, rank: int | None) -> str:
     label = METHOD_LABEL.get(method, method)
     return f"{label} r={rank}" if rank is not None else label
@@ -238,8 +245,8 @@ def arm_header(arm: Arm) -> str:
         return f"{arm.label} ({n} {unit})" if n > 1 else arm.label
     counts: dict[str, int] = defaultdict(int)
     for r in arm.runs:
-        counts[r["status"]] += 1
-    others = ", ".join(f"{counts[s]} {s}" for s in ("failed", "oom") if counts[s])
+        counts[status_of(r)] += 1
+    others = ", ".join(f"{counts[s]} {s}" for s in ("failed", "oom", "killed") if counts[s])
     return f"{arm.label} ({ok} of {n} ok; {others})"
 
 
@@ -469,8 +476,8 @@ def _provenance(table: Table) -> str:
 
     counts: dict[str, int] = defaultdict(int)
     for r in runs:
-        counts[r["status"]] += 1
-    status_text = ", ".join(f"{counts[s]} {s}" for s in ("ok", "failed", "oom") if counts[s])
+        counts[status_of(r)] += 1
+    status_text = ", ".join(f"{counts[s]} {s}" for s in ("ok", "failed", "oom", "killed") if counts[s])
     text = (
         f"Provenance: {', '.join(devices)}; runs {date_text}; {mmlu_text}; "
         f"{len(runs)} run{'s' if len(runs) != 1 else ''} ({status_text})."
@@ -630,7 +637,8 @@ def arms_frame(tables: list[Table]) -> pd.DataFrame:
                 "n_runs": len(arm.runs),
                 "n_ok": len(arm.ok),
                 "n_failed": sum(r["status"] == "failed" for r in arm.runs),
-                "n_oom": sum(r["status"] == "oom" for r in arm.runs),
+                "n_oom": sum(status_of(r) == "oom" for r in arm.runs),
+                "n_killed": sum(status_of(r) == "killed" for r in arm.runs),
             }
             flat = []
             for r in arm.ok:

@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 
 from harness.report.fmt import DASH, fmt_bytes, fmt_usd
-from harness.report.tables import TASK_LABEL, Arm, Table, failure_text
+from harness.report.tables import TASK_LABEL, Arm, Table, failure_text, status_of
 from harness.stats import BEYOND, UNDECIDED, WITHIN, judge, record_tasks, resolution, task_metric, to_decide
 
 VERDICT_JSON = "verdict.json"
@@ -241,7 +241,8 @@ def table_verdict(table: Table, limits: Limits, results_dir: Path) -> dict:
         entry: dict = {"label": a.label, "method": a.method, "rank": a.rank, "run_ids": [r["run_id"] for r in a.runs]}
         row = table.gaps.get((a.key, task)) if task else None
         if not a.ok:
-            entry["judgement"] = "did not fit" if any(r["status"] == "oom" for r in a.runs) else "failed"
+            status = {status_of(r) for r in a.runs}
+            entry["judgement"] = "did not fit" if "oom" in status else "killed" if "killed" in status else "failed"
             entry["note"] = failure_text(a.runs[0], short=True)
             arms.append(entry)
             continue
