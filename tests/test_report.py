@@ -437,6 +437,25 @@ def find_browser() -> str | None:
     return None
 
 
+def browse(page: Path, probe_script: str, attr: str, tmp_path: Path, *flags: str) -> dict:
+    """Open a copy of ``page`` with ``probe_script`` in headless chromium; the JSON the script left
+    in ``data-<attr>`` on the body. The copy sits beside the page, so relative paths still load."""
+    probe = page.with_name(f"_{attr}_probe.html")
+    probe.write_text(page.read_text().replace("</body>", probe_script + "</body>"))
+    try:
+        proc = subprocess.run(
+            [find_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'browser'}",
+             "--window-size=1280,2000", *flags, "--dump-dom", probe.as_uri()],
+            check=False, capture_output=True, text=True, timeout=120,
+        )
+    finally:
+        probe.unlink()
+    found = re.search(rf'data-{attr}="([^"]*)"', proc.stdout)
+    assert found, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return json.loads(html.unescape(found.group(1)))
+
+
 # Runs after the page's load event: what a person would see, as JSON in a data attribute.
 PROBE = """<script>window.addEventListener('load', () => {
   const rows = [...document.querySelectorAll('table:not(.verdict) tbody tr')].map(tr => tr.querySelector('th').textContent);
@@ -452,22 +471,7 @@ PROBE = """<script>window.addEventListener('load', () => {
 @pytest.mark.skipif(find_browser() is None, reason=f"no browser on PATH ({', '.join(BROWSERS)}); .ci/run installs one")
 def test_index_html_renders_in_a_headless_browser(report, tmp_path):
     _, reports, written = report
-    page = written["index.html"].read_text()
-    # a probe copy beside index.html (same relative image paths) reports what the page shows
-    probe = reports / "_probe.html"
-    probe.write_text(page.replace("</body>", PROBE + "</body>"))
-    try:
-        proc = subprocess.run(
-            [find_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'browser'}",
-             "--window-size=1280,2000", "--dump-dom", probe.as_uri()],
-            check=False, capture_output=True, text=True, timeout=120,
-        )
-    finally:
-        probe.unlink()
-    found = re.search(r'data-probe="([^"]*)"', proc.stdout)
-    assert found, proc.stdout[-2000:] + proc.stderr[-2000:]
-    seen = json.loads(html.unescape(found.group(1)))
+    seen = browse(written["index.html"], PROBE, "probe", tmp_path)
     # the at-a-glance table with every row, by its label
     assert seen["tables"] == 1 and [row_name(r) for r in seen["rows"]] == list(ROWS[:-2])
     # the verdict first, one row per arm but the base model
@@ -483,17 +487,11 @@ def test_index_html_renders_in_a_headless_browser(report, tmp_path):
 
 def test_a_broken_image_is_caught_by_the_render_probe(report, tmp_path):
     """The probe itself: an image whose file is missing shows up with naturalWidth 0."""
-    browser = find_browser()
-    if browser is None:
+    if find_browser() is None:
         pytest.skip(f"no browser on PATH ({', '.join(BROWSERS)}); .ci/run installs one")
     page = tmp_path / "page.html"
-    page.write_text(f'<html><body><img src="missing.png">{PROBE}</body></html>')
-    dom = subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-         f"--user-data-dir={tmp_path / 'browser'}", "--dump-dom", page.as_uri()],
-        check=False, capture_output=True, text=True, timeout=120,
-    ).stdout
-    seen = json.loads(html.unescape(re.search(r'data-probe="([^"]*)"', dom).group(1)))
+    page.write_text('<html><body><img src="missing.png"></body></html>')
+    seen = browse(page, PROBE, "probe", tmp_path)
     assert [i["width"] for i in seen["images"]] == [0]
 
 
@@ -883,20 +881,7 @@ def test_explorer_draws_and_redraws_in_a_headless_browser(report, tmp_path):
     from harness.report.plots import method_color
 
     _, reports, written = report
-    probe = reports / "_explorer_probe.html"
-    probe.write_text(written["index.html"].read_text().replace("</body>", EXPLORER_PROBE + "</body>"))
-    try:
-        proc = subprocess.run(
-            [find_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'browser'}",
-             "--window-size=1280,2000", "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()],
-            check=False, capture_output=True, text=True, timeout=120,
-        )
-    finally:
-        probe.unlink()
-    found = re.search(r'data-explorer="([^"]*)"', proc.stdout)
-    assert found, proc.stdout[-2000:] + proc.stderr[-2000:]
-    seen = json.loads(html.unescape(found.group(1)))
+    seen = browse(written["index.html"], EXPLORER_PROBE, "explorer", tmp_path, "--virtual-time-budget=10000")
     assert "error" not in seen, seen
     first, by_mmlu, by_cost = seen["steps"]
     # traces: base model, full FT, LoRA; each point filled with its method's colour

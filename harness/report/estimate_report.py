@@ -134,16 +134,10 @@ def gpu_checks(records: list[dict]) -> str | None:
 
 def check_args(models: list[str], hardware: str) -> str | None:
     """One line naming a model or hardware that conf/ does not have, else None."""
-    from harness.config import CONF_DIR
-    from harness.estimate import DEVICES
+    from harness.estimate import check_target
 
-    known = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
-    for m in models:
-        if m not in known:
-            return f"--estimate-models {m!r} is unknown; valid: {', '.join(known)}"
-    if models and hardware not in DEVICES:
-        return f"--estimate-hardware {hardware!r} has no datasheet entry; valid: {', '.join(sorted(DEVICES))}"
-    return None
+    flags = ("--estimate-models", "--estimate-hardware")
+    return next((p for m in models if (p := check_target(m, hardware, flags))), None)
 
 
 def write_estimates(records: list[dict], reports_dir: Path, results_dir: str | Path, models: list[str] | None,

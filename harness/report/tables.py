@@ -75,15 +75,13 @@ def _seed_sort(record: dict) -> tuple:
 
 
 class Items:
-    """Per-question answers of a run, read once per build."""
+    """Per-question answers of a run (records.read_items reads each file once)."""
 
     def __init__(self, results_dir: Path):
-        self.results_dir, self._cache = results_dir, {}
+        self.results_dir = results_dir
 
     def __call__(self, record: dict) -> list[dict]:
-        if record["run_id"] not in self._cache:
-            self._cache[record["run_id"]] = read_items(self.results_dir, record)
-        return self._cache[record["run_id"]]
+        return read_items(self.results_dir, record)
 
 
 @dataclass

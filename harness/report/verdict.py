@@ -32,7 +32,7 @@ import yaml
 
 from harness.report.fmt import DASH, fmt_bytes, fmt_usd
 from harness.report.tables import TASK_LABEL, Arm, Table, failure_text, status_of
-from harness.stats import BEYOND, UNDECIDED, WITHIN, judge, record_tasks, resolution, task_metric, to_decide
+from harness.stats import BEYOND, UNDECIDED, WITHIN, judge, mean_sd, resolution, task_metric, to_decide
 
 VERDICT_JSON = "verdict.json"
 NO_VERDICT = "no verdict"
@@ -116,7 +116,7 @@ def _task_label(task: str) -> str:
 
 
 def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
+    return mean_sd(values)[0] if values else None
 
 
 def _estimate(arm: Arm, limits: Limits, results_dir: Path) -> dict:
@@ -191,15 +191,11 @@ def serving(arm: Arm, full: Arm | None, n: int) -> dict:
     return out
 
 
-def _fmt_pp(x: float) -> str:
-    return f"{x * 100:+.2f}"
-
-
-def _gap_text(row: dict) -> str:
-    text = f"{_fmt_pp(row['gap'])} pp"
-    if row["ci_low"] is not None:
-        text += f" [{_fmt_pp(row['ci_low'])}, {_fmt_pp(row['ci_high'])}]"
-    return text
+def _gap_pp(row: dict) -> dict:
+    """A stats.seed_summary row's gap and interval in pp, as verdict.json keeps them."""
+    return {"gap_pp": row["gap"] * 100,
+            "ci_pp": [None if row["ci_low"] is None else row["ci_low"] * 100,
+                      None if row["ci_high"] is None else row["ci_high"] * 100]}
 
 
 def _decide_text(need: dict, row: dict) -> str:
@@ -250,9 +246,7 @@ def table_verdict(table: Table, limits: Limits, results_dir: Path) -> dict:
             entry["judgement"] = "no pair"
             entry["note"] = f"no {_task_label(task) if task else 'accuracy'} gap: no full FT run with its pair_key"
         else:
-            entry.update({"gap_pp": row["gap"] * 100, "ci_pp": [None if row["ci_low"] is None else row["ci_low"] * 100,
-                                                                None if row["ci_high"] is None else row["ci_high"] * 100],
-                          "n": row["n"], "n_seeds": row["n_seeds"], "paired": row["paired"],
+            entry.update({**_gap_pp(row), "n": row["n"], "n_seeds": row["n_seeds"], "paired": row["paired"],
                           "judgement": judge(row["ci_low"], row["ci_high"], m) or "no interval"})
             if entry["judgement"] == UNDECIDED:
                 if row["answers"]:
@@ -263,7 +257,7 @@ def table_verdict(table: Table, limits: Limits, results_dir: Path) -> dict:
                     entry["note"] = "unpaired (no per-question answers): not projected"
         # the other accuracies, judged against the same limit: a pick that loses elsewhere says so
         entry["other_tasks"] = {
-            t: {"gap_pp": g["gap"] * 100, "judgement": judge(g["ci_low"], g["ci_high"], m), "text": _gap_text(g)}
+            t: {**_gap_pp(g), "judgement": judge(g["ci_low"], g["ci_high"], m), "text": _gap_text(_gap_pp(g))}
             for (key, t), g in sorted(table.gaps.items()) if key == a.key and t != task}
         entry["cost"] = training_cost(a, limits, results_dir)
         entry["serving"] = serving(a, full, limits.variants)
@@ -312,22 +306,24 @@ def _recommend(v: dict, limits: Limits) -> tuple[str | None, str]:
         return (a["cost"]["usd"] is None, a["cost"]["usd"] or 0.0, a["label"])
 
     fits = [a for a in by_state[WITHIN] if a["cost"]["within_budget"] is not False]
-    undecided = "; ".join(f"{a['label']} is undecided ({a['note'].removeprefix('to decide: ')} would decide it)"
+    undecided = "; ".join(f"{a['label']} is undecided ({a['note']})"
                           for a in by_state[UNDECIDED])
     if fits:
         pick = min(fits, key=cost_key)
         s, fs = pick["serving"], full["serving"]
-        words = [f"Pick {pick['label']}: its {task} gap vs full FT, {_gap_text_from(pick)}, is within the {m:g} pp "
+        words = [f"Pick {pick['label']}: its {task} gap vs full FT, {_gap_text(pick)}, is within the {m:g} pp "
                  f"limit"]
         if pick["cost"]["usd"] is not None and full_cost is not None:
             words.append(f"training costs {_usd(pick['cost']['usd'])} against {_usd(full_cost)} for full FT "
                          f"({'estimated' if pick['cost']['estimated'] else 'measured'})")
         if s["adapters_bytes"] and fs["merged_bytes"]:
+            dyn, merged = s["dynamic_prefill_overhead"], s["merged_prefill_overhead"]
+            latency = "" if dyn is None else (
+                f", at {dyn * 100:+.0f}% prefill latency with the adapters applied dynamically"
+                + ("" if merged is None else f" (merged: {merged * 100:+.0f}%)"))  # as the probe measured, not assumed
             words.append(f"serving {n} variant{'s' if n > 1 else ''} takes {fmt_bytes([s['adapters_bytes']])} "
                          f"(one base + adapters, computed) against {fmt_bytes([fs['merged_bytes']])} of full "
-                         f"checkpoints" + (f", at +{s['dynamic_prefill_overhead'] * 100:.0f}% prefill latency with "
-                                          f"the adapters applied dynamically (or {n} merged copies at no overhead)"
-                                          if s["dynamic_prefill_overhead"] is not None else ""))
+                         f"checkpoints{latency}")
         if full_over:
             words.append(f"full FT would cost {_usd(full_cost)}, over the {_usd(budget)} budget")
         elsewhere = [f"{_task_label(t)} {o['text']}" for t, o in pick["other_tasks"].items() if o["judgement"] == BEYOND]
@@ -348,7 +344,7 @@ def _recommend(v: dict, limits: Limits) -> tuple[str | None, str]:
         tail = ("" if full_over else " Until then, full FT is the arm known to meet the accuracy limit"
                 + (f" ({_usd(full_cost)})" if full_cost is not None else "") + ".")
         return None, f"No pick yet: {undecided}.{tail}"
-    lost = ", ".join(f"{a['label']} {_gap_text_from(a)}" for a in by_state[BEYOND])
+    lost = ", ".join(f"{a['label']} {_gap_text(a)}" for a in by_state[BEYOND])
     if full_over:
         return None, (f"No arm meets both limits: every judged PEFT arm loses more than {m:g} pp on {task} ({lost}), "
                       f"and full FT costs {_usd(full_cost)}, over the {_usd(budget)} budget.")
@@ -358,7 +354,8 @@ def _recommend(v: dict, limits: Limits) -> tuple[str | None, str]:
                            f"({lost})" + (f"; it costs {_usd(full_cost)}" if full_cost is not None else "") + ".")
 
 
-def _gap_text_from(entry: dict) -> str:
+def _gap_text(entry: dict) -> str:
+    """``-1.56 pp [-5.52, +1.56]`` from an entry's gap_pp and ci_pp."""
     low, high = entry["ci_pp"]
     text = f"{entry['gap_pp']:+.2f} pp"
     return text + (f" [{low:+.2f}, {high:+.2f}]" if low is not None else "")
@@ -419,7 +416,7 @@ def verdict_rows(v: dict) -> tuple[list[str], list[list[str]]]:
         f = v["full"]
         rows.append([f["label"], "reference", DASH, DASH, _cell_cost(f["cost"]), _cell_serving(f["serving"], "full")])
     for a in v["arms"]:
-        gap = _gap_text_from(a) if "gap_pp" in a else a.get("note", DASH)
+        gap = _gap_text(a) if "gap_pp" in a else a.get("note", DASH)
         decide = a["note"].removeprefix("to decide: ") if a["judgement"] == UNDECIDED and a.get("note") else DASH
         rows.append([a["label"], gap, a["judgement"], decide, _cell_cost(a.get("cost")),
                      _cell_serving(a.get("serving"), a["method"])])
@@ -470,5 +467,5 @@ def _json_default(value):
     return str(value)
 
 
-__all__ = ["LIMIT_KEYS", "Limits", "LimitsError", "VERDICT_JSON", "check_targets", "load_limits", "markdown_section", "record_tasks",
+__all__ = ["LIMIT_KEYS", "Limits", "LimitsError", "VERDICT_JSON", "check_targets", "load_limits", "markdown_section",
            "table_verdict", "verdict_rows", "verdicts", "write_json"]
