@@ -59,6 +59,10 @@ OVERLONG = ("truncate", "drop")  # data.overlong: what becomes of an example lon
 # cycle, and the paired t interval needs a few degrees of freedom to mean anything (at 2
 # repetitions t = 12.7 and the interval read [-100%, +9e9%]).
 MIN_LATENCY_REPS = 4
+# a median's distribution-free 95% interval needs 6 values (harness.stats.median_interval)
+MIN_MEDIAN_REPS = 6
+# serving N variants keeps N adapters resident in one model (harness.measure.variants)
+MAX_VARIANTS = 256
 
 
 @dataclass(frozen=True)
@@ -194,6 +198,16 @@ class LatencyConfig:
 
 
 @dataclass
+class VariantsConfig:
+    enabled: bool
+    counts: list[Annotated[int, Range(ge=1, le=MAX_VARIANTS)]]
+    batch: Positive
+    reps: Annotated[int, Range(ge=MIN_LATENCY_REPS)]
+    switch_reps: Annotated[int, Range(ge=MIN_MEDIAN_REPS)]
+    gen_tokens: Count
+
+
+@dataclass
 class EvalConfig:
     mmlu: MMLUConfig
     indomain: InDomainConfig
@@ -203,6 +217,7 @@ class EvalConfig:
     tasks_limit: Positive | None
     on_random_weights: bool
     latency: LatencyConfig
+    variants: VariantsConfig
 
 
 @dataclass

@@ -28,7 +28,7 @@ import psutil
 # In the order a job runs them. "load": process start, data, base-model record lookup, model and
 # method, trainer; "base_eval": evaluating the base model in the arm's process (its own process
 # failed); "mfu": the device-peak matmul after training; "footprint": adapter/checkpoint sizes.
-PHASES = ("load", "base_eval", "train", "mfu", "eval", "footprint", "latency")
+PHASES = ("load", "base_eval", "train", "mfu", "eval", "footprint", "latency", "variants")
 # What an allocator failure says: CUDA ("CUDA out of memory", "CUDA error: out of memory"), MPS,
 # the CPU allocator ("DefaultCPUAllocator: can't allocate memory: you tried to allocate ..."),
 # C++ std::bad_alloc, cuBLAS workspace allocation.

@@ -46,6 +46,7 @@ NON_RESULT_KEYS = ("hydra", "results_dir", "reports_dir", "force", "isolate", "r
 # Settings inside config groups that do not change a result.
 NON_RESULT_PATHS = (
     ("eval", "latency"),  # the latency probe runs after evaluation and changes no accuracy or training figure
+    ("eval", "variants"),  # so does serving N variants (harness.measure.variants)
     ("hardware", "price_per_device_hour_usd"),
     ("hardware", "price_source"),
     ("hardware", "price_date"),

@@ -336,6 +336,39 @@ def serve(run: Run) -> None:
         prompts = prompt_texts(run.data.train[: lat["prompts"]], run.loaded.tokenizer, cfg["data"])
         metrics.update(serving.compare_latency(run.model, run.loaded.tokenizer, prompts, reps=lat["reps"],
                                                new_tokens=lat["gen_tokens"]))
+    serve_variants(run)
+
+
+def serve_variants(run: Run) -> None:
+    """Serving N variants (harness.measure.variants): a PEFT arm on one process measures one base
+    with N adapters against N merged models; full FT's entries are N x its checkpoint. A failure
+    here loses no other figure: the record says why the measurement is missing."""
+    from harness import distributed
+    from harness.measure import variants
+
+    cfg, metrics = run.cfg, run.metrics
+    settings = cfg["eval"]["variants"]
+    if not settings["enabled"] or not distributed.is_main():
+        return
+    counts = variants.counts_of(settings)
+    if metrics["trainable_params"] >= metrics["total_params"]:
+        metrics["variants"] = variants.full_model_variants(counts, metrics)
+        return
+    if run.strategy in distributed.SHARDED:
+        run.skipped["variants"] = f"not measured under distributed={run.strategy}: serving N variants runs on one " \
+                                  "process; measure it with distributed=none"
+        return
+    run.phases.enter("variants")
+    from harness.data import prompt_texts
+
+    prompts = prompt_texts(run.data.train[: settings["batch"]], run.loaded.tokenizer, cfg["data"])
+    try:
+        metrics["variants"], metrics["variants_settings"] = variants.measure_variants(
+            run.model, run.loaded.tokenizer, prompts, settings, metrics, seed=int(cfg["seed"]))
+    except Exception as exc:  # noqa: BLE001 - an optional measurement: the run's figures stand without it
+        first = (str(exc).splitlines() or [""])[0]
+        run.skipped["variants"] = f"failed: {type(exc).__name__}: {first}"
+        print(f"[{run.label}] serving N variants failed ({type(exc).__name__}: {first}); the record says so", flush=True)
 
 
 def combine(run: Run) -> None:

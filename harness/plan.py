@@ -56,6 +56,10 @@ def plan(cfg: dict) -> dict:
     except (MethodError, PriceTableError, distributed.DistributedError, DataError, ScheduleError) as exc:
         raise UsageError(str(exc)) from exc
     from harness.estimate import check_target
+    from harness.measure.variants import check_settings as check_variants
+
+    if problem := check_variants(cfg["eval"]["variants"]):
+        raise UsageError(problem)
 
     if problem := check_target(cfg["verdict"]["target_model"], cfg["verdict"]["target_hardware"],
                                ("verdict.target_model=", "verdict.target_hardware=")):

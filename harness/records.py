@@ -25,7 +25,7 @@ Schema 1 (fields other stages rely on)::
     status        "ok" | "failed" | "oom" (a device/allocator out-of-memory error) | "killed" (SIGKILL)
     error         message or null; on failure it ends with "(in phase <failed_phase>)"
     failed_phase  null when ok; else where the job failed or was killed (harness.failure.PHASES):
-                  "load" | "base_eval" | "train" | "mfu" | "eval" | "footprint" | "latency"
+                  "load" | "base_eval" | "train" | "mfu" | "eval" | "footprint" | "latency" | "variants"
     method        "base" | "full" | "lora" | "qlora" | other PEFT type name
     rank          int or null
     model         {"name", "source", "total_params", "random_weights": bool}

@@ -287,6 +287,23 @@ def ratio_interval(numer: list[float], denom: list[float], level: float = 0.95) 
     return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
 
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float | None, float | None]:
+    """A distribution-free interval for the median of ``values``: order statistics
+    ``(x_(k), x_(n+1-k))`` with the largest k such that ``P(Binomial(n, 1/2) < k) <= (1 - level) / 2``,
+    so the interval covers the median with probability at least ``level`` whatever the
+    distribution (timings are skewed: a t interval on them is not). Fewer than 6 values cannot
+    reach 95%: (None, None)."""
+    from scipy.stats import binom
+
+    xs, n = sorted(values), len(values)
+    k = 0
+    while k + 1 <= n // 2 and binom.cdf(k, n, 0.5) <= (1 - level) / 2:
+        k += 1
+    if k == 0:
+        return None, None
+    return xs[k - 1], xs[n - k]
+
+
 def seed_summary(gaps: Iterable[dict]) -> list[dict]:
     """Gaps averaged over seeds per comparison group (identity.gap_key) and task.
 

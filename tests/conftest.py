@@ -67,6 +67,11 @@ TINY = [
     "eval.mmlu.enabled=false",
     "eval.latency.reps=4",  # config.MIN_LATENCY_REPS
     "eval.latency.gen_tokens=2",
+    "eval.variants.counts=[1,2]",
+    "eval.variants.batch=2",
+    "eval.variants.reps=4",
+    "eval.variants.switch_reps=6",  # config.MIN_MEDIAN_REPS
+    "eval.variants.gen_tokens=2",
     "report=false",
 ]
 

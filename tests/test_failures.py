@@ -99,7 +99,7 @@ def test_an_ok_run_has_no_failed_phase(tmp_path):
     assert rec["status"] == "ok" and rec["failed_phase"] is None and rec["error"] is None
     # where the run's time went, phase by phase; run in this (test) process: no start-up of its own
     spent, m = rec["metrics"]["phase_wall_s"], rec["metrics"]
-    assert list(spent) == ["load", "train", "mfu", "footprint"], spent  # random weights: no evaluation
+    assert list(spent) == ["load", "train", "mfu", "footprint", "variants"], spent  # random weights: no evaluation
     assert all(s > 0 for s in spent.values()) and sum(spent.values()) <= m["run_wall_s"] < sum(spent.values()) + 1
     assert m["startup_wall_s"] is None
     # and the console says where the time went, longest phase first

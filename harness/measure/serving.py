@@ -142,8 +142,9 @@ class _Stamps:
         return scores
 
 
-def _measure(model: Any, inputs: list[torch.Tensor], new_tokens: int, pad: int) -> tuple[float, float | None]:
-    """(prefill seconds per prompt, decode seconds per new token) of the model as it is now.
+def _measure(model: Any, inputs: list[torch.Tensor], new_tokens: int, pad: int, **kwargs) -> tuple[float, float | None]:
+    """(prefill seconds per prompt, decode seconds per new token) of the model as it is now;
+    ``kwargs`` go to every forward and ``generate`` (a mixed batch's ``adapter_names``).
 
     Prefill: one timed forward of each prompt (batch 1, building the KV cache). Decode: greedy
     ``generate`` of ``new_tokens`` + 1 tokens with the KV cache; the time from the first token's
@@ -157,7 +158,7 @@ def _measure(model: Any, inputs: list[torch.Tensor], new_tokens: int, pad: int) 
         for ids in inputs:
             sync(device)
             t0 = time.perf_counter()
-            model(input_ids=ids, use_cache=True)
+            model(input_ids=ids, use_cache=True, **kwargs)
             sync(device)
             prefill.append(time.perf_counter() - t0)
             if new_tokens > 0:
@@ -165,7 +166,7 @@ def _measure(model: Any, inputs: list[torch.Tensor], new_tokens: int, pad: int) 
                 # min_new_tokens: an early EOS must not shorten the count
                 model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens + 1,
                                min_new_tokens=new_tokens + 1, do_sample=False, use_cache=True, pad_token_id=pad,
-                               logits_processor=LogitsProcessorList([stamps]))
+                               logits_processor=LogitsProcessorList([stamps]), **kwargs)
                 decode += stamps.times[-1] - stamps.times[0]
     return statistics.fmean(prefill), decode / (new_tokens * len(inputs)) if new_tokens > 0 else None
 
