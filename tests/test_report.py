@@ -17,6 +17,10 @@ from harness import stats
 from harness.records import run_id_for, stable_hash, write_items, write_record
 from harness.report import AT_A_GLANCE, build_report, main, pareto_front
 from harness.report import ROW_LABELS as ROWS
+from harness.report.tables import ROWS as ROW_SPECS
+
+# the rows every table shows (the optional ones only where some arm has their figures)
+ALWAYS = [row.label for row in ROW_SPECS if not row.optional]
 
 GiB = 2**30
 MiB = 2**20
@@ -218,7 +222,7 @@ def test_six_rows_and_their_values(report):
     _, _, written = report
     md = written[AT_A_GLANCE].read_text()
     table = _table(md)
-    assert list(table) == list(ROWS[:-2])  # the loss rows only where some arm has those figures
+    assert list(table) == ALWAYS  # serving N variants and the loss rows only where some arm has those figures
     # rows whose meaning depends on the device say which measure, which device and how many
     labels = row_labels(md)
     assert labels[1] == "peak training memory (CUDA allocated; 1x NVIDIA H200)"
@@ -272,7 +276,7 @@ def test_failed_and_oom_runs_are_shown(report):
     table = _table(md)
     assert all(cells["LoRA r=64"].startswith("did not fit on 1x NVIDIA H200") for cells in table.values())
     assert table[ROWS[0]]["QLoRA r=8"] == "failed: RuntimeError: bitsandbytes \\| broke at line 3"
-    assert all(table[row]["QLoRA r=8"] == "failed" for row in ROWS[1:-2])
+    assert all(table[row]["QLoRA r=8"] == "failed" for row in ALWAYS[1:])
     assert "5 runs" not in md and "9 runs (7 ok, 1 failed, 1 oom)" in md
     runs_csv = written["runs.csv"].read_text()
     assert runs_csv.count(",oom,") == 1 and runs_csv.count(",failed,") == 1
@@ -473,7 +477,7 @@ def test_index_html_renders_in_a_headless_browser(report, tmp_path):
     _, reports, written = report
     seen = browse(written["index.html"], PROBE, "probe", tmp_path)
     # the at-a-glance table with every row, by its label
-    assert seen["tables"] == 1 and [row_name(r) for r in seen["rows"]] == list(ROWS[:-2])
+    assert seen["tables"] == 1 and [row_name(r) for r in seen["rows"]] == ALWAYS
     # the verdict first, one row per arm but the base model
     assert seen["verdict"] == ["full FT", "LoRA r=8", "LoRA r=64", "QLoRA r=8"]
     assert seen["text"].index("Verdict") < seen["text"].index("trainable parameters")
@@ -642,7 +646,22 @@ def _rich_sweep(results: Path, mmlu: bool = True) -> None:
             )
             rec["base_run_id"] = base["run_id"]
             rec["items_file"] = write_items(results, rec["run_id"], read_items(results, rec) + forgetting(100.0 + i))
+            rec["metrics"]["variants"] = _variants(method, 2 * size, 2 * size * rank // 1000 if rank else None, i)
             write_record(results, rec)
+
+
+def _variants(method: str, checkpoint: int, adapter: int | None, i: int) -> list[dict]:
+    """Serving-N-variants entries as harness.measure.variants writes them (full FT: checkpoints only)."""
+    out = []
+    for n in (1, 8):
+        e = {"n": n, "merged_bytes": n * checkpoint, "merged_disk_bytes": n * checkpoint}
+        if adapter:
+            ratio = {"ratio": 1.1 + i / 100 + n / 100, "ci": [1.05, 1.2 + n / 100]}
+            e |= {"resident_bytes": checkpoint + n * adapter, "adapters_disk_bytes": n * adapter,
+                  "mixed_vs_merged_prefill": ratio, "mixed_vs_merged_decode": ratio,
+                  "switching": {"set_adapter": {"median_s": 1e-4, "ci_s": [5e-5, 2e-4], "n": 6}}}
+        out.append(e)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -731,6 +750,19 @@ def test_one_colour_per_method_in_every_plot(rich_tables):
             assert lines["LoRA r=8"].get_color() == lines["LoRA r=64"].get_color()
             assert lines["LoRA r=8"].get_linestyle() != lines["LoRA r=64"].get_linestyle()
     assert all(checked[name] >= 3 for name in checked if name != "memory_breakdown.png"), checked
+
+
+def test_serving_n_variants_reads_memory_latency_and_switching_at_the_largest_n(rich_tables):
+    from harness.report.tables import _variants_cell
+
+    arms = {a.label: a for a in rich_tables[0].arms}
+    lora = _variants_cell(rich_tables[0], arms["LoRA r=8"])
+    # 2 MB checkpoint + 8 x 16 KB adapters, against 8 x 2 MB; the ratios with their intervals
+    assert lora == ("N=8: base + 8 adapters 2.03 MiB vs 8 merged 15.3 MiB (computed); "
+                    "mixed batch vs merged: prefill ×1.19 [1.05, 1.28], decode ×1.19 [1.05, 1.28]; switch 0.1 ms")
+    assert _variants_cell(rich_tables[0], arms["full FT"]) == ("N=8: 8 checkpoints 15.3 MiB in memory and on disk "
+                                                               "(computed)")
+    assert _variants_cell(rich_tables[0], arms["base model"]) == "—"
 
 
 def test_money_reads_in_dollars_and_cents():

@@ -153,8 +153,8 @@ def time_switching(model: Any, names: Sequence[str], saved: Path, reps: int, dev
     into the trained adapter (the same weights: the copy is timed, nothing changes)."""
     out: dict = {}
     order = [n for n in names if n != TRAINED] or [TRAINED]
-    out["set_adapter"] = _median([_timed(lambda n=order[i % len(order)]: model.set_adapter(n), device)
-                                  for i in range(reps)])
+    targets = [order[i % len(order)] for i in range(reps)]
+    out["set_adapter"] = _median([_timed(lambda n=n: model.set_adapter(n), device) for n in targets])
     model.set_adapter(TRAINED)
     loads = []
     for _ in range(reps):
@@ -235,7 +235,7 @@ def mixed_metrics(times: dict, n: int, batch: int) -> dict:
     the merged model and to the base, with their paired 95% intervals."""
     mixed = times[f"mixed:{n}"]
     out: dict = {}
-    for state, t in ((f"mixed", mixed), (MERGED, times[MERGED]), (BASE, times[BASE])):
+    for state, t in (("mixed", mixed), (MERGED, times[MERGED]), (BASE, times[BASE])):
         out[f"{state}_prefill_ms"] = statistics.median(t["prefill"]) * 1000.0
         decode = None if t["decode"][0] is None else statistics.median(t["decode"])
         out[f"{state}_decode_ms_per_token"] = None if decode is None else decode * 1000.0

@@ -28,8 +28,8 @@ from matplotlib import rc_context
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from harness.report.fmt import fmt_count, fmt_money
-from harness.report.tables import METHOD_LABEL, Arm, Table, _arm_sort, memory_measure, status_of
+from harness.report.fmt import fmt_bytes, fmt_count, fmt_money
+from harness.report.tables import METHOD_LABEL, Arm, Table, _arm_sort, memory_measure, status_of, variant_entries
 from harness.stats import accuracy_difference, mean_sd, task_order, unpaired_difference
 
 FIG_W, PANEL_H, LEGEND_W, DPI = 10.0, 3.2, 2.3, 100
@@ -493,6 +493,81 @@ def plot_scaling(tables: list[Table]) -> Figure | None:
     return _finish(fig, axes, "Scaling with model size")
 
 
+def _variant_arms(t: Table) -> list[tuple[Arm, list[dict]]]:
+    return [(a, e) for a in t.arms if a.method != "base" and (e := variant_entries(a))]
+
+
+def _n_axis(ax, arms: list[tuple[Arm, list[dict]]]) -> None:
+    """N on a log2 axis, ticked at the measured counts."""
+    ns = sorted({e["n"] for _, entries in arms for e in entries})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def plot_variants_memory(tables: list[Table]) -> Figure | None:
+    """Memory to serve N variants against N: one base + N adapters (measured) and N merged models
+    (N x the checkpoint), one line per arm and strategy."""
+    panels = [(t, arms) for t in tables if (arms := _variant_arms(t))]
+    if not panels:
+        return None
+    styles = arm_styles([t for t, _ in panels])
+    fig, axes = figure(len(panels))
+    for ax, (t, arms) in zip(axes, panels):
+        for a, entries in arms:
+            style = styles[a.label]
+            adapters = [(e["n"], e["resident_bytes"]) for e in entries if e.get("resident_bytes") is not None]
+            if adapters:
+                ax.plot(*zip(*adapters), color=style["color"], marker=style["marker"], linestyle="-",
+                        label=f"one base + N adapters (measured): {a.label}")
+            merged = [(e["n"], e["merged_bytes"]) for e in entries if e.get("merged_bytes") is not None]
+            if merged and (a.method == "full" or adapters):
+                ax.plot(*zip(*merged), color=style["color"], marker=style["marker"], linestyle=":", alpha=0.8,
+                        label=f"N {'checkpoints' if a.method == 'full' else 'merged models'} (computed): {a.label}")
+        _n_axis(ax, arms)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_bytes([v])))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("variants served (N)")
+        measures = sorted({(r["metrics"].get("variants_settings") or {}).get("memory_measure") for a, _ in arms
+                           for r in a.ok if r["metrics"].get("variants_settings")} - {None})
+        ax.set_ylabel(f"memory ({' / '.join(measures) or 'computed'})")
+        _title(ax, t.title)
+    return _finish(fig, axes, "Memory to serve N variants: one base + N adapters vs N merged models")
+
+
+def plot_variants_latency(tables: list[Table]) -> Figure | None:
+    """A mixed batch (request i for variant i mod N) against the same batch on one merged model:
+    the prefill and per-token decode ratios with their paired 95% intervals, against N."""
+    panels = [(t, arms) for t in tables
+              if (arms := [(a, e) for a, e in _variant_arms(t) if any(x.get("mixed_vs_merged_prefill") for x in e)])]
+    if not panels:
+        return None
+    styles = arm_styles([t for t, _ in panels])
+    fig, axes = figure(len(panels))
+    for ax, (t, arms) in zip(axes, panels):
+        ax.axhline(1.0, color="black", linewidth=0.8, label="merged model, same batch (= 1)")
+        for a, entries in arms:
+            style = styles[a.label]
+            for phase, ls in (("prefill", "-"), ("decode", "--")):
+                pts = [(e["n"], r["ratio"], r["ci"]) for e in entries
+                       if (r := e.get(f"mixed_vs_merged_{phase}")) and r.get("ratio") is not None]
+                if not pts:
+                    continue
+                ns, ratios, cis = zip(*pts)
+                err = [[r - (c[0] if c[0] is not None else r) for r, c in zip(ratios, cis)],
+                       [(c[1] if c[1] is not None else r) - r for r, c in zip(ratios, cis)]]
+                ax.errorbar(ns, ratios, yerr=err, color=style["color"], marker=style["marker"], linestyle=ls,
+                            capsize=3, label=f"mixed batch, {phase}: {a.label}")
+        _n_axis(ax, arms)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"×{v:g}"))
+        ax.set_xlabel("variants in the batch (N)")
+        ax.set_ylabel("latency ratio to the merged model")
+        _title(ax, t.title)
+    return _finish(fig, axes, "Serving N variants in one batch: latency vs one merged model (95% intervals)")
+
+
 PLOTS: tuple[tuple[str, str, Callable[[list[Table]], Figure | None]], ...] = (
     ("peak_memory.png", "Peak training memory by arm and rank", plot_peak_memory),
     ("mmlu_by_rank.png", "MMLU accuracy by rank, with full fine-tuning and base model as references (95% intervals)",
@@ -506,6 +581,10 @@ PLOTS: tuple[tuple[str, str, Callable[[list[Table]], Figure | None]], ...] = (
     ("memory_breakdown.png", "Training memory breakdown", plot_memory_breakdown),
     ("loss_curves.png", "Training loss curves", plot_loss_curves),
     ("scaling.png", "Scaling with model size", plot_scaling),
+    ("variants_memory.png", "Memory to serve N variants: one base + N adapters (measured) vs N merged models "
+     "(N x the checkpoint)", plot_variants_memory),
+    ("variants_latency.png", "A mixed batch of N variants vs the same batch on one merged model: prefill and "
+     "per-token decode ratios (paired 95% intervals)", plot_variants_latency),
 )
 
 

@@ -367,6 +367,49 @@ def _latency_cell(table: Table, arm: Arm) -> str:
     return "; ".join(phases)
 
 
+def variant_entries(arm: Arm) -> list[dict]:
+    """The serving-N-variants entries of the arm's first ok run that has them (one per N)."""
+    return next((r["metrics"]["variants"] for r in arm.ok if r["metrics"].get("variants")), [])
+
+
+def _ratio_text(r: dict | None) -> str | None:
+    if not r or r.get("ratio") is None:
+        return None
+    lo, hi = r["ci"]
+    return f"×{r['ratio']:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if lo is not None else "")
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.3g} ms"
+
+
+def _variants_cell(table: Table, arm: Arm) -> str:
+    entries = variant_entries(arm)
+    if not entries:
+        reasons = [why for r in arm.ok if (why := (r["metrics"].get("skipped_measurements") or {}).get("variants"))]
+        return f"not measured: {reasons[0]}" if reasons else DASH
+    e = entries[-1]
+    n, merged = e["n"], e.get("merged_bytes")
+    merged_text = f"{n} merged {fmt_bytes([merged])} (computed)" if merged else ""
+    if e.get("resident_bytes") is None:  # full fine-tuning: a checkpoint per variant
+        return f"N={n}: {n} checkpoints {fmt_bytes([merged])} in memory and on disk (computed)" if merged else DASH
+    measure = (arm.ok[0]["metrics"].get("variants_settings") or {}).get("memory_measure", "")
+    parts = [f"N={n}: base + {n} adapters {fmt_bytes([e['resident_bytes']])}" + (f" ({measure})" if measure else "")
+             + (f" vs {merged_text}" if merged_text else "")]
+    ratios = [f"{phase} {text}" for phase in ("prefill", "decode")
+              if (text := _ratio_text(e.get(f"mixed_vs_merged_{phase}")))]
+    if ratios:
+        batch = (arm.ok[0]["metrics"].get("variants_settings") or {}).get("batch")
+        parts.append(f"mixed batch{f' of {batch}' if batch else ''} vs merged: {', '.join(ratios)}")
+    switching = e.get("switching") or {}
+    switch = [f"{label} {_ms(switching[key]['median_s'])}" for key, label in
+              (("set_adapter", "switch"), ("load_adapter", "load"), ("hotswap_adapter", "hotswap"))
+              if key in switching]
+    if switch:
+        parts.append(", ".join(switch))
+    return "; ".join(parts)
+
+
 def _cost_cell(table: Table, arm: Arm) -> str:
     wall = arm.values("train_wall_s") or arm.values("run_wall_s")  # cost_usd prices the training phase
     cost = arm.values("cost_usd")
@@ -437,6 +480,8 @@ ROWS = (
     Row("serving footprint: adapter vs full checkpoint", _footprint_cell),
     Row("inference latency overhead vs base", _latency_cell,
         partial(_devices_qualifier, metrics=LATENCY_KEYS)),
+    Row("serving N variants: one base + N adapters vs N merged", _variants_cell,
+        partial(_devices_qualifier, metrics=("variants",)), optional=True),
     Row("held-out loss gap vs full FT (95% CI)", _loss_gap_cell, optional=True),
     Row("forgetting: general-text loss rise vs base (95% CI)", _forgetting_cell, optional=True),
 )
