@@ -132,6 +132,10 @@ def missing_measurements(cfg: dict, existing: dict) -> list[str]:
             and not (metrics.get("skipped_measurements") or {}).get("latency")):
         out.append("the existing record has no latency measurement (it ran with eval.latency.enabled=false); "
                    "add force=true to rerun it with the latency probe")
+    if (cfg["eval"]["variants"]["enabled"] and metrics.get("variants") is None
+            and not (metrics.get("skipped_measurements") or {}).get("variants")):
+        out.append("the existing record has no serving-N-variants measurement (it ran before eval.variants or "
+                   "with eval.variants.enabled=false); add force=true to rerun it with it")
     return out
 
 

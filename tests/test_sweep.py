@@ -146,11 +146,14 @@ def test_a_failing_run_is_recorded_the_sweep_goes_on_and_the_command_exits_1(tmp
 
 def test_a_rerun_says_when_the_record_lacks_a_measurement_it_asks_for(tmp_path):
     args = [*TINY, f"results_dir={tmp_path}", "isolate=false", "method=full"]
-    first = harness_run(*args, "eval.latency.enabled=false")
+    first = harness_run(*args, "eval.latency.enabled=false", "eval.variants.enabled=false")
     assert first.returncode == 0, first.stderr[-3000:]
-    again = harness_run(*args, "eval.latency.enabled=true")
+    again = harness_run(*args, "eval.latency.enabled=true", "eval.variants.enabled=false")
     assert again.returncode == 0
     assert "has no latency measurement" in again.stdout and "force=true" in again.stdout
+    assert "serving-N-variants" not in again.stdout
+    third = harness_run(*args, "eval.latency.enabled=false", "eval.variants.enabled=true")
+    assert "has no serving-N-variants measurement" in third.stdout and "has no latency" not in third.stdout
     assert again.stdout.strip().splitlines()[-1] == "harness-run: 1 job: 0 ok, 0 failed, 1 skipped"
 
 
