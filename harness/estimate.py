@@ -226,7 +226,7 @@ def setup_of(cfg: dict) -> Setup:
     dist = cfg.get("distributed") or {}
     try:
         weights = resolve_dtype(cfg["model"].get("dtype"), method, "cuda" if gpu else "cpu", has_bf16,
-                                sharded=str(dist.get("strategy") or "none") in ("fsdp", "zero3"))
+                                sharded=str(dist.get("strategy") or "none") in ("fsdp", "zero3"), precision=precision)
     except ModelSourceError as exc:
         raise UsageError(str(exc)) from exc
     weight_bytes = 2 if weights != "float32" and not method.get("quantize") else 4

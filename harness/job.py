@@ -76,17 +76,21 @@ def base_record(job: dict, cfg: dict, data, env: dict, startup_s: float | None =
     print(f"[{job['base_run_id']}] evaluating the base model (once for all arms and seeds)", flush=True)
     started = now_iso()
     t0 = time.perf_counter()
+    from harness.train import inference_precision
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = model_dtype(cfg["model"], {"name": "base"}, device)
+    dtype = model_dtype(cfg["model"], {"name": "base"}, device, precision=cfg["train"]["precision"])
     loaded = load_model(cfg["model"], dtype=getattr(torch, dtype), mmap=device != "cpu")
-    acc, items = evaluate_all(loaded.model, loaded.tokenizer, cfg, data)
+    precision, eval_precision = inference_precision(cfg["train"]["precision"], device)
+    with precision:
+        acc, items = evaluate_all(loaded.model, loaded.tokenizer, cfg, data)
     base_job = {**job, "run_id": job["base_run_id"], "config_hash": job["eval_key"], "pair_key": None,
                 "method": "base", "rank": None, "config": {**cfg, "method": {"name": "base"}}}
     rec = new_record(base_job, {**env, "started_at": started, "ended_at": now_iso()})
     rec["model"]["total_params"] = loaded.total_params
     metrics = rec["metrics"]
-    metrics.update(acc, total_params=loaded.total_params, model_dtype=dtype, run_wall_s=time.perf_counter() - t0,
-                   startup_wall_s=startup_s)
+    metrics.update(acc, total_params=loaded.total_params, model_dtype=dtype, eval_precision=eval_precision,
+                   run_wall_s=time.perf_counter() - t0, startup_wall_s=startup_s)
     rec["items_file"] = records.write_items(cfg["results_dir"], base_job["run_id"], items)
     records.write_record(cfg["results_dir"], rec)
     print(f"[base] {rec['run_id']}: mmlu_acc={metrics['mmlu_acc']} indomain_acc={metrics['indomain_acc']}", flush=True)
@@ -224,7 +228,7 @@ def load(run: Run) -> None:
                    visible_device_count=torch.cuda.device_count() if torch.cuda.is_available() else 1)
     run.mine["device"] = distributed.device_label(args.device)
     set_seed(cfg["seed"])  # the same initial RNG state for every arm, base eval or not
-    metrics["model_dtype"] = model_dtype(cfg["model"], cfg["method"], args.device, sharded)
+    metrics["model_dtype"] = model_dtype(cfg["model"], cfg["method"], args.device, sharded, cfg["train"]["precision"])
     run.loaded = load_model(cfg["model"], dtype=getattr(torch, metrics["model_dtype"]),
                             quantization_config=quantization_config(cfg["method"], sharded=sharded),
                             device="cpu" if sharded else args.device, mmap=args.device.type != "cpu")
@@ -294,10 +298,12 @@ def evaluate(run: Run) -> None:
     from harness import distributed
     from harness.evaluate import gains_vs_base
     from harness.measure import memory
+    from harness.train import inference_precision
 
     run.phases.enter("eval")
+    precision, run.metrics["eval_precision"] = inference_precision(run.cfg["train"]["precision"], run.args.device)
     # every rank evaluates the same questions: a sharded model's forward needs them all
-    with memory.eval_peak_memory(run.args.device) as eval_mem:
+    with memory.eval_peak_memory(run.args.device) as eval_mem, precision:
         acc, items = evaluate_all(run.model, run.loaded.tokenizer, run.cfg, run.data)
     run.metrics.update(acc)
     run.mine.update(eval_mem)
@@ -334,9 +340,17 @@ def serve(run: Run) -> None:
         from harness.data import prompt_texts
 
         prompts = prompt_texts(run.data.train[: lat["prompts"]], run.loaded.tokenizer, cfg["data"])
-        metrics.update(serving.compare_latency(run.model, run.loaded.tokenizer, prompts, reps=lat["reps"],
-                                               new_tokens=lat["gen_tokens"]))
-    serve_variants(run)
+        with _inference_precision(run):  # prefill and generate's decode alike
+            metrics.update(serving.compare_latency(run.model, run.loaded.tokenizer, prompts, reps=lat["reps"],
+                                                   new_tokens=lat["gen_tokens"]))
+    with _inference_precision(run):
+        serve_variants(run)
+
+
+def _inference_precision(run: Run):
+    from harness.train import inference_precision
+
+    return inference_precision(run.cfg["train"]["precision"], run.args.device)[0]
 
 
 def serve_variants(run: Run) -> None:

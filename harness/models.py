@@ -87,7 +87,7 @@ def check_dtype(wanted: str | None) -> str:
 
 
 def resolve_dtype(wanted: str | None, method_cfg: dict, device_type: str, bf16_supported: bool,
-                  sharded: bool = False) -> str:
+                  sharded: bool = False, precision: str = "auto") -> str:
     """The dtype the base model's weights are loaded in: ``model.dtype`` resolved, for harness-run
     and harness-estimate alike. Returns a torch dtype name (``float32``, ``bfloat16``, ``float16``).
 
@@ -99,7 +99,9 @@ def resolve_dtype(wanted: str | None, method_cfg: dict, device_type: str, bf16_s
       (``train.precision``) runs the matmuls;
     - full fine-tuning: ``float32`` master weights; ``train.precision`` decides whether the matmuls
       run under bf16 autocast;
-    - on a CPU: ``float32`` (bf16 matmuls on a CPU without bf16 units are many times slower).
+    - on a CPU: ``float32`` (bf16 matmuls on a CPU without bf16 units are many times slower);
+    - with ``train.precision=fp32`` (``precision``): ``float32`` everywhere, so a pair whose records
+      say fp32 trains and evaluates in fp32, not on a bf16 base.
 
     QLoRA's matmul weights are 4-bit whatever this says: this is the dtype they are quantized
     from and the rest of the model is loaded in (peft's ``prepare_model_for_kbit_training`` then
@@ -113,16 +115,19 @@ def resolve_dtype(wanted: str | None, method_cfg: dict, device_type: str, bf16_s
     if wanted != "auto":
         return DTYPES[wanted]
     frozen_base = method_cfg.get("name") != "full"
-    return "bfloat16" if frozen_base and device_type == "cuda" and bf16_supported else "float32"
+    bf16 = frozen_base and device_type == "cuda" and bf16_supported and precision != "fp32"
+    return "bfloat16" if bf16 else "float32"
 
 
-def model_dtype(model_cfg: dict, method_cfg: dict, device: str | torch.device, sharded: bool = False) -> str:
-    """``resolve_dtype`` for this process's training ``device`` (its bf16 support read from torch)."""
+def model_dtype(model_cfg: dict, method_cfg: dict, device: str | torch.device, sharded: bool = False,
+                precision: str = "auto") -> str:
+    """``resolve_dtype`` for this process's training ``device`` (its bf16 support read from torch)
+    and ``train.precision``."""
     device = torch.device(device)
     from harness.measure.environment import gpu_has_native_bf16
 
     bf16 = device.type == "cuda" and gpu_has_native_bf16()
-    return resolve_dtype(model_cfg.get("dtype"), method_cfg, device.type, bf16, sharded)
+    return resolve_dtype(model_cfg.get("dtype"), method_cfg, device.type, bf16, sharded, precision)
 
 
 def cache_dir() -> Path:

@@ -36,6 +36,22 @@ def use_bf16(precision: str) -> bool:
     return precision == "bf16"
 
 
+def inference_precision(precision: str, device) -> tuple:
+    """(context, label): the one precision every evaluation and serving measurement of a pair runs
+    in, base model included. Where training ran under bf16 autocast (``use_bf16``) it is bf16
+    autocast on the device, so full FT's fp32 weights, a bf16 frozen base with fp32 adapters and
+    the bf16 base model all run bf16 matmuls, and ``generate`` (which bypasses the autocast
+    accelerate wraps around ``forward``) decodes as prefill does; else the weights' own dtype."""
+    import contextlib
+
+    import torch
+
+    device = torch.device(device)
+    if use_bf16(precision):
+        return torch.autocast(device.type, dtype=torch.bfloat16), "bf16 autocast"
+    return contextlib.nullcontext(), "weights dtype"
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU runs bf16 matmuls natively (AVX512-BF16, AMX; oneDNN's own test). Where it
     does not, bf16 autocast is emulated and many times slower than fp32."""

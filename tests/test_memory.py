@@ -197,6 +197,46 @@ def test_model_dtype_reads_the_device_capability(monkeypatch):
     assert model_dtype({"dtype": "auto"}, LORA, torch.device("cuda", 0)) == "float32"
 
 
+def test_precision_fp32_keeps_a_frozen_base_in_fp32_in_the_run_and_the_estimate(monkeypatch):
+    """train.precision=fp32 on a GPU with bf16: model.dtype=auto loads every arm and the base in
+    fp32, as the records say (it loaded a bf16 base before, and MFU divided bf16 work by the fp32 peak)."""
+    fake_gpu(monkeypatch, 8)
+    assert model_dtype({"dtype": "auto"}, LORA, "cuda", precision="fp32") == "float32"
+    assert model_dtype({"dtype": "auto"}, {"name": "base"}, "cuda", precision="fp32") == "float32"
+    assert model_dtype({"dtype": "auto"}, LORA, "cuda", precision="auto") == "bfloat16"
+    assert model_dtype({"dtype": "bf16"}, LORA, "cuda", precision="fp32") == "bfloat16"  # asked for: as given
+    s = estimate.setup_of(estimate.resolved(estimate.compose(["method=lora", "hardware=auto", "train.precision=fp32"])))
+    assert s.model_dtype == "float32" and s.regime == "fp32"
+
+
+def test_every_arm_and_the_base_evaluate_and_serve_in_one_stated_precision(tmp_path):
+    """Under bf16 training the evaluations, the latency probe and the variants run under bf16
+    autocast, the base model's too, and the records say so; fp32 training leaves the weights' dtype."""
+    from conftest import planned
+
+    from harness import job, records
+    from harness.measure import serving
+
+    seen = []
+    real = serving._measure
+
+    def spy(model, inputs, *args, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return real(model, inputs, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(serving, "_measure", spy)
+        rec = job.execute(planned(*TINY, "method=lora", "train.precision=bf16", "eval.on_random_weights=true",
+                                  f"results_dir={tmp_path}"))
+    assert rec["status"] == "ok", rec["error"]
+    base = records.find_ok(tmp_path, rec["base_run_id"])
+    assert rec["metrics"]["eval_precision"] == base["metrics"]["eval_precision"] == "bf16 autocast"
+    assert seen and all(on and dtype == torch.bfloat16 for on, dtype in seen)  # latency and variants alike
+    fp32 = job.execute(planned(*TINY, "method=lora", "train.precision=fp32", "eval.on_random_weights=true",
+                               "eval.latency.enabled=false", "eval.variants.enabled=false", f"results_dir={tmp_path}"))
+    assert fp32["metrics"]["eval_precision"] == "weights dtype"
+
+
 @pytest.mark.parametrize("major, native", [(7, False), (8, True), (9, True)])
 def test_emulated_bf16_counts_as_no_bf16(monkeypatch, major, native):
     """A V100/T4 (7.x) can make bf16 tensors, emulated: every auto choice is fp32 there."""
