@@ -62,11 +62,18 @@ class CannotJudge(Exception):
 # ---------------------------------------------------------------- current results
 
 
-def current_groups(results_dir: Path, metrics: list[str], references: list[str]) -> tuple[list[dict], list[dict]]:
-    """(seed-averaged gap rows in baseline form, the ok records they came from)."""
+def current_groups(results_dir: Path, metrics: list[str], references: list[str],
+                   tuned: bool = False) -> tuple[list[dict], list[dict]]:
+    """(seed-averaged gap rows in baseline form, the ok records they came from). ``tuned``: only
+    each grid's validation-chosen arm (harness.report.tuned), so a tuned sweep is judged best
+    against best."""
     if not results_dir.is_dir():
         raise CannotJudge(f"results dir {results_dir} does not exist")
     records = load_records(results_dir)
+    if tuned:
+        from harness.report.tuned import chosen_records
+
+        records = chosen_records(records, results_dir)
     _, ambiguous = identity.full_references([r for r in records if r["status"] == "ok"], references)
     if ambiguous:
         run_ids = next(iter(sorted(ambiguous.values())))
@@ -415,13 +422,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--update-baseline", action="store_true", help="write the baseline from the current results instead of checking"
     )
+    p.add_argument("--tuned", action="store_true",
+                   help="judge a tune=lr sweep best against best: each method at the rate its validation chose "
+                        "(docs/tuning.md); make its baseline with --tuned too")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cur_rows, records = current_groups(args.results, args.metrics, args.reference)
+        cur_rows, records = current_groups(args.results, args.metrics, args.reference, args.tuned)
         scored = set(record_tasks(records))
         unknown = [m for m in args.metrics if m not in scored]
         if unknown:  # a name no run scored: a typo, or an lm-eval task the runs did not evaluate

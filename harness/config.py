@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_typ
 # The configs: packaged inside harness/ by `pip install .` (setup.py), conf/ in a checkout.
 CONF_DIR = next(d for d in (Path(__file__).resolve().parent / "conf", Path(__file__).resolve().parent.parent / "conf")
                 if (d / "config.yaml").is_file())
-GROUPS = ("model", "method", "data", "train", "eval", "hardware", "distributed", "experiment")
+GROUPS = ("model", "method", "tune", "data", "train", "eval", "hardware", "distributed", "experiment")
 DOCS_URL = "docs/index.md"  # the docs, relative to the project folder (README.md links every page)
 
 
@@ -114,6 +114,7 @@ class ModelConfig:
 class MethodConfig:
     name: str
     learning_rate: Rate
+    lr_grid: list[Rate]  # tune=lr: the rates tried (harness.tuning)
     peft_type: str | None
     r: Positive | None
     alpha: Annotated[float, Range(gt=0)] | None
@@ -124,6 +125,14 @@ class MethodConfig:
     quantize: Literal["nf4"] | None
     compute_dtype: Literal[COMPUTE_DTYPES] | None  # type: ignore[valid-type]
     peft_kwargs: dict | None
+
+
+@dataclass
+class TuneConfig:
+    """conf/tune/*.yaml: none, or lr (each method over its method.lr_grid; harness.tuning)."""
+
+    name: Literal["none", "lr"]
+    point: Count | None  # tune=lr: the position in method.lr_grid this job runs
 
 
 @dataclass
@@ -139,8 +148,11 @@ class DataConfig:
     chat_template: str        # auto, none, or a .jinja file
     loss_on: Literal[LOSS_ON]  # type: ignore[valid-type]
     heldout_fraction: Annotated[float, Range(ge=0, lt=1)]
+    validation_path: str | None  # rows to choose a learning rate on (tune=lr), never trained on or reported
+    validation_fraction: Annotated[float, Range(ge=0, lt=1)]
     n_train: Positive
     n_heldout: Count
+    n_validation: Count       # data=demo: validation questions, on words of their own
     seed: int
     min_prompt_tokens: Positive
     overlong: Literal[OVERLONG]  # type: ignore[valid-type]
@@ -289,6 +301,7 @@ class RunConfig:
 
     model: ModelConfig
     method: MethodConfig
+    tune: TuneConfig
     data: DataConfig
     train: TrainConfig
     eval: EvalConfig
@@ -440,6 +453,15 @@ def settings_of(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str]
 def group_options(group: str, dirs: list[Path] | None = None) -> list[str]:
     """The options of a config group (its YAML files), in the packaged and any extra folders."""
     return sorted({p.stem for d in (dirs or [CONF_DIR]) for p in (Path(d) / group).glob("*.yaml")})
+
+
+def _register_resolvers() -> None:
+    from harness.tuning import register_resolver
+
+    register_resolver()  # ${grid_point:...}: tune=lr's rate (conf/tune/lr.yaml)
+
+
+_register_resolvers()
 
 
 def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config") -> dict:

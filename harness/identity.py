@@ -42,11 +42,12 @@ from harness.records import run_id_for, stable_hash
 
 # Top-level config keys that steer the harness but do not change a result.
 NON_RESULT_KEYS = ("hydra", "results_dir", "reports_dir", "force", "isolate", "report", "projected_tokens", "parallel",
-                   "verdict")
+                   "verdict", "tune")  # tune: how a job's rate was chosen; the rate itself is a method setting
 # Settings inside config groups that do not change a result.
 NON_RESULT_PATHS = (
     ("eval", "latency"),  # the latency probe runs after evaluation and changes no accuracy or training figure
     ("eval", "variants"),  # so does serving N variants (harness.measure.variants)
+    ("method", "lr_grid"),  # the rates tune=lr tries; each run's own is method.learning_rate
     ("hardware", "price_per_device_hour_usd"),
     ("hardware", "price_source"),
     ("hardware", "price_date"),
@@ -73,6 +74,9 @@ NEUTRAL_DEFAULTS = (
     (("data", "loss_on"), "assistant"),
     (("data", "columns"), {f: None for f in FIELDS}),  # every field at its own name
     (("data", "heldout_fraction"), 0),
+    (("data", "validation_path"), None),  # no validation split: the data every earlier run had
+    (("data", "validation_fraction"), 0),
+    (("data", "n_validation"), 0),
     (("data", "config_name"), None),
     (("data", "split"), None),
     (("eval", "tasks"), []),

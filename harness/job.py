@@ -62,7 +62,37 @@ def evaluate_all(model, tokenizer, cfg: dict, data) -> tuple[dict, list[dict]]:
         m, it = evaluate_forgetting(model, tokenizer, cfg)
         metrics.update(m)
         items += it
+    m, it = evaluate_validation(model, tokenizer, cfg, data)
+    metrics.update(m)
+    items += it
     model.train(was_training)
+    return metrics, items
+
+
+def evaluate_validation(model, tokenizer, cfg: dict, data) -> tuple[dict, list[dict]]:
+    """The validation split (tune=lr chooses a rate on it), scored as the test split is, under
+    ``validation_*`` names: ``validation_indomain_acc`` (multiple-choice rows) and
+    ``validation_heldout_loss`` (other rows); its items carry the task ``validation_indomain`` /
+    ``validation_heldout``, so no reported gap ever reads them."""
+    from harness.evaluate import evaluate_indomain
+    from harness.nll import loss_metrics, nll_items
+
+    metrics: dict = {}
+    items: list[dict] = []
+    if data.validation_mc:
+        with tempfile.TemporaryDirectory() as tmp:
+            m, it = evaluate_indomain(model, tokenizer, data.validation_mc, {**cfg["eval"]["indomain"], "limit": None},
+                                      tmp)
+        metrics.update({f"validation_{k}": v for k, v in m.items()})
+        items += [{**i, "task": "validation_indomain"} for i in it]
+    if data.validation_text:
+        from harness.data import tokenize_examples
+
+        features, _ = tokenize_examples(data.validation_text, tokenizer, cfg["train"]["seq_len"], cfg["data"])
+        it = nll_items(model, tokenizer, features, cfg["eval"]["indomain"].get("batch_size", 16),
+                       task="validation_heldout")
+        metrics.update(loss_metrics(it, prefix="validation_heldout"))
+        items += it
     return metrics, items
 
 

@@ -57,8 +57,9 @@ def plan(cfg: dict) -> dict:
         raise UsageError(str(exc)) from exc
     from harness.estimate import check_target
     from harness.measure.variants import check_settings as check_variants
+    from harness.tuning import check_job as check_tuning
 
-    if problem := check_variants(cfg["eval"]["variants"]):
+    if problem := check_variants(cfg["eval"]["variants"]) or check_tuning(cfg):
         raise UsageError(problem)
 
     if problem := check_target(cfg["verdict"]["target_model"], cfg["verdict"]["target_hardware"],
@@ -292,7 +293,10 @@ def _check(argv: list[str], conf_dir: Path) -> list[dict]:
             choice = OmegaConf.select(cfg, f"hydra.runtime.choices.{group}", default=None)
             usage_exit(f"{missing[0]} is required{f' with {group}={choice}' if choice else ''}; "
                        f"give it on the command line: {missing[0]}=...")
-        resolved = OmegaConf.to_container(job_cfg, resolve=True)
+        try:
+            resolved = OmegaConf.to_container(job_cfg, resolve=True)
+        except Exception as exc:  # an interpolation that cannot resolve (tune.point outside the grid)
+            usage_exit(_one_line(exc))
         try:
             job = plan(resolved)
             inputs = json.dumps([job["config"][k] for k in ("model", "data", "eval")]
@@ -303,4 +307,8 @@ def _check(argv: list[str], conf_dir: Path) -> list[dict]:
         except UsageError as exc:
             usage_exit(str(exc))
         jobs.append(job)
+    from harness.tuning import check_sweep
+
+    if problem := check_sweep(jobs):
+        usage_exit(problem)
     return jobs

@@ -24,7 +24,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from harness import console, failure, identity, records, sweep
+from harness import console, failure, identity, records, sweep, tuning
 from harness.config import CONF_DIR, UsageError, usage_exit
 from harness.plan import check_inputs, plan
 from harness.records import new_record
@@ -251,6 +251,8 @@ def main() -> None:
 
     jobs = preflight(sys.argv[1:], CONF_DIR)  # every job of the command, before the first one runs
     done_before = {j["run_id"] for j in jobs if records.find_ok(j["config"]["results_dir"], j["run_id"])}
+    if jobs and (note := tuning.plan_note(jobs, jobs[0]["config"]["results_dir"])):
+        print(note, flush=True)
     _progress.update(n=len(jobs), t0=time.monotonic())
     try:
         hydra_main()

@@ -54,6 +54,8 @@ from harness import identity
 from harness.records import read_items
 
 TASKS = ("mmlu", "indomain")  # the built-in accuracies; lm-eval's other tasks (eval.tasks) follow them
+# the validation split's accuracy (tune=lr chooses on it): never a reported gap
+VALIDATION_TASKS = ("validation_indomain",)
 
 
 def task_order(task: str) -> tuple[int, str]:
@@ -62,7 +64,7 @@ def task_order(task: str) -> tuple[int, str]:
 
 def task_metric(metrics: dict, task: str, key: str):
     """``<task>_<key>`` of a built-in task, ``tasks.<task>.<key>`` of an lm-eval task (None if absent)."""
-    if task in TASKS:
+    if task in TASKS or task in VALIDATION_TASKS:
         return metrics.get(f"{task}_{key}")
     return ((metrics.get("tasks") or {}).get(task) or {}).get(key)
 

@@ -25,8 +25,8 @@ def fit_counts(counts: dict) -> tuple[int, int, int]:
 
 
 def test_demo_is_seeded_and_splits_never_overlap():
-    train, heldout = make_demo(300, 120, seed=7)
-    assert (train, heldout) == make_demo(300, 120, seed=7)
+    train, heldout, validation = make_demo(300, 120, seed=7)
+    assert (train, heldout, validation) == make_demo(300, 120, seed=7) and validation == []
     assert make_demo(300, 120, seed=8)[0] != train
     answers = lambda rows: {r["choices"][r["answer"]] for r in rows}
     assert not answers(train) & answers(heldout)
@@ -37,6 +37,19 @@ def test_demo_is_seeded_and_splits_never_overlap():
     assert {r["answer"] for r in heldout} == {0, 1, 2, 3}
     assert len(heldout) == len({r["question"] for r in heldout}) == 120  # each held-out word once
     assert len(make_demo(10, 500, seed=7)[1]) == 128  # no more held-out questions than held-out words
+
+
+def test_demo_validation_words_are_their_own_and_leave_the_default_rows_as_they_were():
+    import hashlib
+
+    # the rows every earlier demo and ci-smoke run trained and was scored on (the gate's baseline)
+    rows = make_demo(400, 128, 1234)
+    assert hashlib.sha256(json.dumps(rows[:2], sort_keys=True).encode()).hexdigest()[:16] == "e5e895b199523615"
+    train, heldout, validation = make_demo(400, 128, 1234, n_validation=32)
+    words = lambda rows: {w for r in rows for w in r["choices"]}  # noqa: E731
+    assert len(validation) == len({r["question"] for r in validation}) == 32
+    assert not words(validation) & words(train) and not words(validation) & words(heldout)
+    assert heldout and not words(train) & words(heldout)
 
 
 def test_demo_prompt_is_mmlu_format():

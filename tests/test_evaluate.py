@@ -46,7 +46,7 @@ def test_mmlu_subset_scores_and_categories_add_up(mmlu_dir):
 
 def test_indomain_eval_on_the_demo_heldout_split(tmp_path):
     loaded = load_model(TINY)
-    _, heldout = make_demo(8, 12, seed=3)
+    _, heldout, _ = make_demo(8, 12, seed=3)
     metrics, items = evaluate_indomain(loaded.model, loaded.tokenizer, heldout, {"batch_size": 8}, str(tmp_path))
     assert metrics["indomain_n"] == 12
     assert sorted(it["id"] for it in items) == sorted(r["id"] for r in heldout)

@@ -723,6 +723,8 @@ def test_one_colour_per_method_in_every_plot(rich_tables):
     neutral = {_rgb("black"), _rgb("white")}
     checked: dict[str, int] = {}
     for name, _, plot in PLOTS:
+        if name == "validation_vs_lr.png":  # needs a tuned sweep: tests/test_tuning.py checks its colours
+            continue
         with rc_context(STYLE):
             fig = plot(rich_tables)
         assert fig is not None, name

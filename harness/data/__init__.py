@@ -44,6 +44,9 @@ class Data:
     train: list[dict]  # examples ({"style", "messages"})
     heldout_mc: list[dict] = field(default_factory=list)  # multiple-choice rows: in-domain accuracy
     heldout_text: list[dict] = field(default_factory=list)  # other examples, each with an "id": held-out loss
+    # the validation split (tune=lr chooses a rate on it): never trained on, never a reported figure
+    validation_mc: list[dict] = field(default_factory=list)
+    validation_text: list[dict] = field(default_factory=list)
 
 
 def _rows(data_cfg: dict, key: str) -> list[tuple[str, dict]]:
@@ -67,7 +70,7 @@ def _heldout(rows: list[tuple[str, dict]]) -> tuple[list[dict], list[dict]]:
     return mc, text
 
 
-def split_heldout(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+def split_heldout(rows: list, fraction: float, seed: int, what: str = "data.heldout_fraction") -> tuple[list, list]:
     """(training rows, held-out rows): a seeded share of the rows, the same for every arm and run seed."""
     if not fraction:
         return rows, []
@@ -75,7 +78,7 @@ def split_heldout(rows: list, fraction: float, seed: int) -> tuple[list, list]:
     random.Random(seed).shuffle(order)
     n_held = max(1, round(fraction * len(rows)))
     if n_held >= len(rows):
-        raise DataError(f"data.heldout_fraction={fraction} leaves no training row of {len(rows)}")
+        raise DataError(f"{what}={fraction} leaves no training row of {len(rows)}")
     held = set(order[:n_held])
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
@@ -84,8 +87,9 @@ def load_data(data_cfg: dict) -> Data:
     """The training examples and held-out rows of a data config (DataError, one line, on bad input)."""
     kind = data_cfg["kind"]
     if kind == "demo":
-        train_rows, heldout = make_demo(int(data_cfg["n_train"]), int(data_cfg["n_heldout"]), int(data_cfg["seed"]))
-        return Data([mc_example(r) for r in train_rows], heldout)
+        train_rows, heldout, validation = make_demo(int(data_cfg["n_train"]), int(data_cfg["n_heldout"]),
+                                                    int(data_cfg["seed"]), int(data_cfg.get("n_validation") or 0))
+        return Data([mc_example(r) for r in train_rows], heldout, validation_mc=validation)
     if kind not in ("file", "hub"):
         raise DataError(f"data.kind={kind!r} is unknown; valid: demo, file, hub")
     check_template_file(data_cfg)
@@ -96,5 +100,14 @@ def load_data(data_cfg: dict) -> Data:
     rows, held = split_heldout(rows, fraction, int(data_cfg.get("seed", 1234)))
     if data_cfg.get("heldout_path"):
         held = _rows(data_cfg, "heldout_path")
+    validation_fraction = data_cfg.get("validation_fraction") or 0
+    if validation_fraction and data_cfg.get("validation_path"):
+        raise DataError("data.validation_path and data.validation_fraction are both set; give one")
+    # a split of its own (seed + 1) from the rows left for training, after the held-out split
+    rows, validation = split_heldout(rows, validation_fraction, int(data_cfg.get("seed", 1234)) + 1,
+                                     what="data.validation_fraction")
+    if data_cfg.get("validation_path"):
+        validation = _rows(data_cfg, "validation_path")
     train = [{**to_example(row, here), "where": here} for here, row in rows]
-    return Data(train, *_heldout(held))
+    validation_mc, validation_text = _heldout(validation)
+    return Data(train, *_heldout(held), validation_mc=validation_mc, validation_text=validation_text)

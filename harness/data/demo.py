@@ -48,23 +48,26 @@ def format_mc(question: str, choices: list[str], subject: str) -> str:
     return "\n".join(lines) + "\nAnswer:"
 
 
-def make_demo(n_train: int, n_heldout: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """Generate the demo task (seeded): multiple-choice rows for training and held-out eval.
+def make_demo(n_train: int, n_heldout: int, seed: int, n_validation: int = 0) -> tuple[list[dict], list[dict], list[dict]]:
+    """Generate the demo task (seeded): multiple-choice rows for training, held-out eval and validation.
 
     The 256 words are split in halves; each split's questions and distractors use only its own
     words, so no held-out word, and no held-out question, appears in training. Training rows
     cycle through their words (repeating them when n_train is larger); the held-out split asks
-    about each held-out word once, at most n_heldout.
+    about each held-out word once, at most n_heldout. ``n_validation`` > 0 takes that many words
+    of the training half (at most half of it) for validation questions, each word once, on their own
+    distractors: disjoint from training and held-out words. At 0 the rows are those of before.
     """
     rng = random.Random(seed)
     words = sorted(w for ws in DEMO_CATEGORIES.values() for w in ws)
     rng.shuffle(words)
     half = len(words) // 2
-    pools = {"train": words[:half], "heldout": words[half:]}
+    n_val = min(n_validation, half // 2)
+    pools = {"train": words[n_val:half], "heldout": words[half:], "validation": words[:n_val]}
 
     def draw(split: str, n: int) -> list[dict]:
         pool = pools[split]
-        if split == "heldout":  # every held-out question once: repeats would fake precision
+        if split != "train":  # every held-out (validation) question once: repeats would fake precision
             n = min(n, len(pool))
         rows = []
         for i in range(n):
@@ -76,4 +79,5 @@ def make_demo(n_train: int, n_heldout: int, seed: int) -> tuple[list[dict], list
                          "choices": choices, "answer": target, "subject": DEMO_SUBJECT})
         return rows
 
-    return draw("train", n_train), draw("heldout", n_heldout)
+    train, heldout = draw("train", n_train), draw("heldout", n_heldout)
+    return train, heldout, draw("validation", n_val) if n_val else []

@@ -13,7 +13,8 @@ the phase measures:
   (``load_adapter``) and swapping one in place (``peft.utils.hotswap.hotswap_adapter``), medians
   with a distribution-free 95% interval;
 - mixed batches: one batch of ``batch`` requests, request i for variant i mod N (peft's
-  ``adapter_names=``), against the same batch on one merged model and on the base: prefill and
+  ``adapter_names=``; at N = 1 the batch runs on the active adapter, as loaded), against the same
+  batch on one merged model and on the base: prefill and
   per-token decode, timed round-robin with the latency probe's ABBA order, ratios with the paired
   interval of ``stats.ratio_interval``.
 
@@ -200,7 +201,11 @@ def time_mixed(model: Any, inputs: torch.Tensor, counts: Sequence[int], reps: in
     times: dict[str, dict[str, list]] = {s: {"prefill": [], "decode": []} for s in states}
 
     def run(state: str) -> tuple[float, float | None]:
-        kw = {"adapter_names": mixed_names(int(state.split(":")[1]), batch)} if state.startswith("mixed:") else {}
+        names = mixed_names(int(state.split(":")[1]), batch) if state.startswith("mixed:") else []
+        # a batch for one variant is served as loaded, as a server would; peft's per-request
+        # routing (adapter_names) only where the requests ask for several (it costs +18% prefill
+        # on SmolLM2-135M even with one adapter: benchmarks/bench_variants.py)
+        kw = {"adapter_names": names} if len(set(names)) > 1 else {}
         return _measure(model, [inputs], new_tokens, pad, **kw)
 
     was_training = model.training

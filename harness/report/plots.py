@@ -521,6 +521,9 @@ def plot_variants_memory(tables: list[Table]) -> Figure | None:
                 ax.plot(*zip(*adapters), color=style["color"], marker=style["marker"], linestyle="-",
                         label=f"one base + N adapters (measured): {a.label}")
             merged = [(e["n"], e["merged_bytes"]) for e in entries if e.get("merged_bytes") is not None]
+            checkpoint = a.values("full_checkpoint_bytes")
+            if a.method == "full" and checkpoint:  # N checkpoints at every N the panel's arms served
+                merged = [(n, n * checkpoint[0]) for n in sorted({e["n"] for _, es in arms for e in es})]
             if merged and (a.method == "full" or adapters):
                 ax.plot(*zip(*merged), color=style["color"], marker=style["marker"], linestyle=":", alpha=0.8,
                         label=f"N {'checkpoints' if a.method == 'full' else 'merged models'} (computed): {a.label}")
@@ -568,6 +571,37 @@ def plot_variants_latency(tables: list[Table]) -> Figure | None:
     return _finish(fig, axes, "Serving N variants in one batch: latency vs one merged model (95% intervals)")
 
 
+def plot_validation_vs_lr(tables: list[Table]) -> Figure | None:
+    """Each tuned method's validation figure against its learning rate (95% intervals), the
+    chosen rate ringed (harness.report.tuned)."""
+    from harness.report.tables import arm_label
+    from harness.report.tuned import choices
+
+    panels = [(t, found) for t in tables if (found := choices(t.arms, t.items))]
+    if not panels:
+        return None
+    fig, axes = figure(len(panels))
+    for ax, (t, found) in zip(axes, panels):
+        kind = found[0].score["kind"]
+        scale = 100 if kind == "accuracy" else 1
+        for c in found:
+            color = method_color(c.method)
+            rates = [r for r, _, _ in c.candidates]
+            means = [s["mean"] * scale for _, _, s in c.candidates]
+            err = [[(s["mean"] - (s["ci"][0] if s["ci"][0] is not None else s["mean"])) * scale
+                    for _, _, s in c.candidates],
+                   [((s["ci"][1] if s["ci"][1] is not None else s["mean"]) - s["mean"]) * scale
+                    for _, _, s in c.candidates]]
+            ax.errorbar(rates, means, yerr=err, color=color, marker="o", capsize=3, label=arm_label(c.method, c.rank))
+            ax.plot([c.rate], [c.score["mean"] * scale], marker="o", markersize=14, markerfacecolor="none",
+                    markeredgecolor=color, linestyle="none", label=f"chosen rate: {arm_label(c.method, c.rank)}")
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("validation accuracy (%)" if kind == "accuracy" else "validation held-out loss (nats/token)")
+        _title(ax, t.title)
+    return _finish(fig, axes, "Validation figure against learning rate, chosen rates ringed (95% intervals)")
+
+
 PLOTS: tuple[tuple[str, str, Callable[[list[Table]], Figure | None]], ...] = (
     ("peak_memory.png", "Peak training memory by arm and rank", plot_peak_memory),
     ("mmlu_by_rank.png", "MMLU accuracy by rank, with full fine-tuning and base model as references (95% intervals)",
@@ -581,6 +615,9 @@ PLOTS: tuple[tuple[str, str, Callable[[list[Table]], Figure | None]], ...] = (
     ("memory_breakdown.png", "Training memory breakdown", plot_memory_breakdown),
     ("loss_curves.png", "Training loss curves", plot_loss_curves),
     ("scaling.png", "Scaling with model size", plot_scaling),
+    ("validation_vs_lr.png", "Validation figure against learning rate per method (95% intervals); the rate each "
+     "method's validation chose is ringed, and the tuned table compares those best against best",
+     plot_validation_vs_lr),
     ("variants_memory.png", "Memory to serve N variants: one base + N adapters (measured) vs N merged models "
      "(N x the checkpoint)", plot_variants_memory),
     ("variants_latency.png", "A mixed batch of N variants vs the same batch on one merged model: prefill and "

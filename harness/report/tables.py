@@ -154,8 +154,11 @@ def group(records: list[dict], results_dir: Path) -> list[Table]:
                 arm.settings = ", ".join(f"{f.replace('learning_rate', 'lr')} {identity.lookup(mine, f)}" for f in fields)
             arm.accuracy = {task: accuracy_interval(arm.ok, task, items) for task in record_tasks(members[key])}
         table = Table(key, arms, items)
-        # Gaps are paired within the table, so a full run on other hardware is never the reference
-        for row in seed_summary(pair_gaps(table.runs, results_dir)):
+        from harness.report.tuned import full_reference_ids
+
+        # Gaps are paired within the table, so a full run on other hardware is never the reference;
+        # where full FT ran at several rates, the one its validation chose is (harness.report.tuned)
+        for row in seed_summary(pair_gaps(table.runs, results_dir, full_reference_ids(arms, items))):
             table.gaps[(row["arm"], row["task"])] = row
         table.loss_gaps = loss_gaps(table.runs, results_dir)
         table.forgetting = forgetting_deltas(table.runs, results_dir)
@@ -383,6 +386,12 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.3g} ms"
 
 
+def _largest_n(table: Table) -> int | None:
+    """The largest N a PEFT arm of the table served (full FT's row is computed at the same N)."""
+    return max((e["n"] for a in table.arms if a.method not in ("full", "base") for e in variant_entries(a)
+                if e.get("resident_bytes") is not None), default=None)
+
+
 def _variants_cell(table: Table, arm: Arm) -> str:
     entries = variant_entries(arm)
     if not entries:
@@ -391,7 +400,10 @@ def _variants_cell(table: Table, arm: Arm) -> str:
     e = entries[-1]
     n, merged = e["n"], e.get("merged_bytes")
     merged_text = f"{n} merged {fmt_bytes([merged])} (computed)" if merged else ""
-    if e.get("resident_bytes") is None:  # full fine-tuning: a checkpoint per variant
+    if e.get("resident_bytes") is None:  # full fine-tuning: a checkpoint per variant, N x its measured bytes
+        checkpoint = arm.values("full_checkpoint_bytes")
+        n = _largest_n(table) or n
+        merged = n * checkpoint[0] if checkpoint else merged
         return f"N={n}: {n} checkpoints {fmt_bytes([merged])} in memory and on disk (computed)" if merged else DASH
     measure = (arm.ok[0]["metrics"].get("variants_settings") or {}).get("memory_measure", "")
     parts = [f"N={n}: base + {n} adapters {fmt_bytes([e['resident_bytes']])}" + (f" ({measure})" if measure else "")
@@ -548,6 +560,7 @@ class RenderedTable:
     rows: list[list[str]]  # first cell is the row label
     provenance: str
     notes: list[str]
+    tuned: dict | None = None  # harness.report.tuned.section: best against best, where rates were tuned
 
 
 def _task_rows(table: Table) -> list[Row]:
@@ -563,8 +576,11 @@ def render(table: Table) -> RenderedTable:
     for row in _task_rows(table):  # below the at-a-glance rows
         rows.append([row.label] + [row.cell(table, a) if a.ok else failure_text(a.runs[0], short=True)
                                    for a in table.arms])
+    from harness.report.tuned import section
+
     return RenderedTable(
-        table.title, [""] + [arm_header(a) for a in table.arms], rows, _provenance(table), _footnotes(table)
+        table.title, [""] + [arm_header(a) for a in table.arms], rows, _provenance(table), _footnotes(table),
+        section(table),
     )
 
 
@@ -596,6 +612,11 @@ def markdown(tables: list[RenderedTable], skipped: list[str], verdict: list[str]
         lines.append("|" + "|".join(["---"] * len(t.header)) + "|")
         lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in t.rows]
         lines += ["", t.provenance]
+        if t.tuned:
+            lines += ["", f"### {t.tuned['title']}", "", "| " + " | ".join(_md_cell(h) for h in t.tuned["header"]) + " |",
+                      "|" + "|".join(["---"] * len(t.tuned["header"])) + "|"]
+            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in t.tuned["rows"]]
+            lines += [""] + [f"- {_md_cell(n)}" for n in t.tuned["notes"]]
         if t.notes:
             lines += ["", "Not in the aggregates:", ""] + [f"- {_md_cell(n)}" for n in t.notes]
         lines.append("")
