@@ -455,10 +455,21 @@ def group_options(group: str, dirs: list[Path] | None = None) -> list[str]:
     return sorted({p.stem for d in (dirs or [CONF_DIR]) for p in (Path(d) / group).glob("*.yaml")})
 
 
-def _register_resolvers() -> None:
-    from harness.tuning import register_resolver
+def grid_point(grid, point) -> float:
+    """The rate at ``point`` of ``grid``: tune=lr's ``${grid_point:${method.lr_grid},${tune.point}}``
+    (conf/tune/lr.yaml; harness.tuning checks the grids)."""
+    rates = list(grid)
+    if point is None or not 0 <= int(point) < len(rates):
+        raise ValueError(f"tune.point={point} is outside method.lr_grid ({len(rates)} rates: "
+                         f"{', '.join(f'{r:g}' for r in rates)}); sweep tune.point=0..{len(rates) - 1}")
+    return float(rates[int(point)])
 
-    register_resolver()  # ${grid_point:...}: tune=lr's rate (conf/tune/lr.yaml)
+
+def _register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("grid_point"):
+        OmegaConf.register_new_resolver("grid_point", grid_point)
 
 
 _register_resolvers()

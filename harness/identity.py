@@ -155,8 +155,9 @@ def _config(record: dict) -> dict:
 
 
 def arm_config(record: dict) -> dict:
-    """The method and all its settings (the part of the config a pair's arms differ in)."""
-    method = _config(record).get("method")
+    """The method and all its settings that can change a result (the part of the config a pair's
+    arms differ in; ``method.lr_grid``, which tune=lr reads, is not one)."""
+    method = result_config(_config(record)).get("method")
     method = dict(method) if isinstance(method, dict) else {}
     method.setdefault("name", record.get("method"))
     return method

@@ -1,7 +1,7 @@
 """Learning-rate tuning: every method at each rate of its own ``method.lr_grid`` (``tune=lr``).
 
 The sweep runs ``tune.point`` over the grid's positions (conf/tune/lr.yaml) and each job's
-``method.learning_rate`` is the grid's rate there (the ``grid_point`` resolver), so a tuned job is
+``method.learning_rate`` is the grid's rate there (the ``grid_point`` resolver, in harness.config), so a tuned job is
 an ordinary run: its own run id, skipped on a rerun, the same run as a fixed-rate one at that
 rate. The rate is chosen per method on the validation split, never on the test figures
 (``harness.report.tuned``).
@@ -12,23 +12,9 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 
+from harness.config import grid_point
+
 MIN_GRID = 3  # rates a grid needs: a best point with a neighbour on each side, or an edge to flag
-
-
-def grid_point(grid, point) -> float:
-    """The rate at ``point`` of ``grid`` (the ``${grid_point:${method.lr_grid},${tune.point}}`` resolver)."""
-    rates = list(grid)
-    if point is None or not 0 <= int(point) < len(rates):
-        raise ValueError(f"tune.point={point} is outside method.lr_grid ({len(rates)} rates: "
-                         f"{', '.join(f'{r:g}' for r in rates)}); sweep tune.point=0..{len(rates) - 1}")
-    return float(rates[int(point)])
-
-
-def register_resolver() -> None:
-    from omegaconf import OmegaConf
-
-    if not OmegaConf.has_resolver("grid_point"):
-        OmegaConf.register_new_resolver("grid_point", grid_point)
 
 
 def check_job(cfg: dict) -> str | None:

@@ -18,7 +18,7 @@ def test_harness_run_help_names_commands_groups_exit_codes_and_docs():
     text = _help("harness-run")
     assert text.startswith("harness-run: paired PEFT and full fine-tuning"), text[:200]
     assert "== Commands people run ==" in text and "harness-run -m method=full,lora,qlora" in text
-    assert "method: dora, full, ia3, lora, qlora, rslora" in text  # the groups with their choices
+    assert "method: dora, full, ia3, lora, lora-attention, qlora, rslora" in text  # the groups with their choices
     assert "hydra/launcher: parallel" in text
     assert "Exit codes: 0" in text and "docs/running.md" in text
     assert "learning_rate:" not in text  # the composed config is --cfg job's, not --help's

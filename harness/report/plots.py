@@ -499,7 +499,8 @@ def _variant_arms(t: Table) -> list[tuple[Arm, list[dict]]]:
 
 def _n_axis(ax, arms: list[tuple[Arm, list[dict]]]) -> None:
     """N on a log2 axis, ticked at the measured counts."""
-    ns = sorted({e["n"] for _, entries in arms for e in entries})
+    ns = sorted({e["n"] for a, entries in arms if a.method != "full" for e in entries}
+                or {e["n"] for _, entries in arms for e in entries})
     ax.set_xscale("log", base=2)
     ax.set_xticks(ns, [str(n) for n in ns])
     ax.xaxis.set_minor_formatter(NullFormatter())
@@ -523,12 +524,13 @@ def plot_variants_memory(tables: list[Table]) -> Figure | None:
             merged = [(e["n"], e["merged_bytes"]) for e in entries if e.get("merged_bytes") is not None]
             checkpoint = a.values("full_checkpoint_bytes")
             if a.method == "full" and checkpoint:  # N checkpoints at every N the panel's arms served
-                merged = [(n, n * checkpoint[0]) for n in sorted({e["n"] for _, es in arms for e in es})]
+                served = {e["n"] for b, es in arms if b.method != "full" for e in es} or {e["n"] for e in entries}
+                merged = [(n, n * checkpoint[0]) for n in sorted(served)]
             if merged and (a.method == "full" or adapters):
                 ax.plot(*zip(*merged), color=style["color"], marker=style["marker"], linestyle=":", alpha=0.8,
                         label=f"N {'checkpoints' if a.method == 'full' else 'merged models'} (computed): {a.label}")
         _n_axis(ax, arms)
-        ax.set_yscale("log")
+        ax.set_yscale("log", base=2)  # ticks at 256 MiB, 512 MiB, 1 GiB, ...
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_bytes([v])))
         ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("variants served (N)")
@@ -565,6 +567,7 @@ def plot_variants_latency(tables: list[Table]) -> Figure | None:
         _n_axis(ax, arms)
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"×{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"×{v:g}"))
         ax.set_xlabel("variants in the batch (N)")
         ax.set_ylabel("latency ratio to the merged model")
         _title(ax, t.title)

@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 
 from harness.report.fmt import DASH, fmt_bytes, fmt_usd
-from harness.report.tables import TASK_LABEL, Arm, Table, failure_text, status_of
+from harness.report.tables import TASK_LABEL, Arm, Table, failure_text, status_of, variant_entries
 from harness.stats import BEYOND, UNDECIDED, WITHIN, judge, mean_sd, resolution, task_metric, to_decide
 
 VERDICT_JSON = "verdict.json"
@@ -176,15 +176,23 @@ def _latency(arm: Arm, kind: str) -> float | None:
 
 
 def serving(arm: Arm, full: Arm | None, n: int) -> dict:
-    """N variants, computed from the footprint rows: N checkpoints, or one base plus N adapters."""
+    """N variants: measured where the arm's record served exactly N (harness.measure.variants: one
+    base with N adapters resident, a mixed batch's prefill ratio to one merged model), else
+    computed from the footprint rows (N checkpoints, or one base plus N adapters)."""
     checkpoint = _mean(arm.values("full_checkpoint_bytes")) or (
         _mean(full.values("full_checkpoint_bytes")) if full else None)
     adapter = _mean(arm.values("adapter_serving_bytes") or arm.values("adapter_bytes"))
     out = {"n": n, "computed": True, "merged_bytes": checkpoint * n if checkpoint else None,
            "adapters_bytes": checkpoint + n * adapter if checkpoint and adapter else None,
            "merged_prefill_overhead": _latency(arm, "merged"), "dynamic_prefill_overhead": _latency(arm, "dynamic")}
+    measured = next((e for e in variant_entries(arm) if e["n"] == n and e.get("resident_bytes") is not None), None)
     if arm.method == "full":
         out["label"] = f"{n} full checkpoints (computed: {n} x the footprint row)"
+    elif measured is not None:
+        ratio = (measured.get("mixed_vs_merged_prefill") or {}).get("ratio")
+        out.update(computed=False, adapters_bytes=measured["resident_bytes"],
+                   mixed_prefill_overhead=None if ratio is None else ratio - 1.0,
+                   label=f"one base + {n} adapters resident (measured); merged: {n} checkpoints (computed)")
     else:
         out["label"] = (f"one base + {n} adapters (computed: checkpoint + {n} x adapter, footprint rows); "
                         f"merged: {n} checkpoints")
@@ -321,9 +329,12 @@ def _recommend(v: dict, limits: Limits) -> tuple[str | None, str]:
             latency = "" if dyn is None else (
                 f", at {dyn * 100:+.0f}% prefill latency with the adapters applied dynamically"
                 + ("" if merged is None else f" (merged: {merged * 100:+.0f}%)"))  # as the probe measured, not assumed
+            if s.get("mixed_prefill_overhead") is not None:
+                latency += (f"; a mixed batch of the {n} variants prefills at "
+                            f"{s['mixed_prefill_overhead'] * 100:+.0f}% against one merged model")
             words.append(f"serving {n} variant{'s' if n > 1 else ''} takes {fmt_bytes([s['adapters_bytes']])} "
-                         f"(one base + adapters, computed) against {fmt_bytes([fs['merged_bytes']])} of full "
-                         f"checkpoints{latency}")
+                         f"(one base + adapters, {'computed' if s['computed'] else 'measured'}) against "
+                         f"{fmt_bytes([fs['merged_bytes']])} of full checkpoints{latency}")
         if full_over:
             words.append(f"full FT would cost {_usd(full_cost)}, over the {_usd(budget)} budget")
         elsewhere = [f"{_task_label(t)} {o['text']}" for t, o in pick["other_tasks"].items() if o["judgement"] == BEYOND]
@@ -400,7 +411,8 @@ def _cell_serving(s: dict | None, method: str) -> str:
     if s["adapters_bytes"]:
         dyn = s["dynamic_prefill_overhead"]
         parts.append(f"{fmt_bytes([s['adapters_bytes']])} base + adapters"
-                     + (f" (+{dyn * 100:.0f}% prefill)" if dyn is not None else ""))
+                     + ("" if s["computed"] else ", measured")
+                     + (f" ({dyn * 100:+.0f}% prefill)" if dyn is not None else ""))
     if s["merged_bytes"]:
         parts.append(f"{fmt_bytes([s['merged_bytes']])} merged")
     return "; ".join(parts) or DASH
@@ -448,8 +460,9 @@ def markdown_section(result: dict) -> list[str]:
 VERDICT_NOTE = (
     "Within: the gap's 95% interval lies above -max gap; beyond: below it; undecided: it straddles it "
     "(the questions or seeds that would decide it assume the gap stays where it is: harness.stats.to_decide). "
-    "Serving figures are computed from the footprint row (checkpoint and adapter bytes x variants), not measured "
-    "with N variants loaded; latency is the probe's prefill overhead with one adapter. Rebuild with other limits: "
+    "Serving figures are measured with N adapters loaded where a record served that N (eval.variants.counts), "
+    "else computed from the footprint row (checkpoint and adapter bytes x variants); latency is the probe's prefill "
+    "overhead with one adapter. Rebuild with other limits: "
     "harness-report --max-gap PP --variants N --target-tokens T --target-model M --target-hardware H --budget-usd B "
     "(docs/verdict.md)."
 )
