@@ -283,8 +283,8 @@ def train(run: Run) -> None:
     metrics.update(fit)
     from harness import distributed
 
-    # the tracker run of this job, streamed by the Trainer's own integration (tracking=..., rank 0)
-    args.report_to = tracking.start(run.job) if distributed.is_main() else []
+    if distributed.is_main():  # the job's tracker run, streamed by the Trainer's own integration (tracking=...)
+        tracking.start(run.job, args)
     run.trainer = build_trainer(run.model, run.loaded.tokenizer, features, cfg["train"],
                                 cfg["method"]["learning_rate"], cfg["seed"], callbacks=[probe], label=run.label,
                                 args=args)
