@@ -565,7 +565,7 @@ def _trackio_log(t: dict, record: dict, files: list[Path]) -> None:
     import trackio
 
     trackio.init(project=str(t["project"]), name=record["run_id"], group=group_name(record, t),
-                 config=_wandb_config(record), resume="allow")
+                 config=_wandb_config(record), resume="allow", auto_log_cpu=False, auto_log_gpu=False)
     trackio.log(scalar_metrics(record))
     for f in files if hasattr(trackio, "log_artifact") else []:
         trackio.log_artifact(str(f), name=f"{record['run_id']}-{f.name.split('.')[1]}", type="run-record",

@@ -338,6 +338,29 @@ def test_tensorboard_event_files_hold_training_and_the_record(tmp_path):
 # ---------------------------------------------------------------- Trackio
 
 
+@pytest.mark.skipif(importlib.util.find_spec("trackio") is None, reason="trackio is not installed (it cannot be "
+                    "beside constraints.txt: docs/trackers.md)")
+def test_trackio_local_project_holds_the_record(tmp_path):
+    job = job_in(tmp_path, "method=lora", "tracking=trackio")
+    rec = run.execute(job)
+    assert rec["status"] == "ok"
+    from trackio import Api
+    from trackio.sqlite_storage import SQLiteStorage
+
+    base = records.find_ok(tmp_path, job["base_run_id"])
+    assert os.environ["TRACKIO_DIR"] == str(tmp_path / "trackio")
+    assert sorted(r.name for r in Api().runs("peft-harness")) == sorted([rec["run_id"], base["run_id"]])
+    for r in (rec, base):
+        config = SQLiteStorage.get_run_config("peft-harness", r["run_id"])
+        assert config["harness.run_id"] == r["run_id"] and config["harness.status"] == "ok"
+        assert config["method.name"] == r["config"]["method"]["name"]
+        logs = SQLiteStorage.get_logs("peft-harness", r["run_id"])
+        last = {k: v for entry in logs for k, v in entry.items()}
+        assert all(equal(float(last[k]), v) for k, v in flat_scalars(r["metrics"]).items()), r["run_id"]
+        losses = [entry["train/loss"] for entry in logs if "train/loss" in entry]
+        assert [round(v, 4) for v in losses] == [round(v, 4) for _, v in r["metrics"].get("loss_curve") or []]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("trackio") is not None, reason="trackio is installed here")
 def test_trackio_without_its_package_is_one_line_before_any_job(tmp_path, capsys):
     results = tmp_path / "results"
