@@ -14,6 +14,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import socket
 import struct
 import time
@@ -27,6 +28,9 @@ from harness import job as run
 from harness import records, tracking
 from harness.config import UsageError
 from harness.plan import preflight
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny jobs on a shared machine: one torch thread
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same for harness-run's process
 
 # a tiny job whose base model is evaluated too (8 held-out questions: per-question answers)
 FAST = [*TINY, "eval.on_random_weights=true", "eval.indomain.batch_size=8", "eval.latency.enabled=false",
@@ -43,6 +47,21 @@ def clean_tracking():
     tracking._down.clear()
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory) -> Path:
+    """An MLflow sqlite store with its tables made (MLflow's migrations take seconds), copied per test."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow") / "empty.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def store(empty_store: Path, path: Path) -> str:
+    shutil.copy(empty_store, path)
+    return f"sqlite:///{path}"
 
 
 def flat_scalars(metrics: dict, prefix: str = "") -> dict[str, float]:
@@ -98,14 +117,13 @@ def test_tracking_settings_are_checked_by_the_schema(override, message):
 # ---------------------------------------------------------------- MLflow
 
 
-def test_mlflow_sweep_one_run_per_record_grouped_and_export_never_duplicates(tmp_path, monkeypatch):
+def test_mlflow_sweep_one_run_per_record_grouped_and_export_never_duplicates(tmp_path, monkeypatch, empty_store):
     from mlflow import MlflowClient
 
     monkeypatch.chdir(tmp_path)  # a sqlite store keeps its artifacts in ./mlruns, as harness-run's below
-
-    results, uri = tmp_path / "results", f"sqlite:///{tmp_path / 'mlruns.db'}"
+    results, uri = tmp_path / "results", store(empty_store, tmp_path / "mlruns.db")
     out = harness_run("-m", "method=full,lora", *FAST, "isolate=false", "tracking=mlflow", f"tracking.uri={uri}",
-                      f"results_dir={results}", cwd=tmp_path)
+                      f"results_dir={results}", cwd=tmp_path, env=ONE_THREAD)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "warning: tracker" not in out.stdout + out.stderr
     recs = load_records(results)
@@ -158,22 +176,18 @@ def test_mlflow_sweep_one_run_per_record_grouped_and_export_never_duplicates(tmp
     for r in again.values():
         assert len(client.get_metric_history(r.info.run_id, "run_wall_s")) == 1
 
-    # records made before, sent to a store that never saw them: one run each, once
-    fresh = f"sqlite:///{tmp_path / 'later.db'}"
-    for _ in range(2):
-        sent, failed = tracking.export(results, "mlflow", uri=fresh)
-        assert (sent, failed) == (3, [])
-    later = MlflowClient(tracking_uri=fresh)
-    exp2 = later.get_experiment_by_name("peft-harness")
-    assert len(later.search_runs([exp2.experiment_id], "tags.harness_kind = 'run'")) == 3
 
 
-def test_an_unreachable_tracker_never_fails_or_holds_up_the_run(tmp_path):
+def test_an_unreachable_tracker_never_fails_or_holds_up_the_run_and_export_sends_it_later(tmp_path, monkeypatch,
+                                                                                         empty_store):
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
     results = tmp_path / "results"
     t0 = time.monotonic()
     out = harness_run("method=lora", *TINY, "isolate=false", "eval.latency.enabled=false",
                       "eval.variants.enabled=false", "tracking=mlflow", "tracking.uri=http://127.0.0.1:9",
-                      "tracking.timeout_s=2", f"results_dir={results}", cwd=tmp_path)
+                      "tracking.timeout_s=2", f"results_dir={results}", cwd=tmp_path, env=ONE_THREAD)
     took = time.monotonic() - t0
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (rec,) = load_records(results).values()
@@ -185,6 +199,20 @@ def test_an_unreachable_tracker_never_fails_or_holds_up_the_run(tmp_path):
     assert "harness-export --to mlflow --uri http://127.0.0.1:9 --results <tmp>/results" in lines[0]
     # MLflow's own retries (7, with backoff) would take minutes; no retries and a 2 s timeout: seconds
     assert took < 120
+
+    # later, to a store that never saw it: one run, its metrics the record's; once, however often sent
+    uri = store(empty_store, tmp_path / "later.db")
+    for _ in range(2):
+        with pytest.raises(SystemExit) as done:
+            tracking.main(["--to", "mlflow", "--uri", uri, "--results", str(results)])
+        assert done.value.code == 0
+    client = MlflowClient(tracking_uri=uri)
+    (r,) = client.search_runs([client.get_experiment_by_name("peft-harness").experiment_id],
+                              "tags.harness_kind = 'run'")
+    assert r.data.tags["run_id"] == rec["run_id"] and r.info.status == "FINISHED"
+    expected = flat_scalars(rec["metrics"])
+    assert set(r.data.metrics) == set(expected) and all(equal(r.data.metrics[k], v) for k, v in expected.items())
+    assert [a.path for a in client.list_artifacts(r.info.run_id)] == [f"{rec['run_id']}.json"]  # no answers: no eval
 
 
 def test_a_tracker_that_does_not_answer_is_given_up_after_timeout_s(tmp_path, capsys):
@@ -213,7 +241,7 @@ def test_a_tracker_that_does_not_answer_is_given_up_after_timeout_s(tmp_path, ca
 
 
 def test_a_tracker_error_in_training_is_one_warning_and_training_goes_on(capsys):
-    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+    from transformers import TrainerCallback, TrainerControl, TrainerState
 
     class Failing(TrainerCallback):
         calls = 0
@@ -223,9 +251,8 @@ def test_a_tracker_error_in_training_is_one_warning_and_training_goes_on(capsys)
             raise ConnectionError("tracker went away")
 
     cb = tracking._guarded(Failing(), "wandb", TrainerCallback)
-    args, state = TrainingArguments(output_dir="unused", report_to=[]), TrainerState()
     for _ in range(3):
-        assert cb.on_log(args, state, TrainerControl(), logs={"loss": 1.0}) is None
+        assert cb.on_log(None, TrainerState(), TrainerControl(), logs={"loss": 1.0}) is None
     assert Failing.calls == 1 and "wandb" in tracking._down
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("harness: warning: tracker wandb failed in training (on_log): tracker went away")
