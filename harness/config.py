@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_typ
 # The configs: packaged inside harness/ by `pip install .` (setup.py), conf/ in a checkout.
 CONF_DIR = next(d for d in (Path(__file__).resolve().parent / "conf", Path(__file__).resolve().parent.parent / "conf")
                 if (d / "config.yaml").is_file())
-GROUPS = ("model", "method", "tune", "data", "train", "eval", "hardware", "distributed", "experiment")
+GROUPS = ("model", "method", "tune", "data", "train", "eval", "hardware", "distributed", "experiment", "tracking")
 DOCS_URL = "docs/index.md"  # the docs, relative to the project folder (README.md links every page)
 
 
@@ -53,6 +53,7 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
 MODEL_DTYPES = ("auto", "fp32", "bf16", "fp16", "float32", "bfloat16", "float16")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 STRATEGIES = ("none", "ddp", "fsdp", "zero3")
+TRACKERS = ("none", "mlflow", "wandb", "tensorboard", "trackio")  # tracking.backend (harness.tracking)
 LOSS_ON = ("assistant", "last", "all")  # data.loss_on: which tokens carry the loss (harness.data.render)
 OVERLONG = ("truncate", "drop")  # data.overlong: what becomes of an example longer than train.seq_len
 # The latency probe's repetitions alternate the variants' order (ABBA): two repetitions make one
@@ -276,6 +277,21 @@ class DistributedConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """conf/tracking/*.yaml: where results are also sent (harness.tracking); no result depends on it."""
+
+    backend: Literal[TRACKERS]  # type: ignore[valid-type]
+    uri: str | None           # MLflow tracking URI
+    project: str              # MLflow experiment, W&B / Trackio project
+    entity: str | None        # W&B entity
+    dir: str | None           # local files (TensorBoard, W&B, Trackio); null: <results_dir>/<backend>
+    group: str | None         # a sweep's group; null: model-data-<setting_key[:8]>
+    live: bool                # stream training through the Trainer's report_to
+    artifacts: bool           # the record and its answers as artifacts
+    timeout_s: Annotated[float, Range(gt=0)]
+
+
+@dataclass
 class ParallelConfig:
     jobs: Positive | None
     gpus_per_job: Positive | None
@@ -316,6 +332,7 @@ class RunConfig:
     projected_tokens: Annotated[float, Range(gt=0)] | None
     parallel: ParallelConfig
     verdict: VerdictConfig
+    tracking: TrackingConfig
 
 
 @dataclass

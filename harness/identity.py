@@ -42,7 +42,8 @@ from harness.records import run_id_for, stable_hash
 
 # Top-level config keys that steer the harness but do not change a result.
 NON_RESULT_KEYS = ("hydra", "results_dir", "reports_dir", "force", "isolate", "report", "projected_tokens", "parallel",
-                   "verdict", "tune")  # tune: how a job's rate was chosen; the rate itself is a method setting
+                   "verdict", "tune",  # tune: how a job's rate was chosen; the rate itself is a method setting
+                   "tracking")  # tracking: where results are also sent (harness.tracking)
 # Settings inside config groups that do not change a result.
 NON_RESULT_PATHS = (
     ("eval", "latency"),  # the latency probe runs after evaluation and changes no accuracy or training figure

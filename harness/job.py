@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import console, failure, records
+from harness import console, failure, records, tracking
 from harness.measure.environment import environment, now_iso
 from harness.records import new_record
 
@@ -124,6 +124,7 @@ def base_record(job: dict, cfg: dict, data, env: dict, startup_s: float | None =
     rec["items_file"] = records.write_items(cfg["results_dir"], base_job["run_id"], items)
     records.write_record(cfg["results_dir"], rec)
     print(f"[base] {rec['run_id']}: mmlu_acc={metrics['mmlu_acc']} indomain_acc={metrics['indomain_acc']}", flush=True)
+    tracking.safe_log_record(rec, cfg["results_dir"])  # after the record: a tracker never holds it up
     return rec
 
 
@@ -280,9 +281,14 @@ def train(run: Run) -> None:
     probe = callback.MeasureCallback(warmup_steps=cfg["train"]["warmup_steps_excluded"])
     features, fit = training_features(run.data.train, run.loaded.tokenizer, cfg["train"], cfg["data"], run.label)
     metrics.update(fit)
+    from harness import distributed
+
+    if distributed.is_main():  # the job's tracker run, streamed by the Trainer's own integration (tracking=...)
+        tracking.start(run.job, args)
     run.trainer = build_trainer(run.model, run.loaded.tokenizer, features, cfg["train"],
                                 cfg["method"]["learning_rate"], cfg["seed"], callbacks=[probe], label=run.label,
                                 args=args)
+    tracking.guard(run.trainer)
     run.phases.enter("train")
     try:
         run.trainer.train()
@@ -452,6 +458,7 @@ def finish(run: Run, started: str, wall_s: float) -> dict:
     phase = f" in phase {record['failed_phase']}" if record["failed_phase"] else ""
     print(f"[{run.label}] {record['status']}{phase}: record {records.record_path(cfg['results_dir'], run.job['run_id'])} "
           f"({time_breakdown(metrics)})", flush=True)
+    tracking.safe_log_record(record, cfg["results_dir"])  # after the record: a tracker never holds it up
     return record
 
 

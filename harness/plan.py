@@ -94,7 +94,9 @@ def check_inputs(cfg: dict) -> None:
     from harness.evaluate import EvalDataError, mmlu_tasks, task_manager_for
     from harness.methods import MethodError, check_targets
     from harness.models import ModelSourceError, arch_path, model_folder, resolve_gguf
+    from harness.tracking import check as check_tracker
 
+    check_tracker(cfg)  # tracking=<backend> needs its package (docs/trackers.md)
     try:
         model = cfg["model"]
         if model["source"] == "gguf":

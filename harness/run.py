@@ -24,7 +24,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from harness import console, failure, identity, records, sweep, tuning
+from harness import console, failure, identity, records, sweep, tracking, tuning
 from harness.config import CONF_DIR, UsageError, usage_exit
 from harness.plan import check_inputs, plan
 from harness.records import new_record
@@ -74,6 +74,7 @@ def run_isolated(job: dict, base: bool = False, lock: records.FileLock | None = 
         # the host's OOM killer or a scheduler) before it could say why
         rec.update({**died, **errors[0]} if errors else died)
         records.write_record(results_dir, rec)
+        tracking.safe_log_record(rec, results_dir)
 
 
 # ---------------------------------------------------------------- Hydra app

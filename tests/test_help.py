@@ -34,7 +34,8 @@ def test_harness_estimate_help_shows_its_own_settings_not_the_run_config():
 
 
 @pytest.mark.parametrize("cmd, docs", [("harness-report", "docs/report.md"), ("harness-check", "docs/gate.md"),
-                                       ("harness-status", "docs/running.md")])
+                                       ("harness-status", "docs/running.md"),
+                                       ("harness-export", "docs/trackers.md")])
 def test_argparse_commands_name_exit_codes_and_docs(cmd, docs):
     text = _help(cmd)
     assert "exit codes: 0" in text and docs in text, text

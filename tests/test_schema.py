@@ -141,7 +141,7 @@ def test_the_optimizer_set_is_what_the_estimator_and_the_trainer_know():
 # A module may import modules of its own layer or below (lazy imports inside functions count).
 LAYERS = [
     {"config", "console", "records", "failure", "schedule"},
-    {"identity", "stats", "data", "models", "methods", "distributed", "sweep", "measure", "tuning"},
+    {"identity", "stats", "data", "models", "methods", "distributed", "sweep", "measure", "tuning", "tracking"},
     {"train", "evaluate", "nll"},
     {"plan", "job", "estimate"},
     {"run"},
