@@ -285,12 +285,13 @@ def measure_variants(model: Any, tokenizer: Any, prompts: Sequence, settings: di
             first_resident = resident_bytes(model, device)
             rss_growth = 0  # the RSS added by the adapters' additions alone (switching's churn is not theirs)
             for n in counts:
-                before = _rss_bytes(device) if device.type == "cpu" else 0
+                adding = device.type == "cpu" and len(added) < n - 1  # no addition: no RSS reading's noise
+                before = _rss_bytes(device) if adding else 0
                 while len(added) < n - 1:
                     name = f"v{len(added) + 1}"
                     add_variant(model, name, seed * 100003 + len(added) + 1)
                     added.append(name)
-                rss_growth += (_rss_bytes(device) - before) if device.type == "cpu" else 0
+                rss_growth += (_rss_bytes(device) - before) if adding else 0
                 resident = resident_bytes(model, device)
                 entry = {
                     "n": n,
