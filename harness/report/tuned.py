@@ -127,7 +127,7 @@ def chosen_records(records: list[dict], results_dir) -> list[dict]:
 
 def full_reference_ids(arms: list, items) -> list[str]:
     """The run ids of the full fine-tuning arm its validation chose, where full FT has a grid."""
-    full = [c for c in choices([a for a in arms if a.method == "full"], items)]
+    full = choices([a for a in arms if a.method == "full"], items)
     return [r["run_id"] for r in full[0].chosen.ok] if full else []
 
 
@@ -150,13 +150,12 @@ def _diff_text(c: Choice) -> str:
 
 
 def _gap_text(table, c: Choice, task: str) -> str:
+    from harness.report.verdict import gap_pp_of, gap_text
+
     if c.method == "full":
         return "reference"
     g = table.gaps.get((c.chosen.key, task))
-    if g is None:
-        return "—"
-    ci = "" if g["ci_low"] is None else f" [{g['ci_low'] * 100:+.2f}, {g['ci_high'] * 100:+.2f}]"
-    return f"{g['gap'] * 100:+.2f} pp{ci}"
+    return "—" if g is None else gap_text(gap_pp_of(g))
 
 
 def section(table) -> dict | None:

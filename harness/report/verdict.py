@@ -199,7 +199,7 @@ def serving(arm: Arm, full: Arm | None, n: int) -> dict:
     return out
 
 
-def _gap_pp(row: dict) -> dict:
+def gap_pp_of(row: dict) -> dict:
     """A stats.seed_summary row's gap and interval in pp, as verdict.json keeps them."""
     return {"gap_pp": row["gap"] * 100,
             "ci_pp": [None if row["ci_low"] is None else row["ci_low"] * 100,
@@ -254,7 +254,7 @@ def table_verdict(table: Table, limits: Limits, results_dir: Path) -> dict:
             entry["judgement"] = "no pair"
             entry["note"] = f"no {_task_label(task) if task else 'accuracy'} gap: no full FT run with its pair_key"
         else:
-            entry.update({**_gap_pp(row), "n": row["n"], "n_seeds": row["n_seeds"], "paired": row["paired"],
+            entry.update({**gap_pp_of(row), "n": row["n"], "n_seeds": row["n_seeds"], "paired": row["paired"],
                           "judgement": judge(row["ci_low"], row["ci_high"], m) or "no interval"})
             if entry["judgement"] == UNDECIDED:
                 if row["answers"]:
@@ -265,7 +265,7 @@ def table_verdict(table: Table, limits: Limits, results_dir: Path) -> dict:
                     entry["note"] = "unpaired (no per-question answers): not projected"
         # the other accuracies, judged against the same limit: a pick that loses elsewhere says so
         entry["other_tasks"] = {
-            t: {**_gap_pp(g), "judgement": judge(g["ci_low"], g["ci_high"], m), "text": _gap_text(_gap_pp(g))}
+            t: {**gap_pp_of(g), "judgement": judge(g["ci_low"], g["ci_high"], m), "text": gap_text(gap_pp_of(g))}
             for (key, t), g in sorted(table.gaps.items()) if key == a.key and t != task}
         entry["cost"] = training_cost(a, limits, results_dir)
         entry["serving"] = serving(a, full, limits.variants)
@@ -319,7 +319,7 @@ def _recommend(v: dict, limits: Limits) -> tuple[str | None, str]:
     if fits:
         pick = min(fits, key=cost_key)
         s, fs = pick["serving"], full["serving"]
-        words = [f"Pick {pick['label']}: its {task} gap vs full FT, {_gap_text(pick)}, is within the {m:g} pp "
+        words = [f"Pick {pick['label']}: its {task} gap vs full FT, {gap_text(pick)}, is within the {m:g} pp "
                  f"limit"]
         if pick["cost"]["usd"] is not None and full_cost is not None:
             words.append(f"training costs {_usd(pick['cost']['usd'])} against {_usd(full_cost)} for full FT "
@@ -355,7 +355,7 @@ def _recommend(v: dict, limits: Limits) -> tuple[str | None, str]:
         tail = ("" if full_over else " Until then, full FT is the arm known to meet the accuracy limit"
                 + (f" ({_usd(full_cost)})" if full_cost is not None else "") + ".")
         return None, f"No pick yet: {undecided}.{tail}"
-    lost = ", ".join(f"{a['label']} {_gap_text(a)}" for a in by_state[BEYOND])
+    lost = ", ".join(f"{a['label']} {gap_text(a)}" for a in by_state[BEYOND])
     if full_over:
         return None, (f"No arm meets both limits: every judged PEFT arm loses more than {m:g} pp on {task} ({lost}), "
                       f"and full FT costs {_usd(full_cost)}, over the {_usd(budget)} budget.")
@@ -365,7 +365,7 @@ def _recommend(v: dict, limits: Limits) -> tuple[str | None, str]:
                            f"({lost})" + (f"; it costs {_usd(full_cost)}" if full_cost is not None else "") + ".")
 
 
-def _gap_text(entry: dict) -> str:
+def gap_text(entry: dict) -> str:
     """``-1.56 pp [-5.52, +1.56]`` from an entry's gap_pp and ci_pp."""
     low, high = entry["ci_pp"]
     text = f"{entry['gap_pp']:+.2f} pp"
@@ -428,7 +428,7 @@ def verdict_rows(v: dict) -> tuple[list[str], list[list[str]]]:
         f = v["full"]
         rows.append([f["label"], "reference", DASH, DASH, _cell_cost(f["cost"]), _cell_serving(f["serving"], "full")])
     for a in v["arms"]:
-        gap = _gap_text(a) if "gap_pp" in a else a.get("note", DASH)
+        gap = gap_text(a) if "gap_pp" in a else a.get("note", DASH)
         decide = a["note"].removeprefix("to decide: ") if a["judgement"] == UNDECIDED and a.get("note") else DASH
         rows.append([a["label"], gap, a["judgement"], decide, _cell_cost(a.get("cost")),
                      _cell_serving(a.get("serving"), a["method"])])
