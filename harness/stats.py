@@ -564,7 +564,7 @@ def _paired_loss(by_arm: dict[str, dict[Any, tuple[dict, dict]]]) -> dict[str, d
     return out
 
 
-def loss_gaps(records: Iterable[dict], results_dir: str | Path) -> dict[str, dict]:
+def loss_gaps(records: Iterable[dict], results_dir: str | Path, references: Iterable[str] = ()) -> dict[str, dict]:
     """Held-out loss gap ``loss(peft) - loss(full)`` per PEFT arm (identity.arm_key), in nats per
     target token, paired example by example and averaged over seeds (positive: PEFT is worse).
 
@@ -576,7 +576,8 @@ def loss_gaps(records: Iterable[dict], results_dir: str | Path) -> dict[str, dic
     arms (which would mean different data) are left out.
     """
     records = [r for r in records if r.get("status") == "ok"]
-    full_by_pair, _ = identity.full_references(records, ())
+    # references: the full run to use where several share a pair (validation's choice), as in pair_gaps
+    full_by_pair, _ = identity.full_references(records, references)
     by_arm: dict[str, dict[Any, tuple]] = {}
     for peft in records:
         full = full_by_pair.get(peft["pair_key"])

@@ -45,9 +45,11 @@ def test_a_bad_grid_is_one_line_and_exit_2(tmp_path, args, says):
 # ---------------------------------------------------------------- selection, on synthetic records
 
 
-def _record(results, method: str, lr: float, seed: int, validation: int, test: int, n: int = 100) -> dict:
+def _record(results, method: str, lr: float, seed: int, validation: int, test: int, n: int = 100,
+            nll: float | None = None) -> dict:
     """An ok record of ``method`` at ``lr``: ``validation`` of n validation and ``test`` of n
-    in-domain questions right (the first ones), per-question answers beside it."""
+    in-domain questions right (the first ones), per-question answers beside it; ``nll``: 10
+    held-out examples of 10 tokens at that summed NLL each."""
     rank = None if method == "full" else 16
     config = {"model": {"name": "m"}, "data": {"name": "demo"}, "seed": seed, "eval": {},
               "hardware": {"name": "h200"}, "method": {"name": method, "r": rank, "learning_rate": lr},
@@ -56,8 +58,11 @@ def _record(results, method: str, lr: float, seed: int, validation: int, test: i
     run_id = run_id_for(method, rank, config_hash)
     items = [{"task": task, "id": f"{task}-{i}", "target": 1, "pred": int(i < right), "correct": i < right}
              for task, right in (("validation_indomain", validation), ("indomain", test)) for i in range(n)]
+    items += [{"task": "heldout_loss", "id": f"h-{i}", "nll": nll + 0.1 * i, "n_tokens": 10}
+              for i in range(10 if nll is not None else 0)]
     metrics = {"validation_indomain_acc": validation / n, "validation_indomain_stderr": 0.04,
                "validation_indomain_n": n, "indomain_acc": test / n, "indomain_stderr": 0.04, "indomain_n": n,
+               "heldout_loss": None if nll is None else (nll + 0.45) / 10,
                "mmlu_acc": None, "mmlu_stderr": None, "mmlu_n": None, "total_params": 10**6,
                "trainable_params": 10**6 if method == "full" else 10**4, "peak_memory_bytes": None, "train_wall_s": None,
                "tokens_per_s": None, "train_tokens": None, "cost_usd": None}
@@ -115,6 +120,51 @@ def test_the_report_has_the_tuned_table_beside_the_fixed_rate_one_and_warns_at_t
     assert "validation_vs_lr.png" in written
     html = written["index.html"].read_text()
     assert "Tuned: each method at its best rate on validation" in html and "extend the grid" in html
+
+
+def test_a_tie_on_validation_goes_to_the_grid_middle_and_says_so(tmp_path):
+    # a saturated validation split: full FT's 3e-5 and 1e-4 both answer all 100 (the demo's case)
+    for method, grid in {"full": [(3e-5, 100, 90), (1e-4, 100, 92), (3e-4, 95, 80)],
+                         "lora": [(3e-4, 50, 50), (1e-3, 100, 91), (3e-3, 30, 30)]}.items():
+        for lr, val, test in grid:
+            _record(tmp_path, method, lr, 0, val, test)
+    (table,) = group(records.load_records(tmp_path), tmp_path)
+    found = {c.method: c for c in choices(table.arms, table.items)}
+    # ranked by rate first, the tie went to 3e-5, at the grid's edge
+    assert found["full"].rate == 1e-4 and found["full"].tied == [3e-5, 1e-4] and not found["full"].edge
+    assert found["full"].runner_up[0] == 3e-5 and found["full"].within_noise is True
+    assert found["lora"].tied == []
+    md = build_report(tmp_path, tmp_path / "reports")["at-a-glance.md"].read_text()
+    assert "full FT: rates 3e-05, 0.0001 tie on validation (acc 100.0% [" in md
+    assert "the one nearest the grid's middle is taken" in md and "full FT: the chosen rate" not in md
+
+
+def test_the_verdict_judges_each_grid_at_its_chosen_rate_against_the_chosen_full_ft(tmp_path):
+    from harness.report.verdict import Limits, table_verdict
+
+    # on test, LoRA 3e-4 (95 of 100) beats the chosen 1e-3 (80): the verdict must not pick it
+    for method, grid in {"full": [(3e-5, 60, 70, 30), (1e-4, 90, 96, 20), (3e-4, 70, 99, 10)],
+                         "lora": [(3e-4, 50, 95, 25), (1e-3, 85, 80, 25), (3e-3, 40, 30, 25)]}.items():
+        for lr, val, test, nll in grid:
+            for seed in (0, 1):
+                _record(tmp_path, method, lr, seed, val, test, nll=nll)
+    (table,) = group(records.load_records(tmp_path), tmp_path)
+    # held-out loss gaps too are against the chosen full FT (1e-4: 20 nats per 10 tokens), not missing
+    lora = next(a for a in table.arms if a.label == "LoRA r=16 lr 0.001")
+    assert table.loss_gaps[lora.key]["gap"] == pytest.approx(0.5)
+    v = table_verdict(table, Limits(max_gap=30.0), tmp_path)
+    assert v["full"]["label"] == "full FT lr 0.0001"  # validation's choice, not the first full arm
+    by_label = {a["label"]: a for a in v["arms"]}
+    assert by_label["LoRA r=16 lr 0.0003"]["judgement"] == "not chosen"
+    assert by_label["LoRA r=16 lr 0.0003"]["note"] == "not judged: validation chose lr 0.001 (docs/tuning.md)"
+    assert by_label["LoRA r=16 lr 0.003"]["judgement"] == "not chosen"
+    chosen = by_label["LoRA r=16 lr 0.001"]
+    assert chosen["gap_pp"] == pytest.approx(-16.0) and chosen["judgement"] == "within"
+    assert v["pick"] == "LoRA r=16 lr 0.001"
+    # the main table: one full arm is the reference, the other rates say they are not
+    md = build_report(tmp_path, tmp_path / "reports")["at-a-glance.md"].read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| gap vs full FT, in-domain"))
+    assert row.count("not the reference: acc") == 2 and row.count("| reference: acc 96.0%") == 1
 
 
 def test_the_validation_plot_draws_each_method_in_its_colour(tuned_results):

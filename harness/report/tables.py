@@ -114,6 +114,8 @@ class Table:
     items: Items
     gaps: dict[tuple[str, str], dict] = field(default_factory=dict)  # (arm key, task) -> stats.seed_summary row
     loss_gaps: dict[str, dict] = field(default_factory=dict)  # arm key -> stats.loss_gaps row
+    # the full FT runs every gap is taken against, where full FT ran at several rates (tuned.full_reference_ids)
+    reference_ids: list[str] = field(default_factory=list)
     forgetting: dict[str, dict] = field(default_factory=dict)  # arm key -> stats.forgetting_deltas row
     title: str = ""
 
@@ -153,14 +155,14 @@ def group(records: list[dict], results_dir: Path) -> list[Table]:
                 mine = identity.arm_config(arm.runs[0])
                 arm.settings = ", ".join(f"{f.replace('learning_rate', 'lr')} {identity.lookup(mine, f)}" for f in fields)
             arm.accuracy = {task: accuracy_interval(arm.ok, task, items) for task in record_tasks(members[key])}
-        table = Table(key, arms, items)
         from harness.report.tuned import full_reference_ids
 
         # Gaps are paired within the table, so a full run on other hardware is never the reference;
         # where full FT ran at several rates, the one its validation chose is (harness.report.tuned)
-        for row in seed_summary(pair_gaps(table.runs, results_dir, full_reference_ids(arms, items))):
+        table = Table(key, arms, items, reference_ids=full_reference_ids(arms, items))
+        for row in seed_summary(pair_gaps(table.runs, results_dir, table.reference_ids)):
             table.gaps[(row["arm"], row["task"])] = row
-        table.loss_gaps = loss_gaps(table.runs, results_dir)
+        table.loss_gaps = loss_gaps(table.runs, results_dir, table.reference_ids)
         table.forgetting = forgetting_deltas(table.runs, results_dir)
         tables.append(table)
 
@@ -256,9 +258,23 @@ def _accuracy_cell(arm: Arm, task: str) -> str:
     return fmt_accuracy(interval) if interval else DASH
 
 
+def reference_arm(table: Table) -> Arm | None:
+    """The full fine-tuning arm the table's gaps are taken against: validation's choice where full
+    FT ran at several rates, else the one at the default settings, else the first."""
+    full = [a for a in table.arms if a.method == "full"]
+    chosen = set(table.reference_ids)
+    return (next((a for a in full if chosen & {r["run_id"] for r in a.runs}), None)
+            or next((a for a in full if not a.settings), None) or next(iter(full), None))
+
+
+def _reference_text(table: Table, arm: Arm) -> str:
+    """"reference" for the arm gaps are taken against; another full FT arm says it is not."""
+    return "reference" if not table.reference_ids or arm is reference_arm(table) else "not the reference"
+
+
 def _gap_cell(table: Table, arm: Arm, task: str) -> str:
     if arm.method == "full":
-        return f"reference: {_accuracy_cell(arm, task)}"
+        return f"{_reference_text(table, arm)}: {_accuracy_cell(arm, task)}"
     if arm.method == "base":
         return _accuracy_cell(arm, task)
     row = table.gaps.get((arm.key, task))
@@ -291,7 +307,7 @@ def _loss_text(arm: Arm, metric: str = "heldout_loss") -> str:
 
 def _loss_gap_cell(table: Table, arm: Arm) -> str:
     if arm.method == "full":
-        return "reference: " + _loss_text(arm) if arm.values("heldout_loss") else DASH
+        return f"{_reference_text(table, arm)}: " + _loss_text(arm) if arm.values("heldout_loss") else DASH
     if arm.method == "base":
         return _loss_text(arm)
     row = table.loss_gaps.get(arm.key)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from harness import identity
 from harness.stats import accuracy_difference, accuracy_interval, interval95, mean_sd
@@ -64,6 +64,7 @@ class Choice:
     score: dict
     runner_up: tuple[float, object, dict] | None
     runner_up_diff: dict | None  # chosen - runner-up on validation (accuracy: paired per question and seed)
+    tied: list[float] = field(default_factory=list)  # rates with the chosen one's exact validation figure
 
     @property
     def edge(self) -> bool:
@@ -93,10 +94,18 @@ def choices(arms: list, items) -> list[Choice]:
             continue
         scored.sort(key=lambda c: c[0])
         sign = 1 if scored[0][2]["higher"] else -1
-        ranked = sorted(scored, key=lambda c: sign * c[2]["mean"], reverse=True)
+        best = max(sign * c[2]["mean"] for c in scored)
+        # a tie at the top (a saturated validation split: several rates at 100%) goes to the rate
+        # nearest the grid's middle: the edge of a grid is where the best may lie outside it
+        middle = (len(scored) - 1) / 2
+        tied = sorted((i for i, c in enumerate(scored) if sign * c[2]["mean"] == best),
+                      key=lambda i: (abs(i - middle), i))
+        ranked = [scored[i] for i in tied] + sorted((c for i, c in enumerate(scored) if i not in tied),
+                                                     key=lambda c: sign * c[2]["mean"], reverse=True)
         (rate, arm, score), runner = ranked[0], ranked[1]
         diff = _difference(arm, runner[1], score, runner[2], items)
-        out.append(Choice(arm.method, arm.rank, scored, arm, rate, score, runner, diff))
+        out.append(Choice(arm.method, arm.rank, scored, arm, rate, score, runner, diff,
+                          sorted(scored[i][0] for i in tied) if len(tied) > 1 else []))
     return out
 
 
@@ -175,6 +184,10 @@ def section(table) -> dict | None:
     full = next((c for c in found if c.method == "full"), None)
     notes = []
     for c in found:
+        if c.tied:
+            notes.append(f"{arm_label(c.method, c.rank)}: rates {', '.join(f'{r:g}' for r in c.tied)} tie on validation "
+                         f"({_score_text(c.score)}): the one nearest the grid's middle is taken; a validation split "
+                         "that separates them needs harder or more questions (data.n_validation)")
         if c.edge:
             notes.append(f"{arm_label(c.method, c.rank)}: the chosen rate {c.rate:g} is at the edge of the grid "
                          f"({c.candidates[0][0]:g}–{c.candidates[-1][0]:g}): extend the grid (method.lr_grid)")

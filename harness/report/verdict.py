@@ -31,11 +31,12 @@ from pathlib import Path
 import yaml
 
 from harness.report.fmt import DASH, fmt_bytes, fmt_usd
-from harness.report.tables import TASK_LABEL, Arm, Table, failure_text, status_of, variant_entries
+from harness.report.tables import TASK_LABEL, Arm, Table, failure_text, reference_arm, status_of, variant_entries
 from harness.stats import BEYOND, UNDECIDED, WITHIN, judge, mean_sd, resolution, task_metric, to_decide
 
 VERDICT_JSON = "verdict.json"
 NO_VERDICT = "no verdict"
+NOT_CHOSEN = "not chosen"  # an arm of a rate grid whose validation chose another rate
 DEFAULT_ESTIMATE_TOKENS = 100_000_000
 
 
@@ -223,8 +224,7 @@ def _decide_text(need: dict, row: dict) -> str:
 def table_verdict(table: Table, limits: Limits, results_dir: Path) -> dict:
     task = judged_task(table, limits.task)
     m = limits.max_gap / 100
-    full = next((a for a in table.arms if a.method == "full" and not a.settings), None) or next(
-        (a for a in table.arms if a.method == "full"), None)
+    full = reference_arm(table)
     peft = [a for a in table.arms if a.method not in ("full", "base")]
     why: list[str] = []
     if any((r.get("model") or {}).get("random_weights") for r in table.runs):
@@ -240,10 +240,21 @@ def table_verdict(table: Table, limits: Limits, results_dir: Path) -> dict:
     if not peft:
         why.append("no PEFT arm to judge")
 
+    from harness.report.tuned import choices
+
+    # where a method ran over a rate grid, only the rate its validation chose is judged: picking
+    # another on these (test) gaps would tune on the test questions
+    passed_over = {id(arm): c for c in choices(table.arms, table.items) for _, arm, _ in c.candidates
+                   if arm is not c.chosen}
     arms = []
     for a in peft:
         entry: dict = {"label": a.label, "method": a.method, "rank": a.rank, "run_ids": [r["run_id"] for r in a.runs]}
         row = table.gaps.get((a.key, task)) if task else None
+        if id(a) in passed_over:
+            entry["judgement"] = NOT_CHOSEN
+            entry["note"] = f"not judged: validation chose lr {passed_over[id(a)].rate:g} (docs/tuning.md)"
+            arms.append(entry)
+            continue
         if not a.ok:
             status = {status_of(r) for r in a.runs}
             entry["judgement"] = "did not fit" if "oom" in status else "killed" if "killed" in status else "failed"
