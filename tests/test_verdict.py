@@ -205,13 +205,16 @@ def test_serving_n_variants_is_measured_where_a_record_served_that_n(tmp_path):
     far less than the footprint row's fp32 checkpoint); at another N it computes, and says so."""
     entry = {"n": 8, "resident_bytes": 300 * MiB, "merged_bytes": 8 * 4 * GiB,
              "mixed_vs_merged_prefill": {"ratio": 1.25, "ci": [1.2, 1.3]}}
-    sweep(tmp_path / "r", [set(range(120))], n=200, variants=[{"n": 1, "resident_bytes": 200 * MiB}, entry])
+    sweep(tmp_path / "r", [set(range(120))], n=200, variants=[{"n": 1, "resident_bytes": 200 * MiB}, entry],
+          variants_settings={"batch": 4})
     v = verdict_of(tmp_path / "r", tmp_path, max_gap=5.0, variants=8)
     s = lora(v)["serving"]
     assert s["adapters_bytes"] == 300 * MiB and s["computed"] is False and "(measured)" in s["label"]
     assert s["mixed_prefill_overhead"] == pytest.approx(0.25)
     assert "serving 8 variants takes 300 MiB (one base + adapters, measured)" in v["recommendation"]
-    assert "a mixed batch of the 8 variants prefills at +25% against one merged model" in v["recommendation"]
+    # a batch of 4 holds 4 of the 8 variants: the text says so, not "a mixed batch of the 8"
+    assert ("a mixed batch of 4 requests, each for another of the 8 variants, prefills at +25% against one "
+            "merged model") in v["recommendation"]
     computed = lora(verdict_of(tmp_path / "r", tmp_path, max_gap=5.0, variants=20))["serving"]
     assert computed["computed"] is True and computed["adapters_bytes"] == 4 * GiB + 20 * 40 * MiB
 

@@ -191,8 +191,10 @@ def serving(arm: Arm, full: Arm | None, n: int) -> dict:
         out["label"] = f"{n} full checkpoints (computed: {n} x the footprint row)"
     elif measured is not None:
         ratio = (measured.get("mixed_vs_merged_prefill") or {}).get("ratio")
+        settings = next((r["metrics"].get("variants_settings") for r in arm.ok
+                         if r["metrics"].get("variants_settings")), None) or {}
         out.update(computed=False, adapters_bytes=measured["resident_bytes"],
-                   mixed_prefill_overhead=None if ratio is None else ratio - 1.0,
+                   mixed_prefill_overhead=None if ratio is None else ratio - 1.0, mixed_batch=settings.get("batch"),
                    label=f"one base + {n} adapters resident (measured); merged: {n} checkpoints (computed)")
     else:
         out["label"] = (f"one base + {n} adapters (computed: checkpoint + {n} x adapter, footprint rows); "
@@ -341,7 +343,12 @@ def _recommend(v: dict, limits: Limits) -> tuple[str | None, str]:
                 f", at {dyn * 100:+.0f}% prefill latency with the adapters applied dynamically"
                 + ("" if merged is None else f" (merged: {merged * 100:+.0f}%)"))  # as the probe measured, not assumed
             if s.get("mixed_prefill_overhead") is not None:
-                latency += (f"; a mixed batch of the {n} variants prefills at "
+                b = s.get("mixed_batch")
+                # request i asks for variant i mod N: a batch smaller than N holds b of them
+                batch = f"a mixed batch of the {n} variants" if not b else (
+                    f"a mixed batch of {b} requests, each for another of the {n} variants" if b <= n
+                    else f"a mixed batch of {b} requests across the {n} variants")
+                latency += (f"; {batch}{',' if b and b <= n else ''} prefills at "
                             f"{s['mixed_prefill_overhead'] * 100:+.0f}% against one merged model")
             words.append(f"serving {n} variant{'s' if n > 1 else ''} takes {fmt_bytes([s['adapters_bytes']])} "
                          f"(one base + adapters, {'computed' if s['computed'] else 'measured'}) against "
