@@ -34,11 +34,17 @@ $(VENV)/.installed: pyproject.toml Makefile constraints.txt
 demo: setup
 	$(BIN)/harness-run experiment=demo $(MMLU_ARG)
 
+# pytest-xdist workers: the suite is mostly child processes importing the stack (one core each),
+# so 2 workers on 2 cores take ~0.6x the serial time; a test file stays on one worker (its
+# module fixtures run once). PYTEST_WORKERS=0: one process.
+PYTEST_WORKERS ?= 2
+PYTEST_PAR := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
+
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_PAR)
 
 test-all: setup
-	$(BIN)/python -m pytest -m "not gpu"
+	$(BIN)/python -m pytest $(PYTEST_PAR) -m "not gpu"
 
 test-gpu: setup  # the tests that need a CUDA device
 	$(BIN)/python -m pytest -m gpu

@@ -244,6 +244,8 @@ def combine(per_rank: list[dict], strategy: str) -> dict:
         "eval_peak_memory_bytes_per_rank": [r.get("eval_peak_memory_bytes") for r in per_rank],
         "memory_breakdown_bytes_per_rank": [r.get("memory_breakdown_bytes") for r in per_rank],
         "peak_flops_per_s_per_rank": [r.get("peak_flops_per_s") for r in per_rank],
+        # lm-eval's loglikelihood requests each rank scored (DDP splits them; harness.evaluate)
+        "eval_requests_per_rank": [r.get("eval_requests") for r in per_rank],
     }
     evals = [p for p in out["eval_peak_memory_bytes_per_rank"] if p is not None]
     if evals:

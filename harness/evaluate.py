@@ -9,6 +9,7 @@ category scores. The same model object that was trained is evaluated, in memory,
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import logging
@@ -22,6 +23,41 @@ log = logging.getLogger(__name__)
 
 # lm-eval's MMLU categories per subject (lm_eval/tasks/mmlu/_generate_configs.py)
 CATEGORY_NAMES = ("stem", "humanities", "social_sciences", "other")
+
+
+# Under DDP every rank holds the whole model: lm-eval's own data parallelism splits the questions
+# over the ranks (``split_over_ranks``) and gathers the answers to rank 0, instead of every rank
+# scoring all of them again. A sharded model (FSDP, ZeRO-3) needs every rank in every forward.
+_split = {"on": False, "requests": 0}
+
+
+@contextlib.contextmanager
+def split_over_ranks(on: bool):
+    """Within: lm-eval runs share the questions out over the initialised process group. Yields a
+    dict whose ``requests`` is this process's count of scored loglikelihood requests at exit."""
+    before, _split["on"], _split["requests"] = _split["on"], on, 0
+    counted: dict = {}
+    try:
+        yield counted
+    finally:
+        counted["requests"], _split["on"] = _split["requests"], before
+
+
+def _share_out(lm) -> None:
+    """HFLM treats a model object as single-process; give it the group's rank, size and gather,
+    and count the requests this process scores (the record shows each rank's share)."""
+    import torch.distributed as dist
+    from accelerate import Accelerator
+
+    if _split["on"] and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        lm._rank, lm._world_size, lm.accelerator = dist.get_rank(), dist.get_world_size(), Accelerator()
+    score = lm.loglikelihood
+
+    def counted(requests, *args, **kwargs):
+        _split["requests"] += len(requests)
+        return score(requests, *args, **kwargs)
+
+    lm.loglikelihood = counted
 
 
 class EvalDataError(ValueError):
@@ -175,6 +211,7 @@ def _run(model, tokenizer, tasks: list, num_fewshot: int, limit, batch_size: int
 
     console.quiet()  # lm-eval logs a line per task (57 for MMLU): also when called outside a job
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    _share_out(lm)
     with console.lm_eval_bars(show=progress), mock.patch.object(lm_eval.evaluator, "add_env_info", _lm_eval_versions):
         return lm_eval.simple_evaluate(
             model=lm,

@@ -332,17 +332,22 @@ def peak_flops(run: Run) -> None:
 def evaluate(run: Run) -> None:
     """MMLU and in-domain accuracy of the trained arm, its gain over the base model, its answers."""
     from harness import distributed
-    from harness.evaluate import gains_vs_base
+    from harness.evaluate import gains_vs_base, split_over_ranks
     from harness.measure import memory
     from harness.train import inference_precision
 
     run.phases.enter("eval")
     precision, run.metrics["eval_precision"] = inference_precision(run.cfg["train"]["precision"], run.args.device)
-    # every rank evaluates the same questions: a sharded model's forward needs them all
-    with memory.eval_peak_memory(run.args.device) as eval_mem, precision:
+    # a sharded model's forward needs every rank on every question; DDP's whole replicas split
+    # them (lm-eval's data parallelism, answers gathered to rank 0)
+    split = run.strategy == "ddp"
+    run.metrics["eval_split"] = (f"questions split over {distributed.world_size()} ranks" if split else
+                                 "every rank scores every question" if run.strategy in distributed.SHARDED else
+                                 "one process")
+    with memory.eval_peak_memory(run.args.device) as eval_mem, precision, split_over_ranks(split) as scored:
         acc, items = evaluate_all(run.model, run.loaded.tokenizer, run.cfg, run.data)
     run.metrics.update(acc)
-    run.mine.update(eval_mem)
+    run.mine.update(eval_mem, eval_requests=scored["requests"])
     run.metrics.update(gains_vs_base(run.metrics, run.base["metrics"]))
     if distributed.is_main():
         run.record["items_file"] = records.write_items(run.cfg["results_dir"], run.job["run_id"], items)

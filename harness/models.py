@@ -198,10 +198,22 @@ def _gguf_folder(gguf_path: Path) -> Path:
         model.config.quantization_config = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.save_pretrained(tmp)
+        _save_on_any_rank(model, tmp)
         tok.save_pretrained(tmp)
 
     return _build_once(folder, convert)
+
+
+def _save_on_any_rank(model, folder: Path) -> None:
+    """``save_pretrained`` on whichever process builds the cache. transformers writes weights on
+    torch.distributed rank 0 only once a process group exists, so a cache built by another rank of
+    a DDP/FSDP job on a cold cache held a tokenizer and no model; the cache is the machine's, not
+    rank 0's."""
+    model.should_save_on_this_rank = lambda is_main_process: True
+    try:
+        model.save_pretrained(folder)
+    finally:
+        del model.should_save_on_this_rank
 
 
 def _build_once(folder: Path, build) -> Path:
@@ -216,6 +228,9 @@ def _build_once(folder: Path, build) -> Path:
         if not (folder / "config.json").exists():
             tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
             build(tmp)
+            if not (tmp / "config.json").exists() or not any(tmp.glob("*.safetensors")):
+                # never publish a folder that cannot load: the next process would fail on it for good
+                raise RuntimeError(f"building {folder.name} wrote no config or weights into {tmp}")
             tmp.replace(folder)
     return folder
 
@@ -241,7 +256,7 @@ def _arch_folder(arch: str) -> Path:
         config = AutoConfig.for_model(**spec)
         torch.manual_seed(ARCH_INIT_SEED)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.save_pretrained(tmp)
+        _save_on_any_rank(model, tmp)
         byte_tokenizer().save_pretrained(tmp)
 
     return _build_once(folder, materialize)

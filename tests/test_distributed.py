@@ -50,9 +50,11 @@ def cpu_lock():
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def harness_run_procs(*args: str, fsdp_patch: bool = False, timeout: int = 600) -> subprocess.CompletedProcess:
-    """harness-run with one thread per process; FSDP on CPU through the test patch."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def harness_run_procs(*args: str, fsdp_patch: bool = False, timeout: int = 600,
+                      cache: Path | None = None) -> subprocess.CompletedProcess:
+    """harness-run with one thread per process; FSDP on CPU through the test patch; ``cache``: a
+    model cache folder of its own (cold: the ranks build it)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"PEFT_HARNESS_CACHE": str(cache)} if cache else {})}
     env["PYTHONPATH"] = os.pathsep.join(
         [*([str(CPU_FSDP_PATCH)] if fsdp_patch else []), str(ROOT), env.get("PYTHONPATH", "")]
     )
@@ -337,8 +339,11 @@ def test_fsdp_shards_parameters_gradients_and_optimizer_state(fsdp_runs):
 def ddp_run(tmp_path_factory, cpu_lock):
     """DDP over 2 CPU processes, batch 2 each (a global batch of 4)."""
     ddp = tmp_path_factory.mktemp("ddp")
+    # on a cold model cache: whichever rank builds it must write the weights (transformers saves
+    # on rank 0 only once a process group exists; harness.models._save_on_any_rank)
     proc = harness_run_procs("method=lora", *TINY_DIST, "train.batch_size=2", "distributed=ddp",
-                             "distributed.main_process_port=29632", f"results_dir={ddp}")
+                             "distributed.main_process_port=29632", "eval.on_random_weights=true", f"results_dir={ddp}",
+                             cache=tmp_path_factory.mktemp("cold-cache"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return _arms(ddp)["lora"]
 
@@ -350,6 +355,23 @@ def test_ddp_two_processes_write_one_record_counting_tokens_on_both_ranks(ddp_ru
     assert len(m["peak_memory_bytes_per_rank"]) == 2 and m["peak_memory_bytes"] == max(m["peak_memory_bytes_per_rank"])
     assert m["train_tokens"] == 2 * m["token_budget"]
     assert m["latency_prefill_base_ms"] is not None  # DDP keeps whole weights: rank 0 measures latency
+
+
+def test_ddp_ranks_split_the_questions_and_rank_0_records_every_answer_once(ddp_run):
+    from harness.stats import read_items
+
+    m = ddp_run["metrics"]
+    assert m["eval_split"] == "questions split over 2 ranks"
+    # each rank scored its half of lm-eval's requests (4 answer letters per question), not all of
+    # them; lm-eval pads the shorter share with one question's copies so both run equal batches
+    n0, n1 = m["eval_requests_per_rank"]
+    questions = m["indomain_n"] + (m.get("validation_indomain_n") or 0)
+    assert 4 * questions <= n0 + n1 <= 4 * questions + 4 and abs(n0 - n1) <= 4, (n0, n1, questions)
+    # the gathered answers: every held-out question once, as many as the base model scored alone
+    base = records.find_ok(ddp_run["config"]["results_dir"], ddp_run["base_run_id"])
+    assert m["indomain_n"] == base["metrics"]["indomain_n"] > 0
+    ids = [it["id"] for it in read_items(ddp_run["config"]["results_dir"], ddp_run) if it["task"] == "indomain"]
+    assert len(ids) == len(set(ids)) == m["indomain_n"]
 
 
 @pytest.mark.slow
