@@ -46,13 +46,14 @@ def test_a_bad_grid_is_one_line_and_exit_2(tmp_path, args, says):
 
 
 def _record(results, method: str, lr: float, seed: int, validation: int, test: int, n: int = 100,
-            nll: float | None = None) -> dict:
+            nll: float | None = None, rank: int = 16, trainable: int = 10**4, **method_settings) -> dict:
     """An ok record of ``method`` at ``lr``: ``validation`` of n validation and ``test`` of n
     in-domain questions right (the first ones), per-question answers beside it; ``nll``: 10
     held-out examples of 10 tokens at that summed NLL each."""
-    rank = None if method == "full" else 16
+    rank = None if method == "full" else rank
     config = {"model": {"name": "m"}, "data": {"name": "demo"}, "seed": seed, "eval": {},
-              "hardware": {"name": "h200"}, "method": {"name": method, "r": rank, "learning_rate": lr},
+              "hardware": {"name": "h200"},
+              "method": {"name": method, "r": rank, "learning_rate": lr, **method_settings},
               "tune": {"name": "lr", "point": 0}}
     config_hash = stable_hash({**config, "tune": None})
     run_id = run_id_for(method, rank, config_hash)
@@ -64,7 +65,7 @@ def _record(results, method: str, lr: float, seed: int, validation: int, test: i
                "validation_indomain_n": n, "indomain_acc": test / n, "indomain_stderr": 0.04, "indomain_n": n,
                "heldout_loss": None if nll is None else (nll + 0.45) / 10,
                "mmlu_acc": None, "mmlu_stderr": None, "mmlu_n": None, "total_params": 10**6,
-               "trainable_params": 10**6 if method == "full" else 10**4, "peak_memory_bytes": None, "train_wall_s": None,
+               "trainable_params": 10**6 if method == "full" else trainable, "peak_memory_bytes": None, "train_wall_s": None,
                "tokens_per_s": None, "train_tokens": None, "cost_usd": None}
     rec = {"schema": 1, "run_id": run_id, "config_hash": config_hash,
            "pair_key": stable_hash({"model": "m", "seed": seed}), "eval_key": "e", "status": "ok", "error": None,
@@ -165,6 +166,25 @@ def test_the_verdict_judges_each_grid_at_its_chosen_rate_against_the_chosen_full
     md = build_report(tmp_path, tmp_path / "reports")["at-a-glance.md"].read_text()
     row = next(line for line in md.splitlines() if line.startswith("| gap vs full FT, in-domain"))
     assert row.count("not the reference: acc") == 2 and row.count("| reference: acc 96.0%") == 1
+
+
+def test_two_lora_grids_at_matched_parameters_are_compared_at_their_chosen_rates(tmp_path):
+    # experiment=lora-targets: all-linear r=16 against attention-only r=42, each over its grid
+    for lr, val, test in [(3e-5, 60, 90), (1e-4, 90, 90), (3e-4, 70, 90)]:
+        _record(tmp_path, "full", lr, 0, val, test)
+    for lr, val, test in [(3e-4, 50, 50), (1e-3, 90, 85), (3e-3, 40, 40)]:
+        _record(tmp_path, "lora", lr, 0, val, test, trainable=4_880_000, target_modules="all-linear")
+    for lr, val, test in [(3e-4, 50, 50), (1e-3, 60, 60), (3e-3, 80, 75)]:
+        _record(tmp_path, "lora", lr, 0, val, test, rank=42, trainable=4_840_000,
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    (table,) = group(records.load_records(tmp_path), tmp_path)
+    assert sorted((c.rank, c.rate) for c in choices(table.arms, table.items) if c.method == "lora") == [
+        (16, 1e-3), (42, 3e-3)]
+    tuned = build_report(tmp_path, tmp_path / "reports")["at-a-glance.md"].read_text().split("### Tuned")[1]
+    assert "LoRA r=16 and LoRA r=42 train 4.88M and 4.84M parameters (0.8% apart)" in tuned
+    # 85 against 75 of the same 100 test questions: the paired difference, beyond the noise
+    assert "LoRA r=16 − LoRA r=42 at their chosen rates, in-domain: +10.00 pp [" in tuned
+    assert "(beyond the noise)" in tuned
 
 
 def test_the_validation_plot_draws_each_method_in_its_colour(tuned_results):

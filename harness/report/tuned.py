@@ -200,6 +200,10 @@ def section(table) -> dict | None:
     peft = [c for c in found if c.method != "full"]
     for i, a in enumerate(peft):
         for b in peft[i + 1:]:
+            pa, pb = (c.chosen.ok[0]["metrics"].get("trainable_params") for c in (a, b))
+            if pa and pb:  # "at matched parameters" is a claim to check, not to assume
+                notes.append(f"{arm_label(a.method, a.rank)} and {arm_label(b.method, b.rank)} train {pa / 1e6:.2f}M "
+                             f"and {pb / 1e6:.2f}M parameters ({100 * abs(pa - pb) / max(pa, pb):.1f}% apart)")
             for t in record_tasks(table.runs):
                 d = accuracy_difference(a.chosen.ok, b.chosen.ok, t, table.items)
                 if d is not None and d["ci_low"] is not None:
