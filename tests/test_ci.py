@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 from conftest import ALLOWED_SKIPS, ROOT, disallowed_skips
 
@@ -26,10 +27,15 @@ def test_allowed_skips_are_few_and_say_why():
     assert disallowed_skips(skipped) == [("tests/test_report.py::test_render", "no browser")]
 
 
-def test_strict_mode_fails_a_run_with_an_unlisted_skip(tmp_path):
+# as `make test` runs the suite (2 pytest-xdist workers: the checks run in the controller) and in one process
+WORKERS = pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one-process", "xdist"])
+
+
+@WORKERS
+def test_strict_mode_fails_a_run_with_an_unlisted_skip(tmp_path, workers):
     (tmp_path / "test_skips.py").write_text("import pytest\n\ndef test_x():\n    pytest.skip('no widget here')\n")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
-           str(tmp_path / "test_skips.py")]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider", *workers,
+           "--rootdir", str(tmp_path), str(tmp_path / "test_skips.py")]
     # the relaxed run must not inherit the strict mode of the session running this test (.ci/run)
     env = {k: v for k, v in os.environ.items() if k != "HARNESS_STRICT_SKIPS"}
     env["PYTHONPATH"] = f"{ROOT / 'tests'}{os.pathsep}{ROOT}"
@@ -41,14 +47,15 @@ def test_strict_mode_fails_a_run_with_an_unlisted_skip(tmp_path):
     assert "not on tests/conftest.py ALLOWED_SKIPS: test_skips.py::test_x: no widget here" in strict.stderr
 
 
-def test_a_file_left_in_the_checkout_fails_the_session(tmp_path):
+@WORKERS
+def test_a_file_left_in_the_checkout_fails_the_session(tmp_path, workers):
     """The conftest check that keeps the suite hermetic, caught in the act."""
     probe = ROOT / "left-by-a-test.tmp"
     (tmp_path / "test_leaves.py").write_text(f"def test_x():\n    open({str(probe)!r}, 'w').close()\n")
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{ROOT}"}
     try:
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider",
-                               "--rootdir", str(tmp_path), str(tmp_path / "test_leaves.py")],
+                               *workers, "--rootdir", str(tmp_path), str(tmp_path / "test_leaves.py")],
                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     finally:
         probe.unlink(missing_ok=True)
