@@ -578,9 +578,8 @@ def plot_validation_vs_lr(tables: list[Table]) -> Figure | None:
     """Each tuned method's validation figure against its learning rate (95% intervals), the
     chosen rate ringed (harness.report.tuned)."""
     from harness.report.tables import arm_label
-    from harness.report.tuned import choices
 
-    panels = [(t, found) for t in tables if (found := choices(t.arms, t.items))]
+    panels = [(t, t.choices) for t in tables if t.choices]
     if not panels:
         return None
     fig, axes = figure(len(panels))

@@ -114,14 +114,20 @@ class Table:
     items: Items
     gaps: dict[tuple[str, str], dict] = field(default_factory=dict)  # (arm key, task) -> stats.seed_summary row
     loss_gaps: dict[str, dict] = field(default_factory=dict)  # arm key -> stats.loss_gaps row
-    # the full FT runs every gap is taken against, where full FT ran at several rates (tuned.full_reference_ids)
-    reference_ids: list[str] = field(default_factory=list)
+    # every rate grid's validation choice (harness.report.tuned.choices), computed once in group()
+    choices: list = field(default_factory=list)
     forgetting: dict[str, dict] = field(default_factory=dict)  # arm key -> stats.forgetting_deltas row
     title: str = ""
 
     @property
     def runs(self) -> list[dict]:
         return [r for arm in self.arms for r in arm.runs]
+
+    @property
+    def reference_ids(self) -> list[str]:
+        """The run ids of the full FT arm its validation chose, where full FT ran over a rate grid."""
+        full = next((c for c in self.choices if c.method == "full"), None)
+        return [r["run_id"] for r in full.chosen.ok] if full else []
 
 
 def group(records: list[dict], results_dir: Path) -> list[Table]:
@@ -155,11 +161,11 @@ def group(records: list[dict], results_dir: Path) -> list[Table]:
                 mine = identity.arm_config(arm.runs[0])
                 arm.settings = ", ".join(f"{f.replace('learning_rate', 'lr')} {identity.lookup(mine, f)}" for f in fields)
             arm.accuracy = {task: accuracy_interval(arm.ok, task, items) for task in record_tasks(members[key])}
-        from harness.report.tuned import full_reference_ids
+        from harness.report.tuned import choices
 
         # Gaps are paired within the table, so a full run on other hardware is never the reference;
         # where full FT ran at several rates, the one its validation chose is (harness.report.tuned)
-        table = Table(key, arms, items, reference_ids=full_reference_ids(arms, items))
+        table = Table(key, arms, items, choices=choices(arms, items))
         for row in seed_summary(pair_gaps(table.runs, results_dir, table.reference_ids)):
             table.gaps[(row["arm"], row["task"])] = row
         table.loss_gaps = loss_gaps(table.runs, results_dir, table.reference_ids)

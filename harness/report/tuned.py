@@ -5,7 +5,7 @@ grid (``tune=lr`` runs them; arms of a fixed-rate sweep at other rates count too
 the rate with the best mean validation figure over seeds wins: the validation split's accuracy
 (``validation_indomain``, higher is better) or, for generative data, its held-out loss (lower is
 better). The test figures never enter the choice. Where full fine-tuning has several rates, the
-chosen one is the reference of every gap in the table (``tables.group``), so the chosen PEFT arm's
+chosen one is the reference of every gap in the table (``tables.Table.reference_ids``), so the chosen PEFT arm's
 gap is best against best, with the paired interval of every gap.
 """
 
@@ -129,15 +129,9 @@ def chosen_records(records: list[dict], results_dir) -> list[dict]:
 
     dropped: set[str] = set()
     for table in group([r for r in records if r.get("status") == "ok"], Path(results_dir)):
-        for c in choices(table.arms, table.items):
+        for c in table.choices:
             dropped |= {r["run_id"] for _, arm, _ in c.candidates if arm is not c.chosen for r in arm.runs}
     return [r for r in records if r["run_id"] not in dropped]
-
-
-def full_reference_ids(arms: list, items) -> list[str]:
-    """The run ids of the full fine-tuning arm its validation chose, where full FT has a grid."""
-    full = choices([a for a in arms if a.method == "full"], items)
-    return [r["run_id"] for r in full[0].chosen.ok] if full else []
 
 
 def _score_text(s: dict) -> str:
@@ -172,7 +166,7 @@ def section(table) -> dict | None:
     from harness.report.tables import TASK_LABEL, arm_label
     from harness.stats import record_tasks
 
-    found = choices(table.arms, table.items)
+    found = table.choices
     if not found:
         return None
     tasks = [t for t in record_tasks(table.runs) if any((c.chosen.key, t) in table.gaps for c in found)]

@@ -242,12 +242,9 @@ def table_verdict(table: Table, limits: Limits, results_dir: Path) -> dict:
     if not peft:
         why.append("no PEFT arm to judge")
 
-    from harness.report.tuned import choices
-
     # where a method ran over a rate grid, only the rate its validation chose is judged: picking
     # another on these (test) gaps would tune on the test questions
-    passed_over = {id(arm): c for c in choices(table.arms, table.items) for _, arm, _ in c.candidates
-                   if arm is not c.chosen}
+    passed_over = {id(arm): c for c in table.choices for _, arm, _ in c.candidates if arm is not c.chosen}
     arms = []
     for a in peft:
         entry: dict = {"label": a.label, "method": a.method, "rank": a.rank, "run_ids": [r["run_id"] for r in a.runs]}
@@ -312,6 +309,16 @@ def _usd(x: float | None) -> str:
     return "n/a" if x is None else fmt_usd([x])
 
 
+def _mixed_batch_text(batch: int | None, n: int) -> str:
+    """What a mixed batch held: request i asks for variant i mod N, so a batch smaller than N holds
+    ``batch`` of the N variants."""
+    if not batch:
+        return f"a mixed batch of the {n} variants"
+    if batch <= n:
+        return f"a mixed batch of {batch} requests, each for another of the {n} variants,"
+    return f"a mixed batch of {batch} requests across the {n} variants"
+
+
 def _recommend(v: dict, limits: Limits) -> tuple[str | None, str]:
     """(the pick's label or None, the recommendation in plain words)."""
     if v["state"] == NO_VERDICT:
@@ -343,12 +350,7 @@ def _recommend(v: dict, limits: Limits) -> tuple[str | None, str]:
                 f", at {dyn * 100:+.0f}% prefill latency with the adapters applied dynamically"
                 + ("" if merged is None else f" (merged: {merged * 100:+.0f}%)"))  # as the probe measured, not assumed
             if s.get("mixed_prefill_overhead") is not None:
-                b = s.get("mixed_batch")
-                # request i asks for variant i mod N: a batch smaller than N holds b of them
-                batch = f"a mixed batch of the {n} variants" if not b else (
-                    f"a mixed batch of {b} requests, each for another of the {n} variants" if b <= n
-                    else f"a mixed batch of {b} requests across the {n} variants")
-                latency += (f"; {batch}{',' if b and b <= n else ''} prefills at "
+                latency += (f"; {_mixed_batch_text(s.get('mixed_batch'), n)} prefills at "
                             f"{s['mixed_prefill_overhead'] * 100:+.0f}% against one merged model")
             words.append(f"serving {n} variant{'s' if n > 1 else ''} takes {fmt_bytes([s['adapters_bytes']])} "
                          f"(one base + adapters, {'computed' if s['computed'] else 'measured'}) against "
