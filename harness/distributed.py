@@ -258,22 +258,28 @@ def combine(per_rank: list[dict], strategy: str) -> dict:
     return out
 
 
-def adapter_state_dict(accelerator, model, strategy: str) -> dict | None:
+def adapter_state_dict(model, strategy: str) -> dict | None:
     """The trainable parameters (the adapter) of a sharded model as whole tensors on rank 0, for
     peft to save; None on the other ranks. Every rank must call it (each gather is a collective).
 
-    FSDP2: only the adapter's shards are gathered (not the whole model onto one CPU); ZeRO-3:
-    accelerate's consolidated 16-bit state dict.
+    Only the adapter's parameters are gathered, never the whole model onto one CPU: FSDP2 from
+    their DTensor shards, ZeRO-3 through ``deepspeed.zero.GatheredParameters`` (accelerate's
+    ``get_state_dict`` would consolidate every weight, and fails on a PeftModel, which lacks
+    DeepSpeed's engine methods).
     """
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    out = {}
     if strategy == "zero3":
-        state_dict = accelerator.get_state_dict(model)
-        return state_dict if is_main() else None
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in trainable], modifier_rank=None):
+            if is_main():
+                out = {name: p.detach().cpu().clone() for name, p in trainable}
+        return out if is_main() else None
     from torch.distributed.tensor import DTensor
 
-    out = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            whole = p.full_tensor() if isinstance(p, DTensor) else p
-            if is_main():
-                out[name] = whole.detach().cpu()
+    for name, p in trainable:
+        whole = p.full_tensor() if isinstance(p, DTensor) else p
+        if is_main():
+            out[name] = whole.detach().cpu()
     return out if is_main() else None

@@ -366,7 +366,7 @@ def serve(run: Run) -> None:
     dtype = serving.serve_dtype(cfg["method"], getattr(torch, metrics["model_dtype"]), run.train_dtype)
     run.phases.enter("footprint")
     # a sharded adapter is saved from its parameters gathered by every rank
-    state_dict = (distributed.adapter_state_dict(run.trainer.accelerator, run.model, run.strategy)
+    state_dict = (distributed.adapter_state_dict(run.model, run.strategy)
                   if sharded and metrics["trainable_params"] < metrics["total_params"] else None)
     if distributed.is_main():
         metrics.update(serving.footprint_metrics(run.model, dtype, state_dict=state_dict))

@@ -67,19 +67,23 @@ def plan_note(jobs: list[dict], results_dir: str) -> str | None:
     tuned = [j for j in jobs if j["config"]["tune"]["name"] == "lr"]
     if not tuned:
         return None
-    methods = sorted({j["method"] for j in tuned})
+    from harness.report.tables import arm_label
+
+    # arms, not method names: lora-attention is method "lora" at another rank and target set
+    arms = list(dict.fromkeys(arm_label(j["method"], j["rank"]) for j in tuned))
     seeds = sorted({j["config"]["seed"] for j in tuned})
-    text = (f"tune=lr: {len(jobs)} jobs ({', '.join(methods)} over their method.lr_grid, "
+    text = (f"tune=lr: {len(jobs)} jobs ({', '.join(arms)} over their method.lr_grid, "
             f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
     settings = {identity.setting_key(j["config"]) for j in jobs}
     walls: dict[str, list[float]] = defaultdict(list)
     for rec in records.load_records(results_dir):
         if rec.get("status") == "ok" and identity.setting_key(rec["config"]) in settings:
             if (wall := (rec.get("metrics") or {}).get("run_wall_s")) is not None:
-                walls[rec["method"]].append(float(wall))
+                walls[arm_label(rec["method"], rec.get("rank"))].append(float(wall))
     todo = [j for j in jobs if not records.find_ok(j["config"]["results_dir"], j["run_id"])]
-    if todo and all(walls.get(j["method"]) for j in todo):
-        expected = sum(sum(walls[j["method"]]) / len(walls[j["method"]]) for j in todo)
+    arm_of = {j["run_id"]: arm_label(j["method"], j["rank"]) for j in jobs}
+    if todo and all(walls.get(arm_of[j["run_id"]]) for j in todo):
+        expected = sum(sum(walls[arm_of[j["run_id"]]]) / len(walls[arm_of[j["run_id"]]]) for j in todo)
         n = sum(len(v) for v in walls.values())
         text += f"; {len(todo)} to run, expected ~{expected / 60:.0f} min from {n} earlier runs of this setting"
     return text

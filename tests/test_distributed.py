@@ -2,7 +2,7 @@
 FSDP2 for real on 2 CPU processes (gloo).
 
 accelerate (1.15) turns ``--use_fsdp`` into FSDP only on GPU-like processes; the 2-process FSDP
-tests put tests/cpu_fsdp (a sitecustomize that adds MULTI_CPU to that list) on PYTHONPATH. That
+tests put tests/cpu_sharded (a sitecustomize that adds MULTI_CPU to that list, for FSDP and DeepSpeed) on PYTHONPATH. That
 patch lives in this test launcher only, never in the product.
 """
 
@@ -21,7 +21,7 @@ from harness.plan import plan
 from harness.records import new_record
 from harness.run import run_isolated
 
-CPU_FSDP_PATCH = ROOT / "tests" / "cpu_fsdp"
+CPU_SHARDED_PATCH = ROOT / "tests" / "cpu_sharded"
 LOCK = "/tmp/harness-cpu.lock"
 # 4 steps of a global batch of 4 sequences: 2 processes x 2, or 1 process x 4
 TINY_DIST = [a for a in TINY if not a.startswith(("train.max_steps", "train.batch_size"))] + [
@@ -56,7 +56,7 @@ def harness_run_procs(*args: str, fsdp_patch: bool = False, timeout: int = 600,
     model cache folder of its own (cold: the ranks build it)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **({"PEFT_HARNESS_CACHE": str(cache)} if cache else {})}
     env["PYTHONPATH"] = os.pathsep.join(
-        [*([str(CPU_FSDP_PATCH)] if fsdp_patch else []), str(ROOT), env.get("PYTHONPATH", "")]
+        [*([str(CPU_SHARDED_PATCH)] if fsdp_patch else []), str(ROOT), env.get("PYTHONPATH", "")]
     )
     return subprocess.run(
         [sys.executable, "-m", "harness.run", *args], cwd=RUN_CWD, env=env, capture_output=True, text=True, timeout=timeout
@@ -198,6 +198,38 @@ def test_qlora_under_fsdp_stores_4bit_weights_in_the_compute_dtype():
     assert quantization_config(method).bnb_4bit_quant_storage == torch.uint8
     sharded = quantization_config(method, sharded=True)
     assert sharded.bnb_4bit_quant_storage == sharded.bnb_4bit_compute_dtype == getattr(torch, method["compute_dtype"])
+
+
+_FSDP2_QLORA_BYTES = """
+import os, sys, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+dist.init_process_group("gloo", rank=0, world_size=1)
+from harness.config import compose
+from harness.measure.serving import tensor_bytes
+from harness.methods import apply_method, normalize, quantization_config
+from harness.models import load_model
+method = normalize(compose(["model=tiny-random", "method=qlora"])["method"])
+loaded = load_model(compose(["model=tiny-random"])["model"], quantization_config=quantization_config(method, sharded=True))
+model = apply_method(loaded.model, method)
+before = tensor_bytes(model, torch.bfloat16)
+for layer in model.get_base_model().model.layers:
+    fully_shard(layer)
+fully_shard(model)
+weight = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+assert type(weight).__name__ == "DTensor" and getattr(weight, "quant_state", None) is None, type(weight)
+print(before["checkpoint"], tensor_bytes(model, torch.bfloat16)["checkpoint"])
+"""
+
+
+def test_fsdp2_sharded_4bit_weights_are_sized_from_their_shapes():
+    # after fully_shard a 4-bit weight is a DTensor of packed storage without quant_state: the
+    # merged checkpoint must still count each 4-bit layer at its full shape (issue 22, item 5)
+    proc = subprocess.run([sys.executable, "-c", _FSDP2_QLORA_BYTES, "29657"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before, after = map(int, proc.stdout.split()[-2:])
+    assert after == before
 
 
 def test_combine_takes_the_largest_rank_and_counts_devices_used():

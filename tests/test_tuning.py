@@ -29,6 +29,16 @@ def test_a_tuned_sweep_plans_grid_x_methods_x_seeds_and_reuses_fixed_rate_runs(t
     assert sorted({j["config"]["method"]["learning_rate"] for j in own}) == [1e-5, 1e-4, 1e-3]
 
 
+def test_the_plan_line_names_arms_not_methods(tmp_path):
+    from harness.tuning import plan_note
+
+    # lora-attention is method "lora" at r=42: the line must not read "full, lora" for three arms
+    jobs = preflight(["-m", "method=full,lora,lora-attention", "tune=lr", *TUNED, f"results_dir={tmp_path}"])
+    assert len(jobs) == 9
+    note = plan_note(jobs, str(tmp_path))
+    assert note.startswith("tune=lr: 9 jobs (full FT, LoRA r=16, LoRA r=42 over their method.lr_grid, 1 seed)")
+
+
 @pytest.mark.parametrize("args,says", [
     (["method.lr_grid=[1e-3,3e-3]"], "has 2 rate(s); give at least 3"),
     (["method.lr_grid=[3e-3,1e-3,3e-4]"], "is not increasing"),
@@ -210,7 +220,7 @@ def test_a_tuned_tiny_sweep_records_validation_figures_and_reports_best_against_
                        "eval.latency.enabled=false", "eval.variants.enabled=false", f"results_dir={results}",
                        f"reports_dir={tmp_path / 'reports'}", "report=true", timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "tune=lr: 6 jobs (full, lora over their method.lr_grid, 1 seed)" in proc.stdout
+    assert "tune=lr: 6 jobs (full FT, LoRA r=16 over their method.lr_grid, 1 seed)" in proc.stdout
     recs = [r for r in records.load_records(results) if r["method"] != "base"]
     assert len(recs) == 6
     for r in recs:

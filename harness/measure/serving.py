@@ -38,29 +38,38 @@ def adapter_bytes(model: torch.nn.Module, state_dict: dict | None = None) -> int
         return sum(p.stat().st_size for p in Path(tmp).rglob("adapter_model*.safetensors"))
 
 
-def _tensors(module: torch.nn.Module, adapter: bool = False) -> Iterator[tuple[torch.Tensor, bool]]:
-    """(tensor, is_adapter) for every parameter and persistent buffer that a state dict holds.
+def _is_4bit_linear(module: torch.nn.Module) -> bool:
+    # bitsandbytes' Linear4bit (subclasses nn.Linear, so its in/out features are the true shape)
+    return type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes")
+
+
+def _tensors(module: torch.nn.Module, adapter: bool = False) -> Iterator[tuple[torch.Tensor, bool, int | None]]:
+    """(tensor, is_adapter, unpacked numel) for every parameter and persistent buffer that a state
+    dict holds; the unpacked numel is the weight's true element count where its storage is packed
+    (a 4-bit weight), else None.
 
     peft's tuner layers (LoRA, IA3, ..., ``modules_to_save``, trainable tokens) name the children
     that hold adapter weights in ``adapter_layer_names``; everything else is the base model.
     """
-    for t in module._parameters.values():
+    packed = _is_4bit_linear(module)
+    for name, t in module._parameters.items():
         if t is not None:
-            yield t, adapter
+            # from the module's shape, not the tensor's quant_state: under FSDP2 the weight is a
+            # DTensor of the packed bytes without quant_state (~4x too small if sized from it)
+            yield t, adapter, module.in_features * module.out_features if packed and name == "weight" else None
     for name, t in module._buffers.items():
         if t is not None and name not in module._non_persistent_buffers_set:
-            yield t, adapter
+            yield t, adapter, None
     adapter_children = {n.split(".")[0] for n in getattr(module, "adapter_layer_names", ())}
     for name, child in module._modules.items():
         if child is not None:
             yield from _tensors(child, adapter or name in adapter_children)
 
 
-def _serving_bytes(t: torch.Tensor, dtype: torch.dtype) -> int:
+def _serving_bytes(t: torch.Tensor, dtype: torch.dtype, unpacked: int | None = None) -> int:
     # 4-bit weights (bitsandbytes Params4bit) are packed; the merged model stores their full shape
-    quant = getattr(t, "quant_state", None)
-    if quant is not None and getattr(quant, "shape", None) is not None:
-        return int(torch.Size(quant.shape).numel()) * dtype.itemsize
+    if unpacked is not None:
+        return unpacked * dtype.itemsize
     # a ZeRO-3 partitioned parameter is empty on each rank; ds_numel is its whole size (an FSDP2
     # DTensor's numel already is)
     numel = int(getattr(t, "ds_numel", t.numel()))
@@ -82,14 +91,14 @@ def tensor_bytes(model: torch.nn.Module, dtype: torch.dtype) -> dict:
     seen: set[int] = set()
     total = {False: 0, True: 0}
     tensors = list(_tensors(base))
-    if any(getattr(t, "_is_flat_param", False) for t, _ in tensors):
+    if any(getattr(t, "_is_flat_param", False) for t, _, _ in tensors):
         # FSDP1 flattens parameters into per-rank shards with views of varying size: not counted
         return {"checkpoint": None, "adapter": None}
-    for t, is_adapter in tensors:
+    for t, is_adapter, unpacked in tensors:
         if id(t) in seen:  # tied weights are one tensor, saved once
             continue
         seen.add(id(t))
-        total[is_adapter] += _serving_bytes(t, dtype)
+        total[is_adapter] += _serving_bytes(t, dtype, unpacked)
     return {"checkpoint": total[False], "adapter": total[True] if _is_peft(model) else None}
 
 
