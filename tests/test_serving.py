@@ -205,3 +205,40 @@ def test_full_model_is_its_own_base_and_decode_can_be_skipped():
         assert m[key] == m[f"{key}_ci_low"] == m[f"{key}_ci_high"] == 0.0
         assert m[f"latency_decode_{variant}_overhead"] is None  # new_tokens=0: no decoding timed
     assert m["latency_decode_base_ms_per_token"] is None
+
+
+def test_a_qlora_merge_cycle_restores_the_4bit_base_exactly():
+    """peft's unmerge of a 4-bit layer re-quantizes W + dW - dW, which drifts from the original
+    packed weights; the probe's unmerge puts the packed weights back, bit for bit."""
+    from conftest import composed
+
+    from harness.methods import apply_method, normalize, quantization_config
+    from harness.models import load_model
+
+    method = normalize(composed("method=qlora")["method"])
+    model = apply_method(load_model(composed("model=tiny-random")["model"],
+                                    quantization_config=quantization_config(method)).model, method)
+    for layer in model.modules():  # a nonzero adapter: the merge changes the weights
+        if isinstance(getattr(layer, "lora_B", None), torch.nn.ModuleDict):
+            torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.5)
+    ids = torch.tensor([list(range(1, 9))])
+    model.eval()
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits
+    # after a forward: bitsandbytes' CPU kernel re-packs the 4-bit weights on their first call
+    packed = {n: p.detach().clone() for n, p in model.named_parameters() if p.dtype == torch.uint8}
+    assert packed
+    variants = serving._Variants(model)
+    merged = []
+    for _ in range(2):
+        variants.set("merged")
+        with torch.inference_mode():
+            merged.append(model(input_ids=ids).logits)
+        variants.set("dynamic")
+    assert not torch.equal(merged[0], before)  # merged for real
+    torch.testing.assert_close(merged[1], merged[0], rtol=0, atol=0)  # the second merge is the first's weights
+    for name, p in model.named_parameters():
+        if name in packed:
+            assert torch.equal(p, packed[name]), name
+    with torch.inference_mode():
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)

@@ -181,11 +181,44 @@ def _measure(model: Any, inputs: list[torch.Tensor], new_tokens: int, pad: int, 
 
 
 class _Variants:
-    """Puts a PEFT model into the base / merged / dynamic state; a non-PEFT model is all three."""
+    """Puts a PEFT model into the base / merged / dynamic state; a non-PEFT model is all three.
+
+    Merging or unmerging a 4-bit layer (QLoRA) in peft dequantizes, adds or subtracts and
+    re-quantizes: ~1.5 s a model on a CPU, and the base's 4-bit weights drift from the originals
+    with every cycle. The first merge runs peft's and keeps both sets of packed weights, the
+    original and the merged (one set more than the model holds: +0.5 byte per 4-bit parameter,
+    for the probe's duration); later merges and every unmerge swap them: exact, and one
+    re-quantization per probe instead of two per cycle.
+    """
 
     def __init__(self, model: Any):
         self.model, self.peft = model, _is_peft(model) and hasattr(model, "merge_adapter")
         self.merged, self.disabled = False, None
+        # 4-bit tuner layer -> (original weight, merged weight, merged adapters) of its base layer
+        self.packed: dict = {}
+
+    def _tuner_layers(self) -> list:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        return [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+
+    def _merge(self) -> None:
+        if self.packed:
+            for layer, (_, merged, adapters) in self.packed.items():
+                layer.get_base_layer().weight = merged
+                layer.merged_adapters[:] = adapters
+            return
+        layers = [m for m in self._tuner_layers() if _is_4bit_linear(m.get_base_layer())]
+        originals = [m.get_base_layer().weight for m in layers]
+        self.model.merge_adapter()
+        self.packed = {m: (w, m.get_base_layer().weight, list(m.merged_adapters)) for m, w in zip(layers, originals)}
+
+    def _unmerge(self) -> None:
+        for layer, (original, _, _) in self.packed.items():
+            layer.get_base_layer().weight = original
+            layer.merged_adapters.clear()
+        if any(m.merged for m in self._tuner_layers()):
+            self.model.unmerge_adapter()
 
     def set(self, variant: str) -> bool:
         """Put the model in ``variant``; True when that changed its weights (merge or unmerge)."""
@@ -197,9 +230,9 @@ class _Variants:
         changed = (variant == "merged") != self.merged
         with torch.no_grad():  # merging edits weights in place, outside inference mode
             if variant == "merged" and not self.merged:
-                self.model.merge_adapter()
+                self._merge()
             elif variant != "merged" and self.merged:
-                self.model.unmerge_adapter()
+                self._unmerge()
         self.merged = variant == "merged"
         if variant == "base":
             self.disabled = self.model.disable_adapter()
@@ -208,6 +241,7 @@ class _Variants:
 
     def close(self) -> None:
         self.set("dynamic")
+        self.packed = {}  # the merged copy goes; the adapters may change after the probe
 
 
 def _settle(model: Any, inputs: list[torch.Tensor]) -> None:
@@ -222,7 +256,7 @@ def rep_order(rep: int, names: Sequence[str]) -> tuple[str, ...]:
     """The variants' order in repetition ``rep``: as named, then reversed, alternately (ABBA).
     Each variant is measured before and after every other one equally often, and the merge
     state changes once per repetition (base and dynamic share the unmerged weights): half the
-    merges of a rotation, which matters where a merge re-quantizes (QLoRA: ~1.5 s each on a CPU)."""
+    merges of a rotation (and ``_Variants`` re-quantizes QLoRA's 4-bit weights once per probe, not per change)."""
     return tuple(names) if rep % 2 == 0 else tuple(reversed(names))
 
 

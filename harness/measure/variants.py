@@ -212,7 +212,7 @@ def time_mixed(model: Any, inputs: torch.Tensor, counts: Sequence[int], reps: in
     model.eval()
     try:
         # untimed first calls, unmerged: the merged state's warm-up is the forward _settle runs
-        # after every merge (a merge re-quantizes QLoRA's 4-bit weights: ~1.5 s each on a CPU)
+        # after every merge (the first merge re-quantizes QLoRA's 4-bit weights; later ones swap, _Variants)
         for state in reversed(states[:-1]):
             variants.set(BASE if state == BASE else "dynamic")
             for _ in range(warmup):
