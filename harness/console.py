@@ -7,7 +7,8 @@ The noise, each silenced here at its source, once per process (``quiet()``):
 - lm-eval's ``git describe`` in the working folder ("fatal: not a git repository" outside one);
 - deprecation FutureWarnings of the stack and peft's 4-bit merge rounding notices (the latency
   probe merges on purpose; the record says what was measured);
-- bitsandbytes' notice that it runs its CPU kernels, and lm-eval's line per task.
+- bitsandbytes' notice that it runs its CPU kernels, and lm-eval's line per task;
+- DeepSpeed's warning that it found no GPU ("Setting accelerator to CPU"), where it is installed.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ NOISY_WARNINGS = (
 NOISY_LOGGERS = ("bitsandbytes", "lm_eval", "datasets", "transformers", "accelerate")
 
 
+class _ErrorsOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
 def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "").strip() not in ("", "0", "false")
 
@@ -48,6 +54,9 @@ def quiet() -> None:
         warnings.filterwarnings("ignore", message=message, category=category)
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    # DeepSpeed sets its own logger's level when imported (after this): a filter stays
+    if not any(isinstance(f, _ErrorsOnly) for f in logging.getLogger("DeepSpeed").filters):
+        logging.getLogger("DeepSpeed").addFilter(_ErrorsOnly())
     if "datasets" in sys.modules:  # imported before the variables were set
         sys.modules["datasets"].disable_progress_bars()
     if "transformers" in sys.modules:

@@ -1,9 +1,10 @@
-"""One job over several processes: accelerate launch flags, identity, per-rank records; DDP and
-FSDP2 for real on 2 CPU processes (gloo).
+"""One job over several processes: accelerate launch flags, identity, per-rank records; DDP,
+FSDP2 and DeepSpeed ZeRO-3 for real on 2 CPU processes (gloo).
 
-accelerate (1.15) turns ``--use_fsdp`` into FSDP only on GPU-like processes; the 2-process FSDP
-tests put tests/cpu_sharded (a sitecustomize that adds MULTI_CPU to that list, for FSDP and DeepSpeed) on PYTHONPATH. That
-patch lives in this test launcher only, never in the product.
+accelerate (1.16) turns ``--use_fsdp`` / ``--use_deepspeed`` into FSDP / DeepSpeed only on GPU-like
+processes; the 2-process FSDP and ZeRO-3 tests put tests/cpu_sharded (a sitecustomize that does
+the same for MULTI_CPU) on PYTHONPATH. That patch lives in this test launcher only, never in the
+product.
 """
 
 import os
@@ -50,13 +51,13 @@ def cpu_lock():
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def harness_run_procs(*args: str, fsdp_patch: bool = False, timeout: int = 600,
+def harness_run_procs(*args: str, sharded_patch: bool = False, timeout: int = 600,
                       cache: Path | None = None) -> subprocess.CompletedProcess:
-    """harness-run with one thread per process; FSDP on CPU through the test patch; ``cache``: a
+    """harness-run with one thread per process; FSDP and ZeRO-3 on CPU through the test patch; ``cache``: a
     model cache folder of its own (cold: the ranks build it)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **({"PEFT_HARNESS_CACHE": str(cache)} if cache else {})}
     env["PYTHONPATH"] = os.pathsep.join(
-        [*([str(CPU_SHARDED_PATCH)] if fsdp_patch else []), str(ROOT), env.get("PYTHONPATH", "")]
+        [*([str(CPU_SHARDED_PATCH)] if sharded_patch else []), str(ROOT), env.get("PYTHONPATH", "")]
     )
     return subprocess.run(
         [sys.executable, "-m", "harness.run", *args], cwd=RUN_CWD, env=env, capture_output=True, text=True, timeout=timeout
@@ -182,11 +183,11 @@ def test_bad_distributed_settings_exit_2_and_write_nothing(tmp_path, args, needl
     assert not results.exists()
 
 
-def test_zero3_without_deepspeed_is_a_usage_error():
+def test_zero3_without_deepspeed_is_a_usage_error(monkeypatch):
     import importlib.util
 
-    if importlib.util.find_spec("deepspeed") is not None:
-        pytest.skip("deepspeed is installed here")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
     with pytest.raises(Exception, match="pip install 'peft-harness\\[deepspeed\\]'"):
         plan(compose("model=tiny-random", "distributed=zero3"))
 
@@ -326,7 +327,7 @@ def fsdp_runs(tmp_path_factory, cpu_lock):
         "eval.on_random_weights=true",
         "eval.indomain.batch_size=8",
         f"results_dir={results}",
-        fsdp_patch=True,
+        sharded_patch=True,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     single = tmp_path_factory.mktemp("single")
@@ -364,6 +365,48 @@ def test_fsdp_shards_parameters_gradients_and_optimizer_state(fsdp_runs):
     one = _sharded_state_bytes(single["full"], 0)
     for rank in (0, 1):
         ratio = _sharded_state_bytes(sharded["full"], rank) / one
+        assert 0.4 <= ratio <= 0.65, (rank, ratio)
+
+
+@pytest.fixture(scope="module")
+def zero3_runs(tmp_path_factory, cpu_lock):
+    """DeepSpeed ZeRO-3 over 2 CPU processes (its CPU accelerator, gloo), full and LoRA, and the
+    same arms in one process."""
+    results = tmp_path_factory.mktemp("zero3")
+    proc = harness_run_procs("-m", "method=full,lora", *TINY_DIST, "train.batch_size=2", "distributed=zero3",
+                             "distributed.num_processes=2", "distributed.main_process_port=29633",
+                             "eval.on_random_weights=true", f"results_dir={results}", sharded_patch=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    single = tmp_path_factory.mktemp("zero3-single")
+    proc = harness_run_procs("-m", "method=full,lora", *TINY_DIST, "train.batch_size=2", f"results_dir={single}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return _arms(results), _arms(single)
+
+
+@pytest.mark.slow
+def test_zero3_two_processes_train_and_save_the_gathered_adapter(zero3_runs):
+    sharded, single = zero3_runs
+    assert sorted(sharded) == ["full", "lora"]
+    for method, rec in sharded.items():
+        m = rec["metrics"]
+        assert rec["status"] == "ok", rec["error"]
+        assert m["strategy"] == "zero3" and m["world_size"] == 2 and len(m["peak_memory_bytes_per_rank"]) == 2
+        assert m["train_tokens"] == 2 * m["token_budget"]
+        # every weight counted at its whole size (ds_numel), as in one process
+        assert m["full_checkpoint_bytes"] == single[method]["metrics"]["full_checkpoint_bytes"]
+        assert m["total_params"] == single[method]["metrics"]["total_params"]
+        assert m["eval_split"] == "every rank scores every question"
+    # the adapter gathered from its partitions (GatheredParameters), saved whole by rank 0
+    assert sharded["lora"]["metrics"]["adapter_bytes"] == single["lora"]["metrics"]["adapter_bytes"] > 0
+    assert "latency" in sharded["lora"]["metrics"]["skipped_measurements"]
+
+
+@pytest.mark.slow
+def test_zero3_partitions_the_optimizer_state_over_the_ranks(zero3_runs):
+    sharded, single = zero3_runs
+    one = single["full"]["metrics"]["memory_breakdown_bytes_per_rank"][0]["optimizer_state"]
+    for rank in (0, 1):
+        ratio = sharded["full"]["metrics"]["memory_breakdown_bytes_per_rank"][rank]["optimizer_state"] / one
         assert 0.4 <= ratio <= 0.65, (rank, ratio)
 
 
