@@ -362,6 +362,14 @@ def memory_breakdown(model, config, s: Setup) -> dict:
     trainable = [p.numel() for _, p in params if p.requires_grad]
     grads = sum(trainable) * tw
     opt = _optimizer_state(trainable, s.optim, tw)
+    if s.strategy == "zero3" and s.regime != "fp32":
+        # DeepSpeed's bf16 mode casts every weight to bf16 and keeps an fp32 master copy of the
+        # trainable ones beside their fp32 gradients and moments: 2 + 4 + 4 + 8 = 18 bytes per
+        # trainable parameter, not autocast's 16 (ZeRO-3's bf16 optimizer)
+        param_bytes = sum(_quantized_bytes(p.numel()) if name in quant_names else 2 * p.numel()
+                          for name, p in params) + 4 * sum(trainable)
+        grads = sum(trainable) * 4
+        opt = _optimizer_state(trainable, s.optim, 4)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
 
     adapted = {}
@@ -402,6 +410,14 @@ def memory_breakdown(model, config, s: Setup) -> dict:
 
     lm_head_grad = next((lin.d_in * lin.d_out * tw for lin in lins if lin.kind == "lm_head" and lin.trainable), 0)
     param_dev, grads_dev, opt_dev = param_bytes / shard, grads / shard, opt / shard
+    # FSDP2's root unit (what is outside the transformer layers: embedding, final norm, lm_head)
+    # is not resharded after forward: whole on every rank from forward to the end of backward,
+    # and its gradients (lm_head's) whole until the root's reduce-scatter after the embedding's
+    root_whole = head_grad_whole = 0.0
+    if s.strategy == "fsdp" and shard > 1:
+        root_whole = sum(p.numel() * (tw if p.requires_grad else w) for name, p in params
+                         if ".layers." not in name) * (1 - 1 / shard)
+        head_grad_whole = lm_head_grad * (1 - 1 / shard)
     other = buffers
     if shard > 1:
         block = sum(lin.d_in * lin.d_out for lin in lins if ".layers.0." in lin.name)
@@ -418,11 +434,11 @@ def memory_breakdown(model, config, s: Setup) -> dict:
 
     held = grads_dev if s.accumulate else 0  # gradients of earlier micro-batches
     phases = {
-        "loss backward": {"parameters": param_dev, "gradients": held, "optimizer_state": opt_dev,
+        "loss backward": {"parameters": param_dev + root_whole, "gradients": held, "optimizer_state": opt_dev,
                           "activations": act_fwd + logits_bwd, "other": other},
-        "lm_head backward": {"parameters": param_dev, "gradients": max(held, lm_head_grad / shard), "optimizer_state": opt_dev,
+        "lm_head backward": {"parameters": param_dev + root_whole, "gradients": max(held, lm_head_grad / shard) + head_grad_whole, "optimizer_state": opt_dev,
                              "activations": act_fwd + 4 * n_tok * V + n_tok * h * 4, "other": other},
-        "layer backward": {"parameters": param_dev, "gradients": grads_dev, "optimizer_state": opt_dev,
+        "layer backward": {"parameters": param_dev + root_whole, "gradients": grads_dev + head_grad_whole, "optimizer_state": opt_dev,
                            "activations": n_tok * (res_b * h * 2) + dequant, "other": other},
         "optimizer step": {"parameters": param_dev, "gradients": grads_dev, "optimizer_state": opt_dev,
                            "activations": 0, "other": other + opt_temp},
@@ -435,16 +451,16 @@ def memory_breakdown(model, config, s: Setup) -> dict:
     layer_grad = max(grads - lm_head_grad - emb_grad, 0) / L
     if not s.gc:
         phases["top layer backward"] = {
-            "parameters": param_dev, "gradients": max(held, lm_head_grad / shard), "optimizer_state": opt_dev,
+            "parameters": param_dev + root_whole, "gradients": max(held, lm_head_grad / shard) + head_grad_whole, "optimizer_state": opt_dev,
             "activations": act_fwd - n_tok * top + workspace + dequant, "other": other}
     else:
         # with checkpoints, backward recomputes one layer at a time: at the top layer every
         # checkpoint is still held; at the bottom one, nearly every gradient exists
         phases["recompute, top layer"] = {
-            "parameters": param_dev, "gradients": max(held, lm_head_grad / shard), "optimizer_state": opt_dev,
+            "parameters": param_dev + root_whole, "gradients": max(held, lm_head_grad / shard) + head_grad_whole, "optimizer_state": opt_dev,
             "activations": act_fwd - n_tok * top + recompute + workspace + dequant, "other": other}
         phases["recompute, bottom layer"] = {
-            "parameters": param_dev, "gradients": (grads - layer_grad - emb_grad) / shard,
+            "parameters": param_dev + root_whole, "gradients": (grads - layer_grad - emb_grad) / shard + head_grad_whole,
             "optimizer_state": opt_dev,
             "activations": n_tok * (res_b * h + rotary + mask) + recompute + workspace + dequant,
             "other": other}

@@ -96,6 +96,25 @@ def evaluate_validation(model, tokenizer, cfg: dict, data) -> tuple[dict, list[d
     return metrics, items
 
 
+def base_job_of(job: dict) -> dict:
+    """The base-model evaluation of an arm's job, as a job of its own (its run id and eval key)."""
+    return {**job, "run_id": job["base_run_id"], "config_hash": job["eval_key"], "pair_key": None,
+            "method": "base", "rank": None, "config": {**job["config"], "method": {"name": "base"}}}
+
+
+def base_failure_text(results_dir: str, base_run_id: str) -> str | None:
+    """``the base-model evaluation base-… failed (oom in base_eval: …)`` when its record says so."""
+    path = records.record_path(results_dir, base_run_id)
+    try:
+        rec = records.load_record(path) if path.exists() else None
+    except records.RecordError:
+        return None
+    if rec is None or rec.get("status") == "ok":
+        return None
+    first = (str(rec.get("error") or "").splitlines() or [""])[0]
+    return f"the base-model evaluation {base_run_id} {rec['status']} ({first}); its record: {path}"
+
+
 def base_record(job: dict, cfg: dict, data, env: dict, startup_s: float | None = None) -> dict:
     """Evaluate the base model without fine-tuning once per (model, eval settings, data);
     ``startup_s``: the start-up of its own process, when it has one."""
@@ -114,8 +133,7 @@ def base_record(job: dict, cfg: dict, data, env: dict, startup_s: float | None =
     precision, eval_precision = inference_precision(cfg["train"]["precision"], device)
     with precision:
         acc, items = evaluate_all(loaded.model, loaded.tokenizer, cfg, data)
-    base_job = {**job, "run_id": job["base_run_id"], "config_hash": job["eval_key"], "pair_key": None,
-                "method": "base", "rank": None, "config": {**cfg, "method": {"name": "base"}}}
+    base_job = base_job_of(job)
     rec = new_record(base_job, {**env, "started_at": started, "ended_at": now_iso()})
     rec["model"]["total_params"] = loaded.total_params
     metrics = rec["metrics"]
@@ -247,7 +265,9 @@ def load(run: Run) -> None:
     if run.evaluate:
         run.base = records.find_ok(cfg["results_dir"], run.job["base_run_id"])
         if run.base is None and distributed.world_size() > 1:
-            raise RuntimeError(f"base-model record {run.job['base_run_id']} is missing; the launcher writes it first")
+            # the launcher evaluates the base first; say why it has no ok record, not only that
+            raise RuntimeError(base_failure_text(cfg["results_dir"], run.job["base_run_id"])
+                               or f"base-model record {run.job['base_run_id']} is missing; the launcher writes it first")
         if run.base is None:
             run.phases.enter("base_eval")
             run.base = base_record(run.job, cfg, run.data, run.env)
@@ -494,7 +514,16 @@ def execute_base(job: dict, own_process: bool = False) -> None:
     from harness.data import load_data
 
     startup = failure.process_age_s() if own_process else None
-    base_record(job, job["config"], load_data(job["config"]["data"]), environment(), startup_s=startup)
+    env = environment()
+    try:
+        base_record(job, job["config"], load_data(job["config"]["data"]), env, startup_s=startup)
+    except Exception as exc:
+        # a record of the failure (the arms that need the base then say why they cannot run);
+        # a later run evaluates it again, since only an ok base record is reused
+        rec = new_record(base_job_of(job), {**env, "started_at": now_iso(), "ended_at": now_iso()})
+        rec.update(failure.fields(exc, "base_eval"))
+        records.write_record(job["config"]["results_dir"], rec)
+        raise
 
 
 def main(argv: list[str] | None = None) -> None:

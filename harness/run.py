@@ -49,7 +49,8 @@ def run_isolated(job: dict, base: bool = False, lock: records.FileLock | None = 
 
     cfg = job["config"]
     results_dir = cfg["results_dir"]
-    before = records.record_stamp(results_dir, job["run_id"])
+    run_id = job["base_run_id"] if base else job["run_id"]
+    before = records.record_stamp(results_dir, run_id)
     with tempfile.TemporaryDirectory(prefix="harness-job-") as tmp:
         job_file = str(Path(tmp, "job.json"))
         Path(job_file).write_text(json.dumps(job))
@@ -63,13 +64,16 @@ def run_isolated(job: dict, base: bool = False, lock: records.FileLock | None = 
                   for p in sorted(Path(tmp).glob("rank*.json"), key=lambda p: p.stat().st_mtime_ns)]
         died = failure.killed(proc.returncode, tmp)  # where it was, should it have left no account
     # on several machines, machine 0 (where rank 0 runs) records the job
-    if (not base and proc.returncode != 0 and records.record_stamp(results_dir, job["run_id"]) == before
+    if (proc.returncode != 0 and records.record_stamp(results_dir, run_id) == before
             and not cfg["distributed"].get("machine_rank")):
-        if records.find_ok(results_dir, job["run_id"]):  # a force=true rerun died: the ok record stays
-            print(f"[{job['run_id']}] rerun died (exit code {proc.returncode}); the earlier ok record is kept",
+        if records.find_ok(results_dir, run_id):  # a force=true rerun died: the ok record stays
+            print(f"[{run_id}] rerun died (exit code {proc.returncode}); the earlier ok record is kept",
                   flush=True)
             return
-        rec = new_record(job, sweep.launch_env())
+        from harness.job import base_job_of
+
+        # a base evaluation killed (host OOM, a scheduler) is recorded as such, as an arm is
+        rec = new_record(base_job_of(job) if base else job, sweep.launch_env())
         # a rank's own account (an oom when the device said so), or killed by SIGKILL (-9: likely
         # the host's OOM killer or a scheduler) before it could say why
         rec.update({**died, **errors[0]} if errors else died)

@@ -223,6 +223,7 @@ print(before["checkpoint"], tensor_bytes(model, torch.bfloat16)["checkpoint"])
 """
 
 
+@pytest.mark.slow
 def test_fsdp2_sharded_4bit_weights_are_sized_from_their_shapes():
     # after fully_shard a 4-bit weight is a DTensor of packed storage without quant_state: the
     # merged checkpoint must still count each 4-bit layer at its full shape (issue 22, item 5)

@@ -111,6 +111,24 @@ def test_sharding_divides_model_states():
     assert one["fits"] is False and one["devices_needed"] > 1
 
 
+def test_fsdp_keeps_its_root_unit_whole_and_zero3_in_bf16_holds_18_bytes_per_parameter():
+    # llama-2-7b: 32000 x 4096 embedding and lm_head (untied) and a 4096 final norm outside the layers
+    root = 2 * 32000 * 4096 + 4096
+    base = ["model=llama-2-7b-arch", "method=lora", "hardware=a100-80gb"]
+    one = estimate.estimate_job(cfg_for(*base))
+    four = estimate.estimate_job(cfg_for(*base, "distributed=fsdp", "distributed.num_processes=4"))
+    assert four["peak_phase"] != "optimizer step"  # a backward phase: the root unit is whole there
+    # the frozen bf16 base sharded 4 ways, plus 3/4 of the root unit's bf16 weights on every rank
+    assert four["breakdown"]["parameters"] == pytest.approx(one["breakdown"]["parameters"] / 4 + 2 * root * 3 / 4,
+                                                            rel=1e-6)
+    full = ["model=llama-2-7b-arch", "method=full", "hardware=a100-80gb", "train.precision=bf16"]
+    n = estimate.estimate_job(cfg_for(*full))["total_params"]
+    zero3 = estimate.estimate_job(cfg_for(*full, "distributed=zero3", "distributed.num_processes=8"))
+    # bf16 weights and fp32 master weights, fp32 moments: 2 + 4 and 8 of the 18 bytes per parameter
+    assert zero3["breakdown"]["parameters"] == pytest.approx((2 + 4) * n / 8, rel=1e-6)
+    assert zero3["breakdown"]["optimizer_state"] == pytest.approx(8 * n / 8, rel=1e-6)
+
+
 def test_optimizers_and_checkpointing_move_the_right_categories():
     base = ["model=llama-3.2-1b-arch", "method=full", "hardware=a100-80gb"]
     adam = estimate.estimate_job(cfg_for(*base))

@@ -250,3 +250,30 @@ def test_a_record_landing_while_the_report_reads_the_folder_is_not_listed_as_bro
     monkeypatch.setattr(report, "iter_records", job_lands_meanwhile)
     loaded, skipped = report._load(tmp_path)
     assert [r["run_id"] for r in loaded] == ["lora-r16-0123456789"] and skipped == []
+
+
+@pytest.mark.slow
+def test_a_killed_base_evaluation_is_recorded_and_the_sharded_arm_says_why_it_cannot_run(tmp_path):
+    """The base model is evaluated in a process of its own before a distributed arm; SIGKILL it
+    (as the host's OOM killer would a model too large for it): a `killed` base record, and the
+    arm fails naming that record, not a bare "base-model record is missing"."""
+    results = tmp_path / "results"
+    sweep = start_harness_run("method=lora", *TINY, *EVAL_TINY, "distributed=ddp", "distributed.num_processes=2",
+                              "distributed.main_process_port=29637", f"results_dir={results}", env=ENV)
+    try:
+        def base_process():
+            for proc in psutil.process_iter(["cmdline"]):
+                if "--base" in (proc.info["cmdline"] or []) and "harness.job" in (proc.info["cmdline"] or []):
+                    return proc
+            return None
+
+        wait_for(base_process, timeout=120, what="the base-model evaluation's process").send_signal(signal.SIGKILL)
+        out, _ = sweep.communicate(timeout=600)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    assert sweep.returncode == 1, out[-3000:]
+    recs = {r["method"]: r for r in records.load_records(results)}
+    assert recs["base"]["status"] == "killed" and "exited with code -9" in recs["base"]["error"]
+    assert recs["lora"]["status"] == "failed"
+    assert f"the base-model evaluation {recs['base']['run_id']} killed" in recs["lora"]["error"]
