@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=48, help="round-robin repetitions of each probe")
     parser.add_argument("--batch", type=int, default=8, help="requests in the mixed batch at the larger counts")
     parser.add_argument("--counts", default="8", help="comma-separated N beside N = 1")
-    parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=16, help="decoded tokens per batch (16: decode ±3.2%% at 48 reps)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

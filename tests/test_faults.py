@@ -277,3 +277,8 @@ def test_a_killed_base_evaluation_is_recorded_and_the_sharded_arm_says_why_it_ca
     assert recs["base"]["status"] == "killed" and "exited with code -9" in recs["base"]["error"]
     assert recs["lora"]["status"] == "failed"
     assert f"the base-model evaluation {recs['base']['run_id']} killed" in recs["lora"]["error"]
+    # the report still builds, and says the base-model evaluation was killed
+    from harness.report import build_report
+
+    md = build_report(results, tmp_path / "reports")["at-a-glance.md"].read_text()
+    assert "killed" in md
