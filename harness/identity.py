@@ -89,6 +89,16 @@ NEUTRAL_DEFAULTS = (
 ARM_LABEL_FIELDS = (("learning_rate", "lr"), ("alpha", "alpha"), ("target_modules", "targets"), ("dropout", "dropout"))
 
 
+# how a method reads in tables, plots and the plan line
+METHOD_LABEL = {"base": "base model", "full": "full FT", "lora": "LoRA", "qlora": "QLoRA"}
+
+
+def arm_label(method: str, rank: int | None) -> str:
+    """``full FT``, ``LoRA r=16``: an arm by its method and rank."""
+    label = METHOD_LABEL.get(method, method)
+    return f"{label} r={rank}" if rank is not None else label
+
+
 def result_config(cfg: dict) -> dict:
     """``cfg`` without what does not change a result (a copy; ``cfg`` is left as it is)."""
     out = {k: copy.deepcopy(v) for k, v in cfg.items() if k not in NON_RESULT_KEYS}

@@ -67,7 +67,7 @@ def plan_note(jobs: list[dict], results_dir: str) -> str | None:
     tuned = [j for j in jobs if j["config"]["tune"]["name"] == "lr"]
     if not tuned:
         return None
-    from harness.report.tables import arm_label
+    from harness.identity import arm_label
 
     # arms, not method names: lora-attention is method "lora" at another rank and target set
     arms = list(dict.fromkeys(arm_label(j["method"], j["rank"]) for j in tuned))

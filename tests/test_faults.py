@@ -261,9 +261,16 @@ def test_a_killed_base_evaluation_is_recorded_and_the_sharded_arm_says_why_it_ca
     sweep = start_harness_run("method=lora", *TINY, *EVAL_TINY, "distributed=ddp", "distributed.num_processes=2",
                               "distributed.main_process_port=29637", f"results_dir={results}", env=ENV)
     try:
-        def base_process():
+        def base_process():  # this sweep's (other tests' sweeps may be evaluating a base beside it)
             for proc in psutil.process_iter(["cmdline"]):
-                if "--base" in (proc.info["cmdline"] or []) and "harness.job" in (proc.info["cmdline"] or []):
+                cmd = proc.info["cmdline"] or []
+                if "--base" not in cmd or "harness.job" not in cmd:
+                    continue
+                try:
+                    job = json.loads(Path(cmd[cmd.index("harness.job") + 1]).read_text())
+                except (OSError, ValueError, IndexError):
+                    continue
+                if str(job["config"]["results_dir"]) == str(results):
                     return proc
             return None
 

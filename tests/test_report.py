@@ -703,6 +703,7 @@ def test_one_colour_per_method_in_every_plot(rich_tables):
     other line styles), and the memory breakdown's categories in colours no method has."""
     from matplotlib import rc_context
 
+    from harness.identity import METHOD_LABEL
     from harness.report.plots import (
         BREAKDOWN_STYLE,
         METHOD_COLORS,
@@ -711,7 +712,6 @@ def test_one_colour_per_method_in_every_plot(rich_tables):
         STYLE,
         method_color,
     )
-    from harness.report.tables import METHOD_LABEL
 
     methods = {a.method for t in rich_tables for a in t.arms}
     assert methods == {"base", "full", "lora", "qlora", "dora", "vera"}

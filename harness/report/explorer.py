@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import identity
+from harness.identity import METHOD_LABEL
 from harness.report.plots import MARKERS, TASK_LABEL, arm_styles, method_color
-from harness.report.tables import METHOD_LABEL, Table, runs_frame
+from harness.report.tables import Table, runs_frame
 from harness.stats import TASKS, task_order
 
 PLOTLY_JS = "plotly.min.js"

@@ -28,8 +28,9 @@ from matplotlib import rc_context
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
+from harness.identity import METHOD_LABEL, arm_label
 from harness.report.fmt import fmt_bytes, fmt_count, fmt_money
-from harness.report.tables import METHOD_LABEL, Arm, Table, _arm_sort, memory_measure, status_of, variant_entries
+from harness.report.tables import Arm, Table, _arm_sort, memory_measure, status_of, variant_entries
 from harness.stats import accuracy_difference, mean_sd, task_order, unpaired_difference
 
 FIG_W, PANEL_H, LEGEND_W, DPI = 10.0, 3.2, 2.3, 100
@@ -577,7 +578,6 @@ def plot_variants_latency(tables: list[Table]) -> Figure | None:
 def plot_validation_vs_lr(tables: list[Table]) -> Figure | None:
     """Each tuned method's validation figure against its learning rate (95% intervals), the
     chosen rate ringed (harness.report.tuned)."""
-    from harness.report.tables import arm_label
 
     panels = [(t, t.choices) for t in tables if t.choices]
     if not panels:

@@ -40,7 +40,6 @@ from harness.stats import (
 )
 
 METHOD_ORDER = {"base": 0, "full": 1, "lora": 2, "qlora": 3}
-METHOD_LABEL = {"base": "base model", "full": "full FT", "lora": "LoRA", "qlora": "QLoRA"}
 TASK_LABEL = {"mmlu": "MMLU", "indomain": "in-domain"}  # lm-eval tasks go by their own names
 # what a record's peak memory measures, for records written before `memory_measure` existed
 MEMORY_MEASURE = {"cuda": "CUDA allocated", "cpu": "CPU RSS growth"}
@@ -61,11 +60,6 @@ def status_of(record: dict) -> str:
     from harness.failure import was_killed
 
     return "killed" if was_killed(record) else record["status"]
-
-
-def arm_label(method: str, rank: int | None) -> str:
-    label = METHOD_LABEL.get(method, method)
-    return f"{label} r={rank}" if rank is not None else label
 
 
 def _seed_sort(record: dict) -> tuple:
@@ -95,7 +89,7 @@ class Arm:
 
     @property
     def label(self) -> str:
-        return arm_label(self.method, self.rank) + (f" {self.settings}" if self.settings else "")
+        return identity.arm_label(self.method, self.rank) + (f" {self.settings}" if self.settings else "")
 
     @property
     def ok(self) -> list[dict]:

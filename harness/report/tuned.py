@@ -163,7 +163,8 @@ def _gap_text(table, c: Choice, task: str) -> str:
 
 def section(table) -> dict | None:
     """The table's tuned comparison (``header``, ``rows``, ``notes``); None where no method has a grid."""
-    from harness.report.tables import TASK_LABEL, arm_label
+    from harness.identity import arm_label
+    from harness.report.tables import TASK_LABEL
     from harness.stats import record_tasks
 
     found = table.choices
