@@ -360,16 +360,16 @@ def memory_breakdown(model, config, s: Setup) -> dict:
         else:
             param_bytes += p.numel() * (tw if p.requires_grad else w)
     trainable = [p.numel() for _, p in params if p.requires_grad]
-    grads = sum(trainable) * tw
-    opt = _optimizer_state(trainable, s.optim, tw)
-    if s.strategy == "zero3" and s.regime != "fp32":
-        # DeepSpeed's bf16 mode casts every weight to bf16 and keeps an fp32 master copy of the
-        # trainable ones beside their fp32 gradients and moments: 2 + 4 + 4 + 8 = 18 bytes per
-        # trainable parameter, not autocast's 16 (ZeRO-3's bf16 optimizer)
+    # DeepSpeed's bf16 mode casts every weight to bf16 and keeps an fp32 master copy of the
+    # trainable ones beside their fp32 gradients and moments: 2 + 4 + 4 + 8 = 18 bytes per
+    # trainable parameter, not autocast's 16 (ZeRO-3's bf16 optimizer)
+    zero3_bf16 = s.strategy == "zero3" and s.regime != "fp32"
+    if zero3_bf16:
         param_bytes = sum(_quantized_bytes(p.numel()) if name in quant_names else 2 * p.numel()
                           for name, p in params) + 4 * sum(trainable)
-        grads = sum(trainable) * 4
-        opt = _optimizer_state(trainable, s.optim, 4)
+    state_bytes = 4 if zero3_bf16 else tw  # of each gradient and optimizer-state element
+    grads = sum(trainable) * state_bytes
+    opt = _optimizer_state(trainable, s.optim, state_bytes)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
 
     adapted = {}

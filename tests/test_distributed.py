@@ -307,6 +307,14 @@ def _arms(results: Path) -> dict:
     return {r["method"]: r for r in records.load_records(results) if r["method"] != "base"}
 
 
+def _arms_of_run(results: Path, *args: str, sharded_patch: bool = False) -> dict:
+    """The arms' records of one tiny harness-run (batch 2 per process) into ``results``, which must succeed."""
+    proc = harness_run_procs(*args, *TINY_DIST, "train.batch_size=2", f"results_dir={results}",
+                             sharded_patch=sharded_patch)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return _arms(results)
+
+
 def _sharded_state_bytes(rec: dict, rank: int) -> int:
     parts = rec["metrics"]["memory_breakdown_bytes_per_rank"][rank]
     return parts["parameters"] + parts["gradients"] + parts["optimizer_state"]
@@ -315,26 +323,11 @@ def _sharded_state_bytes(rec: dict, rank: int) -> int:
 @pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory, cpu_lock):
     """FSDP2 over 2 CPU processes (full and LoRA), and the same full arm in one process."""
-    results = tmp_path_factory.mktemp("fsdp")
     # evaluation on (random) weights too: every rank evaluates the sharded model in step
-    proc = harness_run_procs(
-        "-m",
-        "method=full,lora",
-        *TINY_DIST,
-        "train.batch_size=2",
-        "distributed=fsdp",
-        "distributed.num_processes=2",
-        "distributed.main_process_port=29631",
-        "eval.on_random_weights=true",
-        "eval.indomain.batch_size=8",
-        f"results_dir={results}",
-        sharded_patch=True,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    single = tmp_path_factory.mktemp("single")
-    proc = harness_run_procs("method=full", *TINY_DIST, "train.batch_size=2", f"results_dir={single}")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return _arms(results), _arms(single)
+    sharded = _arms_of_run(tmp_path_factory.mktemp("fsdp"), "-m", "method=full,lora", "distributed=fsdp",
+                           "distributed.num_processes=2", "distributed.main_process_port=29631",
+                           "eval.on_random_weights=true", "eval.indomain.batch_size=8", sharded_patch=True)
+    return sharded, _arms_of_run(tmp_path_factory.mktemp("single"), "method=full")
 
 
 @pytest.mark.slow
@@ -373,15 +366,10 @@ def test_fsdp_shards_parameters_gradients_and_optimizer_state(fsdp_runs):
 def zero3_runs(tmp_path_factory, cpu_lock):
     """DeepSpeed ZeRO-3 over 2 CPU processes (its CPU accelerator, gloo), full and LoRA, and the
     same arms in one process."""
-    results = tmp_path_factory.mktemp("zero3")
-    proc = harness_run_procs("-m", "method=full,lora", *TINY_DIST, "train.batch_size=2", "distributed=zero3",
-                             "distributed.num_processes=2", "distributed.main_process_port=29633",
-                             "eval.on_random_weights=true", f"results_dir={results}", sharded_patch=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    single = tmp_path_factory.mktemp("zero3-single")
-    proc = harness_run_procs("-m", "method=full,lora", *TINY_DIST, "train.batch_size=2", f"results_dir={single}")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return _arms(results), _arms(single)
+    sharded = _arms_of_run(tmp_path_factory.mktemp("zero3"), "-m", "method=full,lora", "distributed=zero3",
+                           "distributed.num_processes=2", "distributed.main_process_port=29633",
+                           "eval.on_random_weights=true", sharded_patch=True)
+    return sharded, _arms_of_run(tmp_path_factory.mktemp("zero3-single"), "-m", "method=full,lora")
 
 
 @pytest.mark.slow

@@ -184,7 +184,7 @@ class _Variants:
     """Puts a PEFT model into the base / merged / dynamic state; a non-PEFT model is all three.
 
     Merging or unmerging a 4-bit layer (QLoRA) in peft dequantizes, adds or subtracts and
-    re-quantizes: ~1.5 s a model on a CPU, and the base's 4-bit weights drift from the originals
+    re-quantizes: ~1.6-1.9 s for SmolLM2-135M on a CPU, and the base's 4-bit weights drift from the originals
     with every cycle. The first merge runs peft's and keeps both sets of packed weights, the
     original and the merged (one set more than the model holds: +0.5 byte per 4-bit parameter,
     for the probe's duration); later merges and every unmerge swap them: exact, and one
