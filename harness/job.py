@@ -526,6 +526,31 @@ def execute_base(job: dict, own_process: bool = False) -> None:
         raise
 
 
+def import_the_stack(evaluate: bool) -> None:
+    """Import what a job uses, then take the objects those imports made out of the garbage
+    collector's view (``gc.freeze``). Every ``gc.collect()`` walks all tracked objects, and the
+    stack's imports leave about half a million that live as long as the process: each collect took
+    ~0.4 s on a 2-core CPU, and a job collects about ten times (before each memory measurement, and
+    accelerate before each device-cache clear). Freezing them changes no measurement: the job's own
+    objects (data, models, optimizer) are made after the freeze and are collected as before."""
+    import gc
+    import importlib.util
+
+    import accelerate  # noqa: F401
+    import datasets  # noqa: F401
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    from transformers import AutoModelForCausalLM, Trainer  # noqa: F401
+
+    if importlib.util.find_spec("deepspeed") is not None:
+        import deepspeed  # noqa: F401  (accelerate imports it on unwrapping any model where installed)
+    if evaluate:
+        import lm_eval.evaluator  # noqa: F401
+        import lm_eval.models.huggingface  # noqa: F401
+    gc.collect()
+    gc.freeze()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m harness.job", description=__doc__.splitlines()[0])
     parser.add_argument("job_file", help="a job planned by harness.plan.plan, as JSON")
@@ -533,6 +558,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     job = json.loads(Path(args.job_file).read_text())
     console.quiet()
+    import_the_stack(evaluate=args.base or should_evaluate(job["config"], job["config"]["model"]["source"] == "config"))
 
     if "HARNESS_RUN_LOCK_FD" in os.environ:  # the sweep's run-id lock, shared with this process
         records.take_over_holder(int(os.environ["HARNESS_RUN_LOCK_FD"]),

@@ -23,6 +23,8 @@ from harness.records import new_record
 from harness.run import run_isolated
 
 CPU_SHARDED_PATCH = ROOT / "tests" / "cpu_sharded"
+# deepspeed, installed beside the venv by `make setup` (not in it: accelerate would import it in every job)
+DEEPSPEED_SITE = Path(sys.prefix) / "deepspeed-site"
 LOCK = "/tmp/harness-cpu.lock"
 # 4 steps of a global batch of 4 sequences: 2 processes x 2, or 1 process x 4
 TINY_DIST = [a for a in TINY if not a.startswith(("train.max_steps", "train.batch_size"))] + [
@@ -57,7 +59,8 @@ def harness_run_procs(*args: str, sharded_patch: bool = False, timeout: int = 60
     model cache folder of its own (cold: the ranks build it)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **({"PEFT_HARNESS_CACHE": str(cache)} if cache else {})}
     env["PYTHONPATH"] = os.pathsep.join(
-        [*([str(CPU_SHARDED_PATCH)] if sharded_patch else []), str(ROOT), env.get("PYTHONPATH", "")]
+        [*([str(CPU_SHARDED_PATCH), str(DEEPSPEED_SITE)] if sharded_patch else []), str(ROOT),
+         env.get("PYTHONPATH", "")]
     )
     return subprocess.run(
         [sys.executable, "-m", "harness.run", *args], cwd=RUN_CWD, env=env, capture_output=True, text=True, timeout=timeout
