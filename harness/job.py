@@ -526,13 +526,15 @@ def execute_base(job: dict, own_process: bool = False) -> None:
         raise
 
 
-def import_the_stack(evaluate: bool) -> None:
-    """Import what a job uses, then take the objects those imports made out of the garbage
-    collector's view (``gc.freeze``). Every ``gc.collect()`` walks all tracked objects, and the
-    stack's imports leave about half a million that live as long as the process: each collect took
-    ~0.4 s on a 2-core CPU, and a job collects about ten times (before each memory measurement, and
-    accelerate before each device-cache clear). Freezing them changes no measurement: the job's own
-    objects (data, models, optimizer) are made after the freeze and are collected as before."""
+def import_the_stack() -> None:
+    """Import what an arm's training uses, then take the objects those imports made out of the
+    garbage collector's view (``gc.freeze``). Every ``gc.collect()`` walks all tracked objects, and
+    the stack's imports leave about half a million that live as long as the process: each collect
+    took ~0.4 s on a 2-core CPU, and a job collects about ten times (before each memory
+    measurement, and accelerate before each device-cache clear). Freezing them changes no
+    measurement: the job's own objects (data, models, optimizer) are made after the freeze and are
+    collected as before, and nothing is imported that training did not import anyway (lm-eval
+    still comes with the evaluation, after the training peak)."""
     import gc
     import importlib.util
 
@@ -544,9 +546,6 @@ def import_the_stack(evaluate: bool) -> None:
 
     if importlib.util.find_spec("deepspeed") is not None:
         import deepspeed  # noqa: F401  (accelerate imports it on unwrapping any model where installed)
-    if evaluate:
-        import lm_eval.evaluator  # noqa: F401
-        import lm_eval.models.huggingface  # noqa: F401
     gc.collect()
     gc.freeze()
 
@@ -558,7 +557,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     job = json.loads(Path(args.job_file).read_text())
     console.quiet()
-    import_the_stack(evaluate=args.base or should_evaluate(job["config"], job["config"]["model"]["source"] == "config"))
+    if not args.base:
+        import_the_stack()
 
     if "HARNESS_RUN_LOCK_FD" in os.environ:  # the sweep's run-id lock, shared with this process
         records.take_over_holder(int(os.environ["HARNESS_RUN_LOCK_FD"]),

@@ -319,7 +319,7 @@ def test_the_job_process_freezes_the_stacks_objects_and_still_collects_its_own_c
 import gc, weakref, torch
 from harness.job import import_the_stack
 from harness.measure import memory
-import_the_stack(evaluate=False)
+import_the_stack()
 frozen = gc.get_freeze_count()
 class Node: pass
 a, b = Node(), Node()
