@@ -96,7 +96,7 @@ def test_oom_and_killed_job_processes_each_get_a_record(tmp_path):
     assert not [p for p in results.iterdir() if p.is_file() and p.suffix != ".json"]
 
 
-@pytest.mark.slow  # an end-to-end sweep of tens of seconds: make test-all and CI run it
+@pytest.mark.slow
 def test_a_job_outliving_its_killed_sweep_keeps_its_run_locked(tmp_path):
     """SIGKILL the sweep while its job process trains: the job goes on (it writes its own record),
     and a sweep started meanwhile skips the job as running instead of training it a second time

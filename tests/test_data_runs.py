@@ -58,7 +58,7 @@ def test_training_lowers_the_held_out_loss_on_the_training_rows_below_the_base_m
     assert m["heldout_loss"] < 0.5 * base["heldout_loss"], (m["heldout_loss"], base["heldout_loss"])
 
 
-@pytest.mark.slow  # an end-to-end sweep of tens of seconds: make test-all and CI run it
+@pytest.mark.slow
 def test_loss_on_all_trains_on_more_tokens_than_assistant(tmp_path):
     path = write(tmp_path / "c.jsonl", CHAT * 4, "jsonl")
     share = {on: _run(tmp_path / on, f"data.path={path}", f"data.loss_on={on}")["metrics"]["loss_token_share"]

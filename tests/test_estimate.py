@@ -199,7 +199,7 @@ def test_cli_table_and_usage_errors():
         estimate.estimate_job(cfg_for("model=tiny-random", "train.optim=lion"))
 
 
-@pytest.mark.slow  # an end-to-end sweep of tens of seconds: make test-all and CI run it
+@pytest.mark.slow
 def test_a_sweep_prints_a_side_by_side_table_with_what_it_assumed():
     """-m over methods: one block per job, then one column per job; the modules LoRA adapted, the
     token count and where it comes from, and a job too big for one device priced where it fits."""

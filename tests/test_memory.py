@@ -268,7 +268,7 @@ def test_bad_model_dtype_is_a_usage_error(tmp_path):
     assert not list(tmp_path.glob("*.json"))
 
 
-@pytest.mark.slow  # an end-to-end sweep of tens of seconds: make test-all and CI run it
+@pytest.mark.slow
 def test_run_loads_and_records_the_model_dtype(tmp_path):
     """model.dtype=bf16 loads the frozen base in bf16 (peft keeps the adapter in fp32), and the
     record says so; the default on a CPU is fp32. The memory fields name their measure."""

@@ -92,7 +92,7 @@ gguf: null
 """
 
 
-@pytest.mark.slow  # an end-to-end sweep of tens of seconds: make test-all and CI run it
+@pytest.mark.slow
 def test_a_users_config_folder_adds_options(tmp_path):
     user = tmp_path / "my-conf"
     (user / "model").mkdir(parents=True)

@@ -207,7 +207,7 @@ def test_a_preset_without_a_match_list_or_a_price_is_not_checked(table):
     assert pricing.hardware_mismatch({"name": "unpriced (X)", "price_per_device_hour_usd": None}, "X") is None
 
 
-@pytest.mark.slow  # an end-to-end sweep of tens of seconds: make test-all and CI run it
+@pytest.mark.slow
 def test_a_job_on_another_device_than_its_preset_warns_once_and_records_it(tmp_path):
     """A real job priced as hardware=h200 on this CPU: one warning line, metrics.hardware_warning."""
     from harness import records

@@ -118,7 +118,7 @@ def test_rerun_skips_ok_records_and_runs_full_once_per_rank_sweep(sweep):
     assert sum(1 for r in records.load_records(results) if r["method"] == "full") == 1
 
 
-@pytest.mark.slow  # an end-to-end sweep of tens of seconds: make test-all and CI run it
+@pytest.mark.slow
 def test_force_reruns(sweep):
     results, _ = sweep
     lora = next(p for p in results.glob("lora-r16-*.json"))
@@ -146,7 +146,7 @@ def test_a_failing_run_is_recorded_the_sweep_goes_on_and_the_command_exits_1(tmp
     assert again.stdout.strip().splitlines()[-1] == "harness-run: 2 jobs: 0 ok, 1 failed, 1 skipped"
 
 
-@pytest.mark.slow  # an end-to-end sweep of tens of seconds: make test-all and CI run it
+@pytest.mark.slow
 def test_a_rerun_says_when_the_record_lacks_a_measurement_it_asks_for(tmp_path):
     args = [*TINY, f"results_dir={tmp_path}", "isolate=false", "method=full"]
     first = harness_run(*args, "eval.latency.enabled=false", "eval.variants.enabled=false")

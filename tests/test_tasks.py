@@ -37,7 +37,7 @@ metadata:
     return folder
 
 
-@pytest.mark.slow  # an end-to-end sweep of tens of seconds: make test-all and CI run it
+@pytest.mark.slow
 def test_a_local_task_yaml_runs_offline_for_every_arm_and_the_report_pairs_its_gap(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

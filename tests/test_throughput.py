@@ -166,7 +166,7 @@ def test_two_jobs_at_once_time_the_matmul_once(tmp_path):
     assert sorted(o[0].strip() for o in outs) == ["cached", "measured now"]
 
 
-@pytest.mark.slow  # an end-to-end sweep of tens of seconds: make test-all and CI run it
+@pytest.mark.slow
 def test_two_runs_reuse_one_peak_and_project_with_the_real_rate(tmp_path):
     cache = tmp_path / "cache"
     env = {**os.environ, "PEFT_HARNESS_CACHE": str(cache), "OMP_NUM_THREADS": "1"}

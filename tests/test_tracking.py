@@ -117,7 +117,7 @@ def test_tracking_settings_are_checked_by_the_schema(override, message):
 # ---------------------------------------------------------------- MLflow
 
 
-@pytest.mark.slow  # an end-to-end sweep of tens of seconds: make test-all and CI run it
+@pytest.mark.slow
 def test_mlflow_sweep_one_run_per_record_grouped_and_export_never_duplicates(tmp_path, monkeypatch, empty_store):
     from mlflow import MlflowClient
 

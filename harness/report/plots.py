@@ -578,7 +578,6 @@ def plot_variants_latency(tables: list[Table]) -> Figure | None:
 def plot_validation_vs_lr(tables: list[Table]) -> Figure | None:
     """Each tuned method's validation figure against its learning rate (95% intervals), the
     chosen rate ringed (harness.report.tuned)."""
-
     panels = [(t, t.choices) for t in tables if t.choices]
     if not panels:
         return None
